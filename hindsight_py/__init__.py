@@ -1,0 +1,3 @@
+"""hindsight-py: a Python drop-in for Mozilla Hindsight."""
+
+__version__ = "0.1.0"
