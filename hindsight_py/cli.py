@@ -1,0 +1,49 @@
+"""`hindsight_cli <cfg> [log_level]`, as upstream, and `hindsight-py` (the same, plus subcommands)."""
+
+from __future__ import annotations
+
+import sys
+
+USAGE = "usage: hindsight_cli <cfg> [loglevel]\n"
+
+
+def _log_level(text: str) -> int:
+    # upstream: anything outside 0-7 means the default, 6
+    try:
+        level = int(text)
+    except ValueError:
+        return 6
+    return level if 0 <= level <= 7 else 6
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if not 1 <= len(args) <= 2:
+        sys.stderr.write(USAGE)
+        return 1
+    from hindsight_py.supervisor import run
+
+    return run(args[0], _log_level(args[1]) if len(args) == 2 else 6)
+
+
+def main_py(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if args and args[0] == "create-index":
+        from hindsight_py.outputs.index_setup import main as create_index
+
+        return create_index(args[1:])
+    if args and args[0] in ("-h", "--help"):
+        sys.stdout.write(
+            "usage: hindsight-py <cfg> [loglevel]        run a Hindsight configuration (as hindsight_cli)\n"
+            "       hindsight-py create-index --help     create an Elasticsearch/OpenSearch index\n"
+        )
+        return 0
+    return main(args)
+
+
+def _entry() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    _entry()

@@ -1,0 +1,846 @@
+"""Hindsight's ``message_matcher``: the expression a plugin uses to pick messages.
+
+``compile_matcher(text)`` parses the expression once and turns it into one Python
+function (generated source, compiled once), so evaluating a matcher costs a few
+attribute loads and comparisons per message.
+
+The language and its results follow lua_sandbox's matcher, including its quirks, because
+a drop-in replacement must select exactly the messages Hindsight selects:
+
+- ``&&``/``||`` grouping is rebuilt with upstream's operator-stack algorithm, which keeps a
+  ``(`` on the stack after its ``)``. So ``A && (B) || C`` means ``A && (B || C)`` there,
+  and here too.
+- Strings compare as bytes with ``strncmp`` over the message value's length, then by
+  length; for ``<=`` there is no length fallback, so a value equal to the literal followed
+  by a NUL byte is ``<=`` the literal.
+- A quoted RFC 3339 ``Timestamp`` is read with ``mktime``, i.e. in the process's local time
+  zone, and its ``±HHMM`` offset is always *added* (upstream takes the sign from the wrong
+  capture, so ``-0100`` adds an hour just like ``+0100``).
+- An absent ``Pid`` compares as INT_MIN, an absent ``Severity`` as 7.
+- Field indices accept only ``2[0-5][0-5]|1[0-9][0-9]|[1-9][0-9]|[0-9]`` (so 206-209,
+  216-219, ... 246-249 are syntax errors, as upstream).
+- ``=~`` patterns are lua_sandbox's variant of Lua 5.1 patterns: parentheses are plain
+  characters (no captures), ``%1``-``%9`` and ``%g`` are plain characters, and a
+  malformed pattern never matches instead of raising.
+"""
+
+from __future__ import annotations
+
+import operator
+import re
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+__all__ = ["Matcher", "MatcherError", "compile_matcher"]
+
+
+class MatcherError(ValueError):
+    """The matcher text is not a valid expression; ``position`` is a byte offset."""
+
+    def __init__(self, message: str, position: int | None = None) -> None:
+        super().__init__(message)
+        self.position = position
+
+
+class Matcher:
+    """A compiled message_matcher. Call it with a message to test it.
+
+    ``match`` is the bare compiled function (the same test without the method call), for
+    hot loops. ``always`` is True when no message can fail the test, so callers may skip
+    decoding; ``headers_only`` when no ``Fields[...]`` is looked at.
+    """
+
+    __slots__ = ("expression", "always", "headers_only", "match")
+
+    def __init__(self, expression: str, match: Callable[[Any], bool], always: bool, headers_only: bool) -> None:
+        self.expression = expression
+        self.match = match
+        self.always = always
+        self.headers_only = headers_only
+
+    def __call__(self, msg: Any) -> bool:
+        return self.match(msg)
+
+    def __repr__(self) -> str:
+        return f"<Matcher {self.expression!r}>"
+
+
+# --------------------------------------------------------------------------------------
+# Lua patterns (lua_sandbox's string_matcher flavour), over bytes.
+# --------------------------------------------------------------------------------------
+
+_ALL = [True] * 256
+
+
+def _ctype(pred: Callable[[int], bool]) -> list[bool]:
+    return [pred(c) for c in range(256)]
+
+
+def _is_alpha(c: int) -> bool:
+    return 65 <= c <= 90 or 97 <= c <= 122
+
+
+def _is_digit(c: int) -> bool:
+    return 48 <= c <= 57
+
+
+# The C locale's <ctype.h>, which is what the matcher sees (Hindsight never calls setlocale).
+_CLASSES: dict[int, list[bool]] = {
+    ord("a"): _ctype(_is_alpha),
+    ord("c"): _ctype(lambda c: c < 32 or c == 127),
+    ord("d"): _ctype(_is_digit),
+    ord("l"): _ctype(lambda c: 97 <= c <= 122),
+    ord("p"): _ctype(lambda c: 33 <= c <= 126 and not (_is_alpha(c) or _is_digit(c))),
+    ord("s"): _ctype(lambda c: c == 32 or 9 <= c <= 13),
+    ord("u"): _ctype(lambda c: 65 <= c <= 90),
+    ord("w"): _ctype(lambda c: _is_alpha(c) or _is_digit(c)),
+    ord("x"): _ctype(lambda c: _is_digit(c) or 65 <= c <= 70 or 97 <= c <= 102),
+    ord("z"): _ctype(lambda c: c == 0),
+}
+
+
+def _in_class(c: int, cl: int) -> bool:
+    """``%cl`` against byte c: known letters are classes (upper case complements)."""
+    table = _CLASSES.get(cl + 32 if 65 <= cl <= 90 else cl)
+    if table is None:
+        return c == cl
+    return table[c] if 97 <= cl <= 122 else not table[c]
+
+
+def _in_set(c: int, pat: bytes, start: int, close: int) -> bool:
+    """``[...]`` (``pat[start]`` is the ``[``, ``pat[close]`` its ``]``) against byte c."""
+    p = start
+    found = True
+    if pat[p + 1] == 0x5E:  # ^
+        found = False
+        p += 1
+    while True:
+        p += 1
+        if p >= close:
+            return not found
+        ch = pat[p]
+        if ch == 0x25:  # %
+            p += 1
+            if _in_class(c, pat[p]):
+                return found
+        elif pat[p + 1] == 0x2D and p + 2 < close:  # a range like a-z
+            p += 2
+            if pat[p - 2] <= c <= pat[p]:
+                return found
+        elif ch == c:
+            return found
+
+
+def _item_end(pat: bytes, i: int) -> int | None:
+    """Index just past the single-character item at ``pat[i]``; None if malformed."""
+    n = len(pat)
+    ch = pat[i]
+    i += 1
+    if ch == 0x25:  # %
+        return None if i >= n else i + 1
+    if ch == 0x5B:  # [
+        if i < n and pat[i] == 0x5E:
+            i += 1
+        while True:  # the first character after [ or [^ is always a member, even ]
+            if i >= n:
+                return None
+            ch = pat[i]
+            i += 1
+            if ch == 0x25 and i < n:
+                i += 1
+            if i < n and pat[i] == 0x5D:
+                return i + 1
+    return i
+
+
+def _item_table(pat: bytes, i: int, end: int) -> list[bool]:
+    ch = pat[i]
+    if ch == 0x2E:  # .
+        return _ALL
+    if ch == 0x25:
+        cl = pat[i + 1]
+        return [_in_class(c, cl) for c in range(256)]
+    if ch == 0x5B:
+        return [_in_set(c, pat, i, end - 1) for c in range(256)]
+    return [c == ch for c in range(256)]
+
+
+# Pattern items: (_SINGLE, table, quantifier byte or 0), (_BALANCE, open, close),
+# (_FRONTIER, table), (_END,).
+_SINGLE, _BALANCE, _FRONTIER, _END = range(4)
+_QUANTIFIERS = frozenset(b"?*+-")
+
+
+def _parse_pattern(pat: bytes) -> tuple[bool, list[tuple[Any, ...]]] | None:
+    """Split a pattern into items; None when it is malformed (then it never matches)."""
+    anchored = pat[:1] == b"^"
+    i = 1 if anchored else 0
+    n = len(pat)
+    items: list[tuple[Any, ...]] = []
+    while i < n:
+        ch = pat[i]
+        nxt = pat[i + 1] if i + 1 < n else -1
+        if ch == 0x25 and nxt == 0x62:  # %bxy
+            if i + 3 >= n:
+                return None
+            items.append((_BALANCE, pat[i + 2], pat[i + 3]))
+            i += 4
+            continue
+        if ch == 0x25 and nxt == 0x66:  # %f[set]
+            i += 2
+            if i >= n or pat[i] != 0x5B:
+                return None
+            end = _item_end(pat, i)
+            if end is None:
+                return None
+            items.append((_FRONTIER, _item_table(pat, i, end)))
+            i = end
+            continue
+        if ch == 0x24 and i == n - 1:  # $ only anchors as the last character
+            items.append((_END,))
+            break
+        end = _item_end(pat, i)
+        if end is None:
+            return None
+        quantifier = pat[end] if end < n and pat[end] in _QUANTIFIERS else 0
+        items.append((_SINGLE, _item_table(pat, i, end), quantifier))
+        i = end + 1 if quantifier else end
+    return anchored, items
+
+
+def _match_items(items: Sequence[tuple[Any, ...]], s: bytes, i: int, k: int) -> bool:
+    """Reference backtracking matcher: do items[k:] match s starting at i?"""
+    n = len(s)
+    while k < len(items):
+        item = items[k]
+        kind = item[0]
+        if kind == _SINGLE:
+            table, q = item[1], item[2]
+            hit = i < n and table[s[i]]
+            if q == 0:
+                if not hit:
+                    return False
+                i += 1
+            elif q == 0x3F:  # ?
+                return (hit and _match_items(items, s, i + 1, k + 1)) or _match_items(items, s, i, k + 1)
+            elif q == 0x2D:  # - (lazy)
+                while True:
+                    if _match_items(items, s, i, k + 1):
+                        return True
+                    if i < n and table[s[i]]:
+                        i += 1
+                    else:
+                        return False
+            else:  # * and +
+                if q == 0x2B:
+                    if not hit:
+                        return False
+                    i += 1
+                j = i
+                while j < n and table[s[j]]:
+                    j += 1
+                while j >= i:
+                    if _match_items(items, s, j, k + 1):
+                        return True
+                    j -= 1
+                return False
+        elif kind == _BALANCE:
+            opening, closing = item[1], item[2]
+            if i >= n or s[i] != opening:
+                return False
+            depth = 1
+            i += 1
+            while True:
+                if i >= n:
+                    return False
+                c = s[i]
+                i += 1
+                if c == closing:
+                    depth -= 1
+                    if depth == 0:
+                        break
+                elif c == opening:
+                    depth += 1
+        elif kind == _FRONTIER:
+            table = item[1]
+            # Lua strings end in a NUL, so the subject is bracketed by NULs here.
+            if table[s[i - 1] if i > 0 else 0] or not table[s[i] if i < n else 0]:
+                return False
+        else:  # _END
+            return i == n
+        k += 1
+    return True
+
+
+def _reference_search(anchored: bool, items: Sequence[tuple[Any, ...]], s: bytes) -> bool:
+    if anchored:
+        return _match_items(items, s, 0, 0)
+    return any(_match_items(items, s, start, 0) for start in range(len(s) + 1))
+
+
+def _regex_class(table: Sequence[bool]) -> str:
+    members = [c for c in range(256) if table[c]]
+    if not members:
+        return r"[^\x00-\xff]"  # never matches a byte (nor a character of an ASCII str)
+    if len(members) == 1:
+        return f"\\x{members[0]:02x}"
+    ranges = []
+    first = prev = members[0]
+    for c in members[1:] + [-2]:
+        if c != prev + 1:
+            ranges.append(f"\\x{first:02x}" if first == prev else f"\\x{first:02x}-\\x{prev:02x}")
+            first = c
+        prev = c
+    return "[" + "".join(ranges) + "]"
+
+
+_REGEX_QUANTIFIER = {0: "", 0x3F: "?", 0x2A: "*", 0x2B: "+", 0x2D: "*?"}
+
+
+def _items_to_regex(items: Sequence[tuple[Any, ...]]) -> str | None:
+    """The same pattern as a Python regex over bytes mapped to latin-1; None if %b is used."""
+    parts = []
+    for item in items:
+        kind = item[0]
+        if kind == _SINGLE:
+            parts.append(_regex_class(item[1]) + _REGEX_QUANTIFIER[item[2]])
+        elif kind == _FRONTIER:
+            table = item[1]
+            if table[0]:  # the NUL before the subject is in the set: need a real byte outside it
+                parts.append(f"(?<={_regex_class([not t for t in table])})")
+                parts.append(f"(?={_regex_class(table)}|\\Z)")
+            else:
+                parts.append(f"(?<!{_regex_class(table)})")
+                parts.append(f"(?={_regex_class(table)})")
+        elif kind == _END:
+            parts.append(r"\Z")
+        else:
+            return None  # balanced matches need a counter; the reference matcher does it
+    return "".join(parts)
+
+
+def _encode(v: str) -> bytes:
+    return v.encode("utf-8", "surrogateescape")
+
+
+def _pattern_test(pattern: bytes, literal: bool) -> Callable[[str | bytes], bool]:
+    """A test of a present value (str or bytes) against ``=~ pattern``."""
+    if literal:
+        lit_b = pattern
+        lit_s = pattern.decode("latin-1")  # only ever used against ASCII strings
+
+        def find(v: str | bytes) -> bool:
+            if isinstance(v, str):
+                if v.isascii():
+                    return lit_s in v
+                v = _encode(v)
+            return lit_b in v
+
+        return find
+
+    parsed = _parse_pattern(pattern)
+    if parsed is None:
+        return lambda v: False
+    anchored, items = parsed
+    source = _items_to_regex(items)
+    if source is None:
+
+        def slow(v: str | bytes) -> bool:
+            return _reference_search(anchored, items, _encode(v) if isinstance(v, str) else v)
+
+        return slow
+
+    # The str twin runs on ASCII strings, where characters and bytes coincide; that skips
+    # encoding the common case.
+    rx_b = re.compile(source.encode("latin-1"), re.DOTALL)
+    rx_s = re.compile(source, re.DOTALL)
+    run_b = rx_b.match if anchored else rx_b.search
+    run_s = rx_s.match if anchored else rx_s.search
+
+    def search(v: str | bytes) -> bool:
+        if isinstance(v, str):
+            if v.isascii():
+                return run_s(v) is not None
+            v = _encode(v)
+        return run_b(v) is not None
+
+    return search
+
+
+# --------------------------------------------------------------------------------------
+# String comparisons with upstream's strncmp semantics.
+# --------------------------------------------------------------------------------------
+
+_ORDER = {"<": operator.lt, "<=": operator.le, ">": operator.gt, ">=": operator.ge}
+# What a relational test says when the header is absent (upstream: a NULL string).
+_ABSENT = {"==": False, "!=": True, "<": True, "<=": True, ">": False, ">=": False, "=~": False, "!~": True}
+
+
+def _string_test(op: str, literal: bytes, pattern_literal: bool = False) -> Callable[[Any], bool]:
+    """A test of a str/bytes value (or None for an absent header) against a literal."""
+    absent = _ABSENT[op]
+    if op in ("=~", "!~"):
+        found = _pattern_test(literal, pattern_literal)
+        if op == "=~":
+            return lambda v: False if v is None else found(v)
+        return lambda v: True if v is None else not found(v)
+
+    lit_b = literal
+    # Equality holds for str too: surrogateescape decoding is one-to-one. For ordering,
+    # an ASCII str compares like its bytes whatever the literal holds.
+    lit_s = literal.decode("utf-8", "surrogateescape")
+    if op == "==":
+        return lambda v: v is not None and v == (lit_s if isinstance(v, str) else lit_b)
+    if op == "!=":
+        return lambda v: v is None or v != (lit_s if isinstance(v, str) else lit_b)
+
+    cmp = _ORDER[op]
+    nul_b, nul_s = lit_b + b"\0", lit_s + "\0"
+    le = op == "<="
+
+    def order(v: Any) -> bool:
+        if v is None:
+            return absent
+        if isinstance(v, str):
+            if v.isascii():
+                return cmp(v, lit_s) or (le and v.startswith(nul_s))
+            v = _encode(v)
+        # strncmp stops at a NUL both sides share: past the literal's end that is a
+        # match, and only <= lacks the length fallback that hides it.
+        return cmp(v, lit_b) or (le and v.startswith(nul_b))
+
+    return order
+
+
+# --------------------------------------------------------------------------------------
+# Parsing.
+# --------------------------------------------------------------------------------------
+
+_SPACE = frozenset(b" \t\r\n")
+_OPS2 = {b"==": "==", b"!=": "!=", b">=": ">=", b"<=": "<=", b"=~": "=~", b"!~": "!~"}
+_OPS1 = {b">": ">", b"<": "<"}
+_RELATIONAL = frozenset(("==", "!=", ">", ">=", "<", "<="))
+_NUMBER = re.compile(rb"[-+]?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][-+]?[0-9]+)?")
+_INDEX = re.compile(rb"\[(2[0-5][0-5]|1[0-9][0-9]|[1-9][0-9]|[0-9])\]")
+_RFC3339 = re.compile(
+    rb"""(['"])([0-9]{4})-(0[1-9]|1[0-2])-([1-2][0-9]|0[1-9]|3[0-1])"""
+    rb"""T([0-1][0-9]|2[0-3]):([0-5][0-9]):([0-5][0-9]|60)(\.[0-9]+)?"""
+    rb"""(?:Z|[-+]([0-1][0-9]|2[0-3])([0-5][0-9]))\1"""
+)
+_STRING_HEADERS = {b"Type": "type", b"Logger": "logger", b"Hostname": "hostname",
+                   b"EnvVersion": "env_version", b"Payload": "payload"}
+_MAX_STRING = 255
+_MAX_OPERATORS = 127  # upstream keeps 2n+1 nodes in an unsigned char
+
+_OPEN, _OR, _AND = 10, 11, 12  # upstream's precedence order on its operator stack
+_LOGICAL = {_OR: "or", _AND: "and"}
+
+
+class _Test:
+    """One comparison: ``var op value`` (var is a Message attribute name or "fields")."""
+
+    __slots__ = ("var", "op", "kind", "value", "literal", "name", "fi", "ai")
+
+    def __init__(self, var: str, op: str, kind: str, value: Any = None, literal: bool = False,
+                 name: str = "", fi: int = 0, ai: int = 0) -> None:
+        self.var, self.op, self.kind, self.value, self.literal = var, op, kind, value, literal
+        self.name, self.fi, self.ai = name, fi, ai
+
+
+# A parsed tree: True/False constants, a _Test, or (op, left, right) with op "and"/"or".
+_Node = Any
+
+
+class _Parser:
+    def __init__(self, src: bytes) -> None:
+        self.src = src
+        self.pos = 0
+        self.operators = 0
+        # Upstream's shunting-yard output (tests and "and"/"or") and operator stack.
+        self.out: list[Any] = []
+        self.stack: list[int] = []
+
+    # -- errors and tokens --------------------------------------------------------------
+
+    def fail(self, what: str, pos: int | None = None) -> MatcherError:
+        pos = self.pos if pos is None else pos
+        rest = self.src[pos:pos + 20].decode("utf-8", "replace")
+        near = f"near {rest!r}" if rest else "at the end"
+        return MatcherError(f"invalid message_matcher: {what} at offset {pos} ({near})", pos)
+
+    def skip_space(self) -> None:
+        src, pos = self.src, self.pos
+        while pos < len(src) and src[pos] in _SPACE:
+            pos += 1
+        self.pos = pos
+
+    def take(self, token: bytes) -> bool:
+        if self.src.startswith(token, self.pos):
+            self.pos += len(token)
+            return True
+        return False
+
+    def operator(self) -> str:
+        two = self.src[self.pos:self.pos + 2]
+        op = _OPS2.get(two)
+        if op is None:
+            op = _OPS1.get(two[:1])
+            if op is None:
+                raise self.fail("expected a comparison operator (== != < <= > >= =~ !~)")
+            self.pos += 1
+        else:
+            self.pos += 2
+        self.skip_space()
+        return op
+
+    def string(self) -> bytes:
+        src, start = self.src, self.pos
+        quote = src[start:start + 1]
+        if quote not in (b"'", b'"'):
+            raise self.fail("expected a quoted string")
+        q = quote[0]
+        i = start + 1
+        while True:
+            if i >= len(src):
+                raise self.fail("unterminated string", start)
+            c = src[i]
+            if c == 0x5C and i + 1 < len(src) and src[i + 1] in (0x5C, q):
+                i += 2
+            elif c == q:
+                break
+            else:
+                i += 1
+        raw = src[start + 1:i]
+        # Upstream unescapes \" \' and \\ whichever quote is used.
+        out = bytearray()
+        j = 0
+        while j < len(raw):
+            if raw[j] == 0x5C and j + 1 < len(raw) and raw[j + 1] in b"\"'\\":
+                j += 1
+            out.append(raw[j])
+            j += 1
+        if len(out) > _MAX_STRING:
+            raise self.fail(f"string longer than {_MAX_STRING} bytes", start)
+        self.pos = i + 1
+        return bytes(out)
+
+    def number(self) -> float:
+        m = _NUMBER.match(self.src, self.pos)
+        if m is None:
+            raise self.fail("expected a number")
+        self.pos = m.end()
+        return float(m.group())
+
+    def keyword_value(self) -> str | None:
+        for word in ("TRUE", "FALSE", "NIL"):
+            if self.take(word.encode()):
+                return word
+        return None
+
+    # -- grammar ------------------------------------------------------------------------
+
+    def parse(self) -> _Node:
+        self.skip_space()
+        self.ored()
+        if self.pos != len(self.src):
+            raise self.fail("expected && or || or the end of the expression")
+        for op in reversed(self.stack):
+            if op != _OPEN:
+                self.out.append(_LOGICAL[op])
+        return self.tree()
+
+    def ored(self) -> None:
+        self.anded()
+        while self.src.startswith(b"||", self.pos):
+            self.logical(_OR)
+            self.anded()
+        self.skip_space()
+
+    def anded(self) -> None:
+        self.expr()
+        while self.src.startswith(b"&&", self.pos):
+            self.logical(_AND)
+            self.expr()
+        self.skip_space()
+
+    def logical(self, op: int) -> None:
+        self.operators += 1
+        if self.operators > _MAX_OPERATORS:
+            raise self.fail(f"more than {_MAX_OPERATORS} && / || operators")
+        self.pos += 2
+        self.skip_space()
+        stack = self.stack
+        # Upstream pops at most one operator here, and never pops a "(" left over from a
+        # closed group; replaying that keeps its grouping, quirk included.
+        if not stack or op > stack[-1]:
+            stack.append(op)
+        else:
+            self.out.append(_LOGICAL[stack[-1]])
+            stack[-1] = op
+
+    def expr(self) -> None:
+        if self.take(b"("):
+            self.stack.append(_OPEN)
+            self.skip_space()
+            self.ored()
+            if not self.take(b")"):
+                raise self.fail("expected )")
+            while self.stack and self.stack[-1] != _OPEN:
+                self.out.append(_LOGICAL[self.stack.pop()])
+            self.skip_space()
+        else:
+            self.out.append(self.test())
+            self.skip_space()
+
+    def test(self) -> Any:
+        src, pos = self.src, self.pos
+        if self.take(b"TRUE"):
+            return True
+        if self.take(b"FALSE"):
+            return False
+        for word, attr in _STRING_HEADERS.items():
+            if self.take(word):
+                return self.header_test(attr, nil=True)
+        if self.take(b"Uuid"):
+            return self.header_test("uuid", nil=False)
+        if self.take(b"Timestamp"):
+            return self.timestamp_test()
+        if self.take(b"Severity"):
+            return self.numeric_test("severity", nil=False)
+        if self.take(b"Pid"):
+            return self.numeric_test("pid", nil=True)
+        if src.startswith(b"Fields[", pos):
+            return self.field_test()
+        raise self.fail("expected a test (a header name, Fields[...], TRUE, FALSE or '(')")
+
+    def header_test(self, attr: str, nil: bool) -> _Test:
+        self.skip_space()
+        op = self.operator()
+        if op in ("=~", "!~"):
+            return self.pattern(attr, op)
+        if self.src[self.pos:self.pos + 1] in (b"'", b'"'):
+            return _Test(attr, op, "string", self.string())
+        if nil and op in ("==", "!=") and self.take(b"NIL"):
+            return _Test(attr, op, "nil")
+        raise self.fail("expected a quoted string" + (" or NIL" if nil and op in ("==", "!=") else ""))
+
+    def pattern(self, var: str, op: str, **where: Any) -> _Test:
+        value = self.string()
+        literal = self.take(b"%")
+        if not literal and re.search(rb"[\^$*+?.\[%-]", value) is None:
+            literal = True
+        return _Test(var, op, "pattern", value, literal, **where)
+
+    def numeric_test(self, attr: str, nil: bool) -> _Test:
+        self.skip_space()
+        op = self.operator()
+        if op not in _RELATIONAL:
+            raise self.fail(f"{op} needs a string variable", self.pos)
+        if nil and op in ("==", "!=") and self.take(b"NIL"):
+            return _Test(attr, op, "nil")
+        return _Test(attr, op, "number", self.number())
+
+    def timestamp_test(self) -> _Test:
+        self.skip_space()
+        op = self.operator()
+        if op not in _RELATIONAL:
+            raise self.fail(f"{op} needs a string variable", self.pos)
+        if self.src[self.pos:self.pos + 1] in (b"'", b'"'):
+            m = _RFC3339.match(self.src, self.pos)
+            if m is None:
+                raise self.fail("expected an RFC 3339 time like '2016-05-24T21:51:00Z'")
+            self.pos = m.end()
+            return _Test("timestamp", op, "number", _rfc3339_ns(m))
+        return _Test("timestamp", op, "number", self.number())
+
+    def field_test(self) -> _Test:
+        src = self.src
+        start = self.pos + len(b"Fields[")
+        close = src.find(b"]", start)
+        if close < 0:
+            raise self.fail("unterminated Fields[")
+        raw_name = src[start:close]
+        if len(raw_name) > _MAX_STRING:
+            # Upstream keeps the length in a byte and silently tests a truncated name.
+            raise self.fail(f"field name longer than {_MAX_STRING} bytes", start)
+        self.pos = close + 1
+        indices = []
+        for _ in range(2):
+            m = _INDEX.match(src, self.pos)
+            if m is None:
+                break
+            indices.append(int(m.group(1)))
+            self.pos = m.end()
+        fi, ai = (indices + [0, 0])[:2]
+        where = {"name": raw_name.decode("utf-8", "surrogateescape"), "fi": fi, "ai": ai}
+        self.skip_space()
+        if src[self.pos:self.pos + 1] == b"[":
+            raise self.fail("invalid field index (0-255)")
+        op = self.operator()
+        if op in ("=~", "!~"):
+            return self.pattern("fields", op, **where)
+        head = src[self.pos:self.pos + 1]
+        if head in (b"'", b'"'):
+            return _Test("fields", op, "string", self.string(), **where)
+        if op in ("==", "!=") and (word := self.keyword_value()) is not None:
+            return _Test("fields", op, word.lower(), **where)
+        if _NUMBER.match(src, self.pos):
+            return _Test("fields", op, "number", self.number(), **where)
+        raise self.fail("expected a quoted string or a number"
+                        + (" or TRUE/FALSE/NIL" if op in ("==", "!=") else ""))
+
+    def tree(self) -> _Node:
+        stack: list[_Node] = []
+        for item in self.out:
+            if isinstance(item, str):
+                right = stack.pop()
+                left = stack.pop()
+                stack.append((item, left, right))
+            else:
+                stack.append(item)
+        (root,) = stack
+        return root
+
+
+def _rfc3339_ns(m: re.Match[bytes]) -> float:
+    year, month, day, hour, minute, second = (int(m.group(i)) for i in range(2, 8))
+    # Same float steps as upstream: fraction, plus the offset (always added, see the module
+    # docstring), plus mktime() of the fields as local time, times 1e9.
+    value = float(m.group(8)) if m.group(8) else 0.0
+    if m.group(9) is not None:
+        value += int(m.group(9)) * 3600 + int(m.group(10)) * 60
+    try:
+        seconds = time.mktime((year, month, day, hour, minute, second, 0, 0, -1))
+    except (OverflowError, ValueError):
+        seconds = -1.0  # what mktime() reports when it cannot represent the time
+    return (value + seconds) * 1e9
+
+
+# --------------------------------------------------------------------------------------
+# Code generation.
+# --------------------------------------------------------------------------------------
+
+
+def _fold(node: _Node) -> _Node:
+    """Drop TRUE/FALSE operands that cannot change the result (tests have no side effects)."""
+    if not isinstance(node, tuple):
+        return node
+    op, left, right = node[0], _fold(node[1]), _fold(node[2])
+    absorbing = op == "or"  # TRUE absorbs ||, FALSE absorbs &&
+    for side, other in ((left, right), (right, left)):
+        if side is absorbing:
+            return absorbing
+        if side is (not absorbing):
+            return other
+    return (op, left, right)
+
+
+def _uses_fields(node: _Node) -> bool:
+    if isinstance(node, tuple):
+        return _uses_fields(node[1]) or _uses_fields(node[2])
+    return isinstance(node, _Test) and node.var == "fields"
+
+
+_NUMBER_CHECKS: dict[str, Callable[[float], Callable[[Any], bool]]] = {
+    "==": lambda d: lambda v: float(v) == d,
+    "!=": lambda d: lambda v: float(v) != d,
+    "<": lambda d: lambda v: float(v) < d,
+    "<=": lambda d: lambda v: float(v) <= d,
+    ">": lambda d: lambda v: float(v) > d,
+    ">=": lambda d: lambda v: float(v) >= d,
+}
+_STRING_TYPES, _NUMBER_TYPES, _TRUTH_TYPES = frozenset((0, 1)), frozenset((2, 3)), frozenset((2, 3, 4))
+
+
+def _field_test(t: _Test) -> Callable[[Any], bool]:
+    name, fi, ai, op = t.name, t.fi, t.ai, t.op
+    missing = False  # what a test says when Fields[name][fi][ai] does not exist
+    if t.kind == "nil":
+        missing = op == "=="
+        types: frozenset[int] = frozenset(range(5))
+        check: Callable[[Any], bool] = lambda v: op == "!="  # noqa: E731
+    elif t.kind in ("string", "pattern"):
+        types, check = _STRING_TYPES, _string_test(op, t.value, t.literal)
+    elif t.kind == "number":
+        types, check = _NUMBER_TYPES, _NUMBER_CHECKS[op](t.value)
+    else:  # TRUE / FALSE also match numbers equal to 1 / 0
+        target = 1 if t.kind == "true" else 0
+        types = _TRUTH_TYPES
+        check = (lambda v: v == target) if op == "==" else (lambda v: v != target)
+
+    def test(m: Any) -> bool:
+        skip = fi
+        for f in m.fields:
+            if f.name == name:
+                if skip:
+                    skip -= 1
+                    continue
+                values = f.values
+                if ai >= len(values) or not 0 <= f.value_type <= 4:
+                    return missing
+                return f.value_type in types and check(values[ai])
+        return missing
+
+    return test
+
+
+def _test_source(t: _Test, bind: Callable[[Any], str]) -> str:
+    var, op, kind = t.var, t.op, t.kind
+    if var == "fields":
+        return f"{bind(_field_test(t))}(m)"
+    if kind == "nil":
+        return f"m.{var} is {'' if op == '==' else 'not '}None"
+    if var == "timestamp":
+        # Upstream converts the int64 to a double first; so do we.
+        return f"float(m.timestamp) {op} {bind(t.value)}"
+    if var == "severity":
+        return f"(7 if (s := m.severity) is None else s) {op} {bind(t.value)}"
+    if var == "pid":
+        return f"(-2147483648 if (p := m.pid) is None else p) {op} {bind(t.value)}"
+    if kind == "string" and op in ("==", "!="):
+        literal = t.value if var == "uuid" else t.value.decode("utf-8", "surrogateescape")
+        return f"m.{var} {op} {bind(literal)}"
+    return f"{bind(_string_test(op, t.value, t.literal))}(m.{var})"
+
+
+def _source(node: _Node, bind: Callable[[Any], str]) -> str:
+    if node is True or node is False:
+        return str(node)
+    if isinstance(node, _Test):
+        return f"({_test_source(node, bind)})"
+    op = node[0]
+    # Flatten chains of one operator so deep expressions don't nest deeply in source.
+    operands: list[_Node] = []
+    pending = [node[2], node[1]]
+    while pending:
+        n = pending.pop()
+        if isinstance(n, tuple) and n[0] == op:
+            pending.extend((n[2], n[1]))
+        else:
+            operands.append(n)
+    return "(" + f" {op} ".join(_source(n, bind) for n in operands) + ")"
+
+
+def compile_matcher(expression: str | bytes) -> Matcher:
+    """Parse a message_matcher expression; raise MatcherError if it is not valid."""
+    src = expression if isinstance(expression, bytes) else expression.encode("utf-8", "surrogateescape")
+    text = expression if isinstance(expression, str) else expression.decode("utf-8", "surrogateescape")
+    nul = src.find(b"\0")
+    if nul >= 0:
+        raise MatcherError(f"invalid message_matcher: NUL byte at offset {nul}", nul)
+    tree = _fold(_Parser(src).parse())
+
+    constants: list[Any] = []
+
+    def bind(value: Any) -> str:
+        constants.append(value)
+        return f"_k{len(constants) - 1}"
+
+    body = _source(tree, bind)
+    params = ", ".join(f"_k{i}" for i in range(len(constants)))
+    code = f"def _factory({params}):\n    def match(m):\n        return {body}\n    return match\n"
+    namespace: dict[str, Any] = {}
+    exec(compile(code, f"<message_matcher {text[:60]!r}>", "exec"), namespace)
+    match = namespace["_factory"](*constants)
+    return Matcher(text, match, always=tree is True, headers_only=not _uses_fields(tree))

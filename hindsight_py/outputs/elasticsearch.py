@@ -1,0 +1,578 @@
+"""The Elasticsearch/OpenSearch bulk sender every output uses.
+
+The rule here is that no document is ever dropped without a trace. Each document handed to
+:meth:`BulkSender.send` is either indexed, or written to the dead-letter file with the
+server's reason, and it is counted either way. Failures that may pass (the connection, a
+timeout, 429, 5xx, an item the cluster could not take right now) are retried with
+exponential backoff and full jitter, forever unless ``max_retries`` is set. The caller's
+checkpoint advances only after ``send`` returns, so :class:`SendInterrupted` (raised when
+``stop_event`` is set during a wait) leaves the batch in the queue for the next run.
+
+Delivery is at-least-once: a request that timed out may still have been applied, so a
+resend can duplicate documents that have no ``_id``.
+
+urllib3 is used directly: the official elasticsearch client refuses to talk to OpenSearch.
+"""
+
+from __future__ import annotations
+
+import gzip as gzip_module
+import json
+import logging
+import os
+import random
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+import urllib3
+from urllib3.exceptions import HTTPError as Urllib3Error
+
+try:
+    import orjson
+
+    _loads: Callable[[bytes], Any] = orjson.loads
+except ImportError:  # pragma: no cover - orjson is optional
+    _loads = json.loads
+
+__all__ = [
+    "BulkSender",
+    "SendInterrupted",
+    "SendResult",
+    "SenderStats",
+    "ServerInfo",
+    "bulk_body_count",
+]
+
+# Syslog severities, as lua_sandbox and Hindsight use them.
+LOG_ERR = 3
+LOG_WARNING = 4
+LOG_INFO = 6
+LOG_DEBUG = 7
+
+# Whole-request statuses worth waiting out. 401/403/407 are retried rather than
+# dead-lettered: they mean the credentials are wrong, not the documents, and dumping the
+# whole stream to the dead-letter file because a password expired would help nobody.
+_RETRYABLE_REQUEST_STATUSES = frozenset({401, 403, 407, 408, 429})
+# At most one retry warning per this many seconds per sender; the rest are summarised.
+_RETRY_LOG_INTERVAL = 10.0
+# How far into a response the top-level "errors" flag can be: after "took" and, on ES 8,
+# "ingest_took". Items come after it, so no document text can fake it.
+_ERRORS_FLAG_WINDOW = 96
+# filter_path keeps the response to a status per item (~30 B instead of ~200 B); items
+# keep their order, which is what maps them back to documents.
+_BULK_QUERY = "?filter_path=took,errors,items.*.status,items.*.error"
+
+
+@dataclass(frozen=True)
+class ServerInfo:
+    """What ``GET /`` says about the cluster."""
+
+    distribution: str  # "elasticsearch" or "opensearch"
+    version: str
+    major: int
+
+    @property
+    def accepts_types(self) -> bool:
+        """Whether bulk action lines may carry ``_type``.
+
+        Only Elasticsearch 6 and older need or accept it. ES 7 and OpenSearch 1 (an ES 7.10
+        fork) work typeless; ES 8+ and OpenSearch 2+ reject ``_type``.
+        """
+        return self.distribution == "elasticsearch" and self.major <= 6
+
+    @classmethod
+    def from_root(cls, doc: dict[str, Any]) -> ServerInfo:
+        version = doc.get("version") or {}
+        number = str(version.get("number", "0"))
+        distribution = str(version.get("distribution") or "elasticsearch").lower()
+        try:
+            major = int(number.split(".", 1)[0])
+        except ValueError:
+            major = 0
+        return cls(distribution=distribution, version=number, major=major)
+
+
+@dataclass
+class SendResult:
+    """The outcome of one :meth:`BulkSender.send`. ``retried`` counts extra requests."""
+
+    indexed: int = 0
+    dead_lettered: int = 0
+    retried: int = 0
+
+
+@dataclass
+class SenderStats:
+    """Totals over the life of a sender."""
+
+    indexed: int = 0
+    dead_lettered: int = 0
+    requests: int = 0
+    #: Requests sent again (whole-body retries and retries of rejected items).
+    retried_requests: int = 0
+    #: Requests that failed as a whole: transport errors and non-2xx statuses.
+    failed_requests: int = 0
+
+
+class SendInterrupted(Exception):
+    """``stop_event`` was set while a send waited to retry. Do not commit the checkpoint.
+
+    ``result`` holds what was settled before the interruption; the unsettled documents
+    were neither indexed nor dead-lettered.
+    """
+
+    def __init__(self, message: str, result: SendResult) -> None:
+        super().__init__(message)
+        self.result = result
+
+
+@dataclass
+class _Document:
+    action: bytes
+    source: bytes | None  # None for a delete action
+
+    def to_ndjson(self) -> bytes:
+        if self.source is None:
+            return self.action + b"\n"
+        return self.action + b"\n" + self.source + b"\n"
+
+
+@dataclass
+class _Failure:
+    """A request that got no usable answer, or an answer that says "try again"."""
+
+    reason: str
+    status: int | None = None
+    error: dict[str, Any] = field(default_factory=dict)
+
+
+def _action_has_source(action: bytes) -> bool:
+    try:
+        doc = _loads(action)
+    except ValueError:
+        return True  # malformed; the server will say so, assume the usual pair
+    return not (isinstance(doc, dict) and len(doc) == 1 and "delete" in doc)
+
+
+def _split_bulk_body(body: bytes) -> list[_Document]:
+    """Cut an NDJSON bulk body into documents (action line + source line; delete has none)."""
+    lines = [line for line in body.split(b"\n") if line.strip()]
+    docs: list[_Document] = []
+    i = 0
+    while i < len(lines):
+        action = lines[i]
+        if _action_has_source(action) and i + 1 < len(lines):
+            docs.append(_Document(action, lines[i + 1]))
+            i += 2
+        else:
+            docs.append(_Document(action, None))
+            i += 1
+    return docs
+
+
+def bulk_body_count(body: bytes) -> int:
+    """The number of documents (actions) in a bulk body. Parses every action line."""
+    return len(_split_bulk_body(body))
+
+
+class _Batch:
+    """A bulk body on its way; cut into documents only when an answer needs it."""
+
+    def __init__(self, body: bytes, count: int, docs: list[_Document] | None = None) -> None:
+        self.body = body
+        self.count = count
+        self.refusal: _Failure | None = None  # why these documents are being sent again
+        self._docs = docs
+        self._gzipped: bytes | None = None
+
+    @classmethod
+    def of(cls, docs: list[_Document]) -> _Batch:
+        return cls(b"".join(doc.to_ndjson() for doc in docs), len(docs), docs)
+
+    def documents(self) -> list[_Document]:
+        if self._docs is None:
+            self._docs = _split_bulk_body(self.body)
+            if len(self._docs) != self.count:
+                # The caller's count was wrong; the body is what the server sees.
+                self.count = len(self._docs)
+        return self._docs
+
+    def payload(self, gzip: bool) -> bytes:
+        if not gzip:
+            return self.body
+        if self._gzipped is None:
+            # Level 1: most of gzip's gain on JSON at a fraction of the CPU.
+            self._gzipped = gzip_module.compress(self.body, compresslevel=1)
+        return self._gzipped
+
+
+def _describe_error(error: Any) -> str:
+    if not isinstance(error, dict):
+        return str(error)
+    text = f"{error.get('type', 'error')}: {error.get('reason', '')}".rstrip(": ")
+    cause = error.get("caused_by")
+    if isinstance(cause, dict):
+        text += f" (caused by {cause.get('type', 'error')}: {cause.get('reason', '')})"
+    return text
+
+
+def _error_from_body(status: int, data: bytes) -> tuple[str, dict[str, Any]]:
+    """The reason and the error object of a whole-request failure."""
+    try:
+        doc = _loads(data)
+    except ValueError:
+        doc = None
+    if isinstance(doc, dict) and "error" in doc:
+        error = doc["error"]
+        if not isinstance(error, dict):
+            error = {"reason": str(error)}
+        return f"HTTP {status}: {_describe_error(error)}", error
+    text = data[:2000].decode("utf-8", "replace")
+    return f"HTTP {status}: {text.strip()[:300]}", {"body": text}
+
+
+class BulkSender:
+    """POSTs NDJSON bulk bodies to ``/_bulk`` and settles every document in them.
+
+    One request at a time over a keep-alive connection; with several URLs, a transport
+    failure moves to the next one.
+    """
+
+    def __init__(
+        self,
+        urls: list[str] | str,
+        *,
+        dead_letter_path: Path | str,
+        timeout: float = 10,
+        username: str | None = None,
+        password: str | None = None,
+        api_key: str | None = None,
+        ca_certs: str | None = None,
+        verify: bool = True,
+        client_cert: str | None = None,
+        client_key: str | None = None,
+        gzip: bool = False,
+        max_retries: int | None = None,
+        backoff_initial: float = 0.5,
+        backoff_max: float = 30,
+        log: Callable[[int, str], None] | None = None,
+        stop_event: threading.Event | None = None,
+    ) -> None:
+        if isinstance(urls, str):
+            urls = [urls]
+        if not urls:
+            raise ValueError("BulkSender needs at least one URL")
+        self.dead_letter_path = Path(dead_letter_path)
+        self.gzip = gzip
+        self.max_retries = max_retries
+        self.backoff_initial = backoff_initial
+        self.backoff_max = backoff_max
+        self.stop_event = stop_event
+        self.stats = SenderStats()
+        self._log = log if log is not None else _python_logging
+        # Tests replace this to make the jitter deterministic.
+        self._jitter: Callable[[], float] = random.random
+        self._lock = threading.Lock()
+        self._server_info: ServerInfo | None = None
+        self._last_retry_log = float("-inf")
+        self._suppressed_retry_logs = 0
+
+        self._targets: list[tuple[urllib3.HTTPConnectionPool, str]] = []
+        for url in urls:
+            parts = urlsplit(url if "://" in url else f"http://{url}")
+            if parts.username and username is None:
+                username, password = unquote(parts.username), unquote(parts.password or "")
+            pool_kwargs: dict[str, Any] = {
+                "maxsize": 1,
+                "timeout": urllib3.Timeout(connect=timeout, read=timeout),
+                "retries": False,
+            }
+            if parts.scheme == "https":
+                pool_kwargs.update(
+                    cert_reqs="CERT_REQUIRED" if verify else "CERT_NONE",
+                    ca_certs=ca_certs,
+                    cert_file=client_cert,
+                    key_file=client_key,
+                    assert_hostname=None if verify else False,
+                )
+            origin = f"{parts.scheme}://{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+            pool = urllib3.connection_from_url(origin, **pool_kwargs)
+            self._targets.append((pool, parts.path.rstrip("/")))
+        self._current = 0
+
+        self._headers = {
+            "Content-Type": "application/x-ndjson",
+            "Accept": "application/json",
+            "User-Agent": "hindsight-py",
+        }
+        if api_key:
+            self._headers["Authorization"] = f"ApiKey {api_key}"
+        elif username is not None:
+            basic = urllib3.make_headers(basic_auth=f"{username}:{password or ''}")
+            self._headers["Authorization"] = basic["authorization"]
+        if gzip:
+            self._headers["Content-Encoding"] = "gzip"
+
+    # -- detection ------------------------------------------------------------------------
+
+    def detect(self) -> ServerInfo | None:
+        """``GET /`` on the first URL that answers; cached once it succeeds."""
+        if self._server_info is not None:
+            return self._server_info
+        headers = {k: v for k, v in self._headers.items() if k not in ("Content-Type", "Content-Encoding")}
+        problems = []
+        for pool, prefix in self._targets:
+            try:
+                response = pool.request("GET", prefix + "/", headers=headers, retries=False)
+            except (Urllib3Error, OSError) as exc:
+                problems.append(f"{pool.host}:{pool.port}: {exc}")
+                continue
+            if response.status != 200:
+                problems.append(
+                    f"{pool.host}:{pool.port}: {_error_from_body(response.status, response.data)[0]}"
+                )
+                continue
+            try:
+                self._server_info = ServerInfo.from_root(_loads(response.data))
+            except (ValueError, AttributeError) as exc:
+                problems.append(f"{pool.host}:{pool.port}: GET / is not a cluster's answer: {exc}")
+                continue
+            return self._server_info
+        self._log(LOG_WARNING, "cannot detect the search server: " + "; ".join(problems))
+        return None
+
+    # -- sending --------------------------------------------------------------------------
+
+    def send(self, body: bytes, count: int) -> SendResult:
+        """Deliver a bulk body of ``count`` documents; returns once each one is settled.
+
+        Raises :class:`SendInterrupted` if ``stop_event`` is set while waiting to retry.
+        """
+        result = SendResult()
+        if count <= 0 and not body.strip():
+            return result
+        with self._lock:
+            self._deliver(_Batch(body, count), result)
+        return result
+
+    def _deliver(self, batch: _Batch, result: SendResult) -> None:
+        attempt = 0
+        while True:
+            outcome = self._post(batch.payload(self.gzip))
+            if isinstance(outcome, _Failure):
+                failure = outcome
+            else:
+                status, data = outcome
+                if 200 <= status < 300:
+                    if b'"errors":false' in data[:_ERRORS_FLAG_WINDOW]:
+                        self._settle_indexed(batch.count, result)
+                        return
+                    settled = self._settle_items(batch, data, result)
+                    if isinstance(settled, _Failure):
+                        self.stats.failed_requests += 1
+                        failure = settled
+                    elif settled.refusal is None:
+                        return
+                    else:
+                        batch, failure = settled, settled.refusal
+                elif status == 413:
+                    self.stats.failed_requests += 1
+                    docs = batch.documents()
+                    if len(docs) <= 1:
+                        self._dead_letter(docs, status, *_error_from_body(status, data), result)
+                        return
+                    half = len(docs) // 2
+                    self._log(
+                        LOG_INFO,
+                        f"HTTP 413: splitting {len(docs)} documents into {half} + {len(docs) - half}",
+                    )
+                    self._deliver(_Batch.of(docs[:half]), result)
+                    self._deliver(_Batch.of(docs[half:]), result)
+                    return
+                else:
+                    self.stats.failed_requests += 1
+                    reason, error = _error_from_body(status, data)
+                    if status < 500 and status not in _RETRYABLE_REQUEST_STATUSES:
+                        self._dead_letter(batch.documents(), status, reason, error, result)
+                        return
+                    failure = _Failure(reason, status, error)
+
+            attempt += 1
+            if self.max_retries is not None and attempt > self.max_retries:
+                reason = f"gave up after {self.max_retries} retries: {failure.reason}"
+                self._dead_letter(batch.documents(), failure.status, reason, failure.error, result)
+                return
+            # A 5xx from one node (or the proxy in front of it) may not be the cluster's.
+            self._current = (self._current + 1) % len(self._targets)
+            self._wait_before_retry(attempt, failure.reason, result)
+            result.retried += 1
+            self.stats.retried_requests += 1
+
+    def _post(self, payload: bytes) -> tuple[int, bytes] | _Failure:
+        pool, prefix = self._targets[self._current]
+        self.stats.requests += 1
+        try:
+            response = pool.urlopen(
+                "POST",
+                prefix + "/_bulk" + _BULK_QUERY,
+                body=payload,
+                headers=self._headers,
+                retries=False,
+                redirect=False,
+                preload_content=True,
+            )
+        except (Urllib3Error, OSError) as exc:
+            self.stats.failed_requests += 1
+            return _Failure(f"{pool.scheme}://{pool.host}:{pool.port}: {type(exc).__name__}: {exc}")
+        return response.status, response.data
+
+    def _settle_indexed(self, count: int, result: SendResult) -> None:
+        result.indexed += count
+        self.stats.indexed += count
+
+    def _settle_items(self, batch: _Batch, data: bytes, result: SendResult) -> _Batch | _Failure:
+        """Settle a 2xx answer item by item; returns the documents to send again."""
+        try:
+            doc = _loads(data)
+            errors = doc["errors"]
+            items = doc.get("items", []) if errors else []
+        except (ValueError, KeyError, TypeError, AttributeError):
+            # An answer we cannot read tells us nothing about what was indexed; resending
+            # may duplicate, dropping would lose.
+            text = data[:200].decode("utf-8", "replace")
+            return _Failure(f"a 2xx answer that is not a bulk response: {text!r}")
+        if not errors:
+            self._settle_indexed(batch.count, result)
+            return _Batch.of([])
+
+        docs = batch.documents()
+        if len(items) != len(docs):
+            self._log(
+                LOG_ERR,
+                f"the bulk response has {len(items)} items for {len(docs)} documents; "
+                "documents without an item are dead-lettered",
+            )
+        retry: list[_Document] = []
+        refusal: _Failure | None = None
+        indexed = 0
+        dead: dict[tuple[int, str], tuple[dict[str, Any], list[_Document]]] = {}
+        for position, document in enumerate(docs):
+            if position >= len(items):
+                reason = "the server returned no item for this document"
+                dead.setdefault((0, reason), ({}, []))[1].append(document)
+                continue
+            item = items[position]
+            outcome = next(iter(item.values()), None) if isinstance(item, dict) else None
+            if not isinstance(outcome, dict) or not isinstance(outcome.get("status"), int):
+                reason = f"the server returned an unreadable item: {str(item)[:200]}"
+                dead.setdefault((0, reason), ({}, []))[1].append(document)
+                continue
+            status = outcome["status"]
+            # An item failed if and only if it carries an error (that is the server's own
+            # rule); a delete of a missing document is a 404 without one.
+            if "error" not in outcome:
+                indexed += 1
+            elif status == 429 or status >= 500:
+                retry.append(document)
+                error = outcome.get("error")
+                refusal = _Failure(f"item {status}: {_describe_error(error)}", status, error or {})
+            else:
+                error = outcome.get("error")
+                error = error if isinstance(error, dict) else {"reason": str(error)}
+                dead.setdefault((status, _describe_error(error)), (error, []))[1].append(document)
+        self._settle_indexed(indexed, result)
+        for (status, reason), (error, documents) in dead.items():
+            self._dead_letter(documents, status, reason, error, result)
+        again = _Batch.of(retry)
+        if refusal is not None:
+            again.refusal = _Failure(
+                f"{len(retry)} of {len(docs)} documents refused for now, e.g. {refusal.reason}",
+                refusal.status,
+                refusal.error if isinstance(refusal.error, dict) else {"reason": str(refusal.error)},
+            )
+        return again
+
+    def _wait_before_retry(self, attempt: int, reason: str, result: SendResult) -> None:
+        # The exponent is bounded: retrying forever must not overflow a float.
+        cap = min(self.backoff_max, self.backoff_initial * 2.0 ** min(attempt - 1, 60))
+        delay = cap * self._jitter()
+        now = time.monotonic()
+        if now - self._last_retry_log >= _RETRY_LOG_INTERVAL:
+            suppressed = self._suppressed_retry_logs
+            note = f" ({suppressed} more failures since the last report)" if suppressed else ""
+            self._log(LOG_WARNING, f"bulk request failed: {reason}; retry {attempt} in {delay:.2f}s{note}")
+            self._last_retry_log = now
+            self._suppressed_retry_logs = 0
+        else:
+            self._suppressed_retry_logs += 1
+        self._pause(delay, result)
+
+    def _pause(self, seconds: float, result: SendResult) -> None:
+        if self.stop_event is None:
+            time.sleep(seconds)
+        elif self.stop_event.wait(seconds):
+            raise SendInterrupted("stopped while waiting to retry a bulk request", result)
+
+    # -- dead letters ---------------------------------------------------------------------
+
+    def _dead_letter(
+        self,
+        docs: list[_Document],
+        status: int | None,
+        reason: str,
+        error: dict[str, Any],
+        result: SendResult,
+    ) -> None:
+        if not docs:
+            return
+        stamp = datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+        lines = []
+        for doc in docs:
+            try:
+                action: Any = _loads(doc.action)
+            except ValueError:
+                action = doc.action.decode("utf-8", "surrogateescape")
+            record = {
+                "time": stamp,
+                "status": status,
+                "reason": reason,
+                "error": error,
+                "action": action,
+                # surrogateescape + ASCII JSON keeps even invalid UTF-8 recoverable byte for byte.
+                "source": None if doc.source is None else doc.source.decode("utf-8", "surrogateescape"),
+            }
+            lines.append(json.dumps(record, separators=(",", ":")) + "\n")
+        self.dead_letter_path.parent.mkdir(parents=True, exist_ok=True)
+        # The caller commits its checkpoint right after send returns: the dead letters must
+        # be on disk first.
+        with open(self.dead_letter_path, "a", encoding="ascii") as fh:
+            fh.writelines(lines)
+            fh.flush()
+            os.fsync(fh.fileno())
+        result.dead_lettered += len(docs)
+        self.stats.dead_lettered += len(docs)
+        self._log(LOG_WARNING, f"{len(docs)} documents dead-lettered to {self.dead_letter_path}: {reason}")
+
+    def close(self) -> None:
+        for pool, _ in self._targets:
+            pool.close()
+
+    def __enter__(self) -> BulkSender:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+_SYSLOG_TO_LOGGING = {0: 50, 1: 50, 2: 50, 3: 40, 4: 30, 5: 20, 6: 20, 7: 10}
+_logger = logging.getLogger("hindsight_py.outputs.elasticsearch")
+
+
+def _python_logging(level: int, text: str) -> None:
+    _logger.log(_SYSLOG_TO_LOGGING.get(level, 20), text)

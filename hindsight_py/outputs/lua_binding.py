@@ -1,0 +1,117 @@
+"""The bulk sender as Lua plugins see it: `require "hindsight.elasticsearch"` (see sandbox/lua.py).
+
+A Lua output hands over whole bulk bodies; delivery, retries and dead letters are the sender's,
+so the Lua plugin and the native Python output share one path to the server.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+from hindsight_py.outputs.elasticsearch import BulkSender, SendInterrupted, ServerInfo
+
+
+class ChannelStopEvent:
+    """A threading.Event look-alike that checks the supervisor pipe while a sender waits to retry."""
+
+    def __init__(self, is_running: Callable[[], bool]) -> None:
+        self._is_running = is_running
+
+    def is_set(self) -> bool:
+        return not self._is_running()
+
+    def wait(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while True:
+            if not self._is_running():
+                return True
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            time.sleep(min(0.05, left))
+
+
+def urls_from_config(cfg: dict[str, Any]) -> list[str]:
+    """`url`/`urls` (hindsight-py), else upstream's `address` and `port`."""
+    urls = cfg.get("urls") or cfg.get("url")
+    if isinstance(urls, str):
+        return [urls]
+    if isinstance(urls, list) and urls:
+        return [str(u) for u in urls]
+    address = cfg.get("address") or "127.0.0.1"
+    port = int(cfg.get("port") or 9200)
+    return [f"http://{address}:{port}"]
+
+
+def sender_from_config(cfg: dict[str, Any], *, dead_letter_path: Any, log: Callable[[int, str], None],
+                       stop_event: Any = None) -> BulkSender:
+    """A BulkSender for an elasticsearch_bulk_api-style cfg.
+
+    Upstream gives up after `max_retry` when `discard_on_error` or `abort_on_error` is set (and then
+    loses the batch); hindsight-py retries forever by default, and with either key set it retries
+    `max_retry` times and then dead-letters the batch instead of discarding it.
+    """
+    gives_up = bool(cfg.get("discard_on_error") or cfg.get("abort_on_error"))
+    return BulkSender(
+        urls_from_config(cfg),
+        dead_letter_path=dead_letter_path,
+        timeout=float(cfg.get("timeout") or 10),
+        username=cfg.get("username"),
+        password=cfg.get("password"),
+        api_key=cfg.get("api_key"),
+        ca_certs=cfg.get("ca_certs"),
+        verify=cfg.get("verify_certs", True) is not False,
+        client_cert=cfg.get("client_cert"),
+        client_key=cfg.get("client_key"),
+        gzip=bool(cfg.get("gzip")),
+        max_retries=int(cfg.get("max_retry") or 0) if gives_up else None,
+        log=log,
+        stop_event=stop_event,
+    )
+
+
+def make_lua_sender(cfg: dict[str, Any], host: Any) -> tuple[Callable[..., Any], Callable[[], bool]]:
+    """The two functions behind the Lua `sender` object: send(body, n) and accepts_types()."""
+    output_dir = host.runner.output_path
+    sender = sender_from_config(
+        cfg,
+        dead_letter_path=output_dir / "dead_letter" / f"{host.plugin.name}.jsonl",
+        log=host.log_fn,
+        stop_event=ChannelStopEvent(host.is_running),
+    )
+    abort = bool(cfg.get("abort_on_error"))
+    stats = host.stats
+
+    def send(body: bytes, count: float) -> tuple[Any, ...]:
+        try:
+            result = sender.send(body, int(count))
+        except SendInterrupted as e:
+            stats.indexed += e.result.indexed
+            stats.dead_lettered += e.result.dead_lettered
+            return (False, b"stopped before the batch was delivered; it stays queued for the next run")
+        stats.indexed += result.indexed
+        stats.dead_lettered += result.dead_lettered
+        stats.retried += result.retried
+        if abort and result.dead_lettered:
+            return (False, f"abort_on_error: {result.dead_lettered} documents were dead-lettered".encode())
+        return (True, result.indexed, result.dead_lettered)
+
+    def accepts_types() -> bool:
+        info = sender.detect()
+        return bool(info and info.accepts_types)
+
+    return send, accepts_types
+
+
+def server_accepts_types(cfg: dict[str, Any], log: Callable[[int, str], None]) -> bool | None:
+    """Whether the server an output is configured for takes `_type`; None if it cannot be reached now."""
+    probe = BulkSender(urls_from_config(cfg), dead_letter_path="/dev/null", timeout=5, max_retries=0, log=log,
+                       username=cfg.get("username"), password=cfg.get("password"), api_key=cfg.get("api_key"),
+                       ca_certs=cfg.get("ca_certs"), verify=cfg.get("verify_certs", True) is not False)
+    try:
+        info: ServerInfo | None = probe.detect()
+    finally:
+        probe.close()
+    return None if info is None else info.accepts_types

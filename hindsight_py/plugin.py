@@ -1,0 +1,124 @@
+"""The API a Python plugin calls: the lua_sandbox functions, the Python way.
+
+A plugin is a `.py` file named by `filename` in its cfg. It defines the same callbacks as a Lua
+plugin and imports what it needs from here::
+
+    from hindsight_py.plugin import read_config, read_message, inject_message
+
+    def process_message(checkpoint):          # input: the last checkpoint (None the first time)
+        ...
+        return 0
+
+    def process_message(sequence_id):         # output: read the message with read_message()
+        payload = read_message("Payload")
+        return 0
+
+    def timer_event(ns, shutdown):            # analysis and output, optional
+        ...
+
+Return codes and their meaning are upstream's (docs/plugins.md). The functions act on the plugin
+being called: one process may host several analysis plugins, each sees its own config and message.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from hindsight_py.message import Message
+    from hindsight_py.sandbox.python import PythonSandbox
+
+_current: PythonSandbox | None = None
+
+
+def _sandbox() -> PythonSandbox:
+    if _current is None:
+        raise RuntimeError("hindsight_py.plugin functions can only be called from a running plugin")
+    return _current
+
+
+def read_config(key: str) -> Any:
+    """The cfg value (with Hindsight's runtime keys such as Logger, output_path), or None."""
+    return _sandbox().config.get(key)
+
+
+def inject_message(msg: dict[str, Any] | Message | bytes | None = None, checkpoint: float | str | None = None) -> None:
+    """Queue a message: a dict in lua_sandbox's table shape, a Message, or protobuf bytes.
+
+    Inputs may pass a checkpoint (number or string), recorded once the message is on disk, and
+    may pass `msg=None` with a checkpoint alone.
+    """
+    _sandbox().inject(msg, checkpoint)
+
+
+def inject_payload(payload_type: str = "txt", payload_name: str | None = None, *parts: Any) -> None:
+    """Analysis: inject the payload buffer (plus `parts`) as an `inject_payload` message."""
+    _sandbox().inject_payload(payload_type, payload_name, parts)
+
+
+def add_to_payload(*parts: Any) -> None:
+    """Analysis: append to the payload buffer that inject_payload sends."""
+    _sandbox().add_to_payload(parts)
+
+
+def read_message(name: str, field_index: int = 0, array_index: int = 0) -> Any:
+    """A header (`Payload`, `Timestamp`, ...), `raw`, `framed`, `size`, or `Fields[name]` of the current message."""
+    return _sandbox().read_message(name, field_index, array_index)
+
+
+def current_message() -> Message | None:
+    """The current message, decoded (cached per message)."""
+    return _sandbox().current_message()
+
+
+def decode_message(raw: bytes) -> Message:
+    from hindsight_py.message import decode
+
+    return decode(raw)
+
+
+def encode_message(msg: dict[str, Any] | Message, framed: bool = False) -> bytes:
+    """Output plugins: the protobuf bytes of a message (framed for a stream when asked)."""
+    return _sandbox().encode(msg, framed)
+
+
+def is_running() -> bool:
+    """Inputs: False once a clean stop has been requested."""
+    return _sandbox().is_running()
+
+
+def update_checkpoint(sequence_id: int | None = None, failures: int = 0) -> None:
+    """Outputs: commit a batch (no argument) or acknowledge an asynchronous message."""
+    _sandbox().update_checkpoint(sequence_id, failures)
+
+
+def create_message_matcher(expression: str) -> Any:
+    """A compiled message_matcher; call it with a Message, or `.eval()` it on the current message."""
+    return _sandbox().create_matcher(expression)
+
+
+def dead_letter(reason: str, data: bytes | str = b"") -> None:
+    """Record a message that cannot be passed on, with the reason (never drop data silently)."""
+    _sandbox().dead_letter(reason, data)
+
+
+def log(level: int, text: str) -> None:
+    """Log at a syslog level (3 error, 4 warning, 6 info, 7 debug) under the plugin's name."""
+    _sandbox().log(level, text)
+
+
+__all__ = [
+    "add_to_payload",
+    "create_message_matcher",
+    "current_message",
+    "dead_letter",
+    "decode_message",
+    "encode_message",
+    "inject_message",
+    "inject_payload",
+    "is_running",
+    "log",
+    "read_config",
+    "read_message",
+    "update_checkpoint",
+]

@@ -1,0 +1,574 @@
+"""One plugin process: the input loop, or the read loops of analysis and output plugins.
+
+A runner talks to the supervisor over one pipe:
+  child -> supervisor: ("cp", {key: value}), ("log", ...) is not used (children write stderr
+                       directly), ("stats", name, dict), ("exit", name, status, error)
+  supervisor -> child: ("drain",) every writer upstream of this process has finished: read the
+                       queues to their end, run the shutdown timer_event, exit;
+                       ("stop",) stop as soon as possible (inputs: is_running() turns false).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+from hindsight_py import message as hmsg
+from hindsight_py.config import HindsightConfig, PluginConfig
+from hindsight_py.log import Logger
+from hindsight_py.matcher import MatcherError, compile_matcher
+from hindsight_py.queue import QueueReader, QueueWriter, format_position, parse_position
+from hindsight_py.sandbox import PluginError, Sandbox, create_sandbox
+
+# Exit status bits, as hindsight_cli: the OR of the types of plugins that failed.
+STATUS_BITS = {"input": 2, "analysis": 4, "output": 8}
+
+CP_SEND_INTERVAL = 0.25  # seconds between checkpoint reports to the supervisor
+IDLE_SLEEP = 0.02  # seconds to wait for new queue data
+RETRY_DELAY = 1.0  # upstream re-offers a -3 message after one second
+
+
+@dataclass
+class ProcessSpec:
+    kind: str  # "input" | "analysis" | "output"
+    label: str  # process name, e.g. "input.file" or "analysis0"
+    plugins: list[PluginConfig]
+    hs: HindsightConfig
+    log_level: int
+    supervisor_pid: int
+    checkpoints: dict[str, Any]
+    thread: int = 0
+
+
+@dataclass
+class _Stats:
+    injected: int = 0
+    injected_bytes: int = 0
+    processed: int = 0
+    failures: int = 0
+    indexed: int = 0
+    dead_lettered: int = 0
+    retried: int = 0
+    discarded_bytes: int = 0
+    extra: dict[str, int] = field(default_factory=dict)
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    # A kill -9 of the supervisor must take its children along: a surviving child would race the
+    # restarted daemon on the same queues and checkpoints.
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+    if os.getppid() != parent_pid:
+        os._exit(1)
+
+
+class _Channel:
+    """The child's end of the supervisor pipe, with checkpoint reports coalesced."""
+
+    def __init__(self, conn: Connection) -> None:
+        self._conn = conn
+        self._pending: dict[str, Any] = {}
+        self._last_send = 0.0
+        self.drain = False
+        self.stop = False
+
+    def checkpoint(self, key: str, value: Any, *, now: bool = False) -> None:
+        self._pending[key] = value
+        t = time.monotonic()
+        if now or t - self._last_send >= CP_SEND_INTERVAL:
+            self.send_checkpoints()
+
+    def send_checkpoints(self) -> None:
+        if self._pending:
+            self._conn.send(("cp", self._pending))
+            self._pending = {}
+        self._last_send = time.monotonic()
+
+    def poll(self) -> None:
+        while self._conn.poll():
+            try:
+                msg = self._conn.recv()
+            except EOFError:
+                self.stop = True
+                return
+            if msg[0] == "drain":
+                self.drain = True
+            elif msg[0] == "stop":
+                self.stop = True
+
+    def send(self, *msg: Any) -> None:
+        self._conn.send(msg)
+
+
+class _Host:
+    """What one sandbox sees of its process (the SandboxHost protocol of sandbox/lua.py)."""
+
+    def __init__(self, runner: _Runner, plugin: PluginConfig) -> None:
+        self.runner = runner
+        self.plugin = plugin
+        self.log_fn = runner.logger.bind(plugin.name)
+        self.checkpoint_value: Any = runner.spec.checkpoints.get(plugin.name)
+        self.stats = _Stats()
+        self._es_types: bool | None = None
+
+    # messages and checkpoints
+    def write_messages(self, data: bytes, count: int) -> None:
+        self.runner.writer.append(data)
+        self.stats.injected += count
+        self.stats.injected_bytes += len(data)
+
+    def checkpoint(self, value: Any) -> None:
+        self.checkpoint_value = value
+        self.runner.channel.checkpoint(self.plugin.name, value)
+
+    def is_running(self) -> bool:
+        self.runner.channel.poll()
+        return not self.runner.channel.stop
+
+    def log(self, level: int, text: str) -> None:
+        self.log_fn(level, text)
+
+    def inject_input(self, framed: bytes) -> None:
+        self.runner.input_writer().append(framed)
+
+    def commit_processed(self) -> None:
+        self.runner.commit_processed()
+
+    def create_matcher(self, expr: str) -> Callable[[bytes], bool] | None:
+        try:
+            m = compile_matcher(expr)
+        except MatcherError:
+            return None
+        return lambda raw: m(hmsg.decode(raw))
+
+    def dead_letter(self, reason: str, data: bytes) -> None:
+        self.runner.dead_letters.write(self.plugin.name, reason, data)
+        self.stats.dead_lettered += 1
+
+    # Elasticsearch
+    def new_es_sender(self, cfg: dict) -> tuple[Callable[..., Any], Callable[[], bool]]:
+        from hindsight_py.outputs.lua_binding import make_lua_sender
+
+        return make_lua_sender(cfg, self)
+
+    def drop_es_types(self) -> bool:
+        if self._es_types is None:
+            from hindsight_py.outputs.lua_binding import server_accepts_types
+
+            accepts = server_accepts_types(self.plugin.values, self.log_fn)
+            if accepts is None:
+                return True  # unknown yet: ask again next time; modern servers want no `_type`
+            self._es_types = accepts
+            if not accepts:
+                self.log_fn(6, "the server does not accept mapping types: `_type` is left out of action lines")
+        return not self._es_types
+
+
+class DeadLetters:
+    """Messages hindsight-py could not deliver, with the reason: one JSON line each, a file per plugin."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self._files: dict[str, Any] = {}
+
+    def write(self, plugin: str, reason: str, data: bytes) -> None:
+        import json
+
+        fh = self._files.get(plugin)
+        if fh is None:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            fh = self._files[plugin] = open(self.directory / f"{plugin}.jsonl", "a", encoding="utf-8")
+        rec = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "plugin": plugin,
+            "reason": reason,
+            "data": data.decode("utf-8", "surrogateescape").encode("utf-8", "backslashreplace").decode(),
+        }
+        fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
+        fh.flush()
+
+
+class _Runner:
+    def __init__(self, spec: ProcessSpec, channel: _Channel) -> None:
+        self.spec = spec
+        self.channel = channel
+        self.hs = spec.hs
+        self.logger = Logger(spec.log_level)
+        self.output_path = self.hs.output_dir
+        self.dead_letters = DeadLetters(self.output_path / "dead_letter")
+        self._input_writer: QueueWriter | None = None
+        self.writer: QueueWriter  # where this process's plugins inject (outputs have none)
+        self._commit_cb: Callable[[], None] = lambda: None
+
+    def input_writer(self) -> QueueWriter:
+        if self._input_writer is None:
+            self._input_writer = QueueWriter(self.output_path / "input", self.hs.output_size)
+        return self._input_writer
+
+    def commit_processed(self) -> None:
+        self._commit_cb()
+
+    def make_sandbox(self, plugin: PluginConfig) -> tuple[Sandbox, _Host]:
+        host = _Host(self, plugin)
+        sandbox = create_sandbox(plugin, self.hs, host, log_level=self.spec.log_level, pid=self.spec.supervisor_pid)
+        sandbox.load()
+        return sandbox, host
+
+    def terminated(self, plugin: PluginConfig, err: str, host: _Host | None) -> None:
+        log = self.logger.bind(plugin.name)
+        if plugin.type == "input":
+            log(3, f"detaching received: 1 msg: {err}")
+        else:
+            log(3, f"terminated: {err}")
+        _write_err_file(plugin, err)
+        self.channel.send_checkpoints()
+        self.channel.send("exit", plugin.name, STATUS_BITS[plugin.type], err, _stats_dict(host))
+        if plugin.shutdown_on_terminate:
+            os.kill(self.spec.supervisor_pid, signal.SIGTERM)
+
+
+def _write_err_file(plugin: PluginConfig, err: str) -> None:
+    path = Path(plugin.cfg_path).with_suffix(".err")
+    try:
+        path.write_text(time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()) + "\t" + err + "\n")
+    except OSError:
+        pass
+
+
+def _stats_dict(host: _Host | None) -> dict[str, int]:
+    if host is None:
+        return {}
+    s = host.stats
+    d = {
+        "injected": s.injected,
+        "processed": s.processed,
+        "failures": s.failures,
+        "indexed": s.indexed,
+        "dead_lettered": s.dead_lettered,
+        "retried": s.retried,
+        "discarded_bytes": s.discarded_bytes,
+    }
+    d.update(s.extra)
+    return d
+
+
+# ------------------------------------------------------------------------------------------------
+# input
+# ------------------------------------------------------------------------------------------------
+def _run_input(r: _Runner) -> None:
+    plugin = r.spec.plugins[0]
+    r.writer = QueueWriter(r.output_path / "input", r.hs.output_size)
+    if r.writer.torn_bytes:
+        r.logger.bind(plugin.name)(4, f"cut a torn record of {r.writer.torn_bytes} bytes at the end of the input queue")
+    try:
+        sandbox, host = r.make_sandbox(plugin)
+    except PluginError as e:
+        r.terminated(plugin, str(e), None)
+        return
+    log = host.log_fn
+    while True:
+        try:
+            rc, msg = sandbox.run_input(host.checkpoint_value)
+        except PluginError as e:
+            r.terminated(plugin, str(e), host)
+            return
+        r.channel.checkpoint(r.spec.label, None)  # keep the pipe warm; ignored by the supervisor
+        if rc > 0:
+            r.terminated(plugin, f"process_message() received a termination status code {rc} {msg or ''}".strip(), host)
+            return
+        if rc < 0 and msg:
+            log(4, f"received: {rc} msg: {msg}")
+        if plugin.ticker_interval == 0 or r.channel.stop:
+            log(6, f"detaching received: {rc} msg: {msg or ''}")
+            break
+        deadline = time.monotonic() + plugin.ticker_interval
+        while time.monotonic() < deadline:
+            r.channel.poll()
+            if r.channel.stop:
+                break
+            time.sleep(min(0.1, max(0.0, deadline - time.monotonic())))
+        if r.channel.stop:
+            break
+    r.channel.send_checkpoints()
+    r.channel.send("exit", plugin.name, 0, None, _stats_dict(host))
+
+
+# ------------------------------------------------------------------------------------------------
+# analysis and output: the read loop
+# ------------------------------------------------------------------------------------------------
+class _Reader:
+    """One queue reader with its checkpoint key and committed position."""
+
+    def __init__(self, r: _Runner, queue: str, key: str) -> None:
+        pos = r.spec.checkpoints.get(key)
+        position = parse_position(pos) if isinstance(pos, str) else None
+        self.queue = queue
+        self.key = key
+        self.reader = QueueReader(r.output_path / queue, position, r.hs.max_message_size)
+        self.committed = format_position(*self.reader.position())
+        self.reported_discards = 0
+
+
+class _PluginSlot:
+    def __init__(self, plugin: PluginConfig, sandbox: Sandbox, host: _Host) -> None:
+        self.plugin = plugin
+        self.sandbox = sandbox
+        self.host = host
+        self.matcher = compile_matcher(plugin.message_matcher)
+        self.alive = True
+        self.next_timer = time.monotonic() + plugin.ticker_interval if plugin.ticker_interval else None
+        self.async_positions: dict[int, tuple[int, int]] = {}
+
+
+def _data_time_ns(raw: bytes, current: int) -> int:
+    try:
+        ts = hmsg.timestamp_of(raw)
+    except Exception:
+        return current
+    return ts if ts > current else current
+
+
+def _read_loop(r: _Runner, readers: list[_Reader], slots: list[_PluginSlot], *, is_output: bool) -> None:
+    data_ns = 0
+    last_pos: dict[str, tuple[int, int]] = {}
+    which = 0
+    out_slot = slots[0] if is_output else None
+
+    def commit(reader: _Reader, pos: tuple[int, int]) -> None:
+        reader.committed = format_position(*pos)
+        r.channel.checkpoint(reader.key, reader.committed)
+
+    def commit_processed() -> None:
+        for reader in readers:
+            if reader.key in last_pos:
+                commit(reader, last_pos[reader.key])
+
+    r._commit_cb = commit_processed
+
+    def fire_timers(shutdown: bool) -> None:
+        now = time.monotonic()
+        for slot in slots:
+            if not slot.alive:
+                continue
+            if not shutdown and (slot.next_timer is None or now < slot.next_timer):
+                continue
+            ns = (data_ns // 1_000_000_000) * 1_000_000_000 if data_ns else time.time_ns() // 10**9 * 10**9
+            limit = slot.plugin.timer_event_inject_limit if slot.plugin.type == "analysis" else -1
+            try:
+                slot.sandbox.run_timer(ns, shutdown, limit)
+            except PluginError as e:
+                slot.alive = False
+                r.terminated(slot.plugin, str(e), slot.host)
+                continue
+            if slot.next_timer is not None:
+                slot.next_timer = now + slot.plugin.ticker_interval
+
+    while True:
+        r.channel.poll()
+        if r.channel.stop:
+            break
+        if not any(s.alive for s in slots):
+            return
+        batch = None
+        reader = None
+        for k in range(len(readers)):
+            cand = readers[(which + k) % len(readers)]
+            batch = cand.reader.read_batch(1000)
+            if batch is not None:
+                reader = cand
+                which = (which + k + 1) % len(readers)
+                break
+        for rd in readers:
+            d = rd.reader.discarded_bytes
+            if d != rd.reported_discards:
+                r.logger.bind(r.spec.label)(4, f"{rd.queue} queue: skipped {d - rd.reported_discards} corrupt bytes")
+                rd.reported_discards = d
+        if batch is None:
+            if r.channel.drain and all(rd.reader.at_end() for rd in readers):
+                break
+            fire_timers(False)
+            time.sleep(IDLE_SLEEP)
+            continue
+        assert reader is not None
+        records = batch.records
+        data_ns = _data_time_ns(records[-1], data_ns)
+        decoded: list[Any] | None = None
+        batch_commit: int | None = len(records)  # index (exclusive) up to which this batch is committable
+        for slot in slots:
+            if not slot.alive:
+                continue
+            if slot.matcher.always:
+                idx = None
+                subset = records
+            else:
+                if decoded is None:
+                    decoded = [_safe_decode(raw) for raw in records]
+                idx = [i for i, m in enumerate(decoded) if m is not None and slot.matcher(m)]
+                subset = [records[i] for i in idx]
+            host = slot.host
+            limit = slot.plugin.process_message_inject_limit if slot.plugin.type == "analysis" else -1
+            start = 0
+            while start < len(subset) or (not subset and start == 0):
+                if not subset:
+                    break
+                part = subset[start:]
+                seq0 = slot.sandbox.seq_counter() if slot.plugin.async_buffer_size else 0
+                res = slot.sandbox.run_batch(part, limit)
+                host.stats.processed += res.processed
+                host.stats.failures += res.failures
+                if is_output:
+                    if slot.plugin.async_buffer_size:
+                        for j in range(res.processed):
+                            i = start + j if idx is None else idx[start + j]
+                            slot.async_positions[seq0 + j + 1] = (batch.file_id, batch.ends[i])
+                        for seq in slot.sandbox.take_acks():
+                            pos = slot.async_positions.pop(seq, None)
+                            if pos is not None:
+                                commit(reader, pos)
+                        batch_commit = None
+                    elif res.batching or res.status != "ok":
+                        # held messages: only what the plugin committed may be checkpointed
+                        if res.commit_index:
+                            j = start + res.commit_index - 1
+                            i = j if idx is None else idx[j]
+                            commit(reader, (batch.file_id, batch.ends[i]))
+                        batch_commit = None
+                if res.status == "terminate":
+                    slot.alive = False
+                    r.terminated(slot.plugin, res.error or "terminated", host)
+                    batch_commit = None
+                    break
+                if res.status == "retry":
+                    start += res.processed
+                    host.stats.retried += 1
+                    deadline = time.monotonic() + RETRY_DELAY
+                    while time.monotonic() < deadline:
+                        r.channel.poll()
+                        fire_timers(False)
+                        time.sleep(0.05)
+                    if r.channel.stop:
+                        batch_commit = None
+                        break
+                    continue
+                break
+        end = (batch.file_id, batch.ends[-1])
+        last_pos[reader.key] = end
+        if not is_output:
+            # analysis: the messages it injected are on disk before the read position moves
+            commit(reader, end)
+        elif batch_commit is not None:
+            commit(reader, end)
+        if out_slot is not None and not out_slot.alive:
+            break
+        fire_timers(False)
+
+    fire_timers(True)
+    r.channel.send_checkpoints()
+
+
+def _safe_decode(raw: bytes) -> Any:
+    try:
+        return hmsg.decode(raw)
+    except hmsg.DecodeError:
+        return None
+
+
+def _run_analysis(r: _Runner) -> None:
+    r.writer = QueueWriter(r.output_path / "analysis", r.hs.output_size)
+    slots = _load_slots(r)
+    if not slots:
+        r.channel.send("exit", r.spec.label, 0, None, {})
+        return
+    reader = _Reader(r, "input", f"input->analysis{r.spec.thread}")
+    _read_loop(r, [reader], slots, is_output=False)
+    for slot in slots:
+        if slot.alive:
+            _save_state(slot)
+            r.channel.send("exit", slot.plugin.name, 0, None, _stats_dict(slot.host))
+    r.channel.send("exit", r.spec.label, 0, None, {})
+
+
+def _run_output(r: _Runner) -> None:
+    plugin = r.spec.plugins[0]
+    slots = _load_slots(r)
+    if not slots:
+        return
+    rq = plugin.read_queue
+    readers = []
+    if rq in ("both", "input"):
+        readers.append(_Reader(r, "input", f"input->{plugin.name}"))
+    if rq in ("both", "analysis"):
+        readers.append(_Reader(r, "analysis", f"analysis->{plugin.name}"))
+    _read_loop(r, readers, slots, is_output=True)
+    slot = slots[0]
+    if slot.alive:
+        _save_state(slot)
+        r.channel.send_checkpoints()
+        r.channel.send("exit", plugin.name, 0, None, _stats_dict(slot.host))
+
+
+def _load_slots(r: _Runner) -> list[_PluginSlot]:
+    slots = []
+    for plugin in r.spec.plugins:
+        try:
+            sandbox, host = r.make_sandbox(plugin)
+        except PluginError as e:
+            r.terminated(plugin, str(e), None)
+            continue
+        slots.append(_PluginSlot(plugin, sandbox, host))
+    return slots
+
+
+def _save_state(slot: _PluginSlot) -> None:
+    if slot.plugin.preserve_data:
+        try:
+            slot.sandbox.save_state()
+        except Exception as e:  # a failed save must not pass unnoticed, but must not lose checkpoints
+            slot.host.log_fn(3, f"preserve_data failed: {e}")
+
+
+def run_process(spec: ProcessSpec, conn: Connection) -> None:
+    """Entry point of a plugin process (forked by the supervisor)."""
+    _die_with_parent(spec.supervisor_pid)
+    # The terminal's ^C reaches the whole process group; only the supervisor decides what it means.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    channel = _Channel(conn)
+    r = _Runner(spec, channel)
+    try:
+        if spec.kind == "input":
+            _run_input(r)
+        elif spec.kind == "analysis":
+            _run_analysis(r)
+        else:
+            _run_output(r)
+        channel.send_checkpoints()
+        channel.send("done", spec.label)
+    except Exception as e:  # the supervisor must hear about it; the traceback goes to stderr
+        import traceback
+
+        traceback.print_exc(file=sys.stderr)
+        try:
+            channel.send_checkpoints()
+            for p in spec.plugins:
+                channel.send("exit", p.name, STATUS_BITS[p.type], f"internal error: {e}", {})
+            channel.send("done", spec.label)
+        except OSError:
+            pass
+    finally:
+        sys.stderr.flush()
+        os._exit(0)
+
+
+__all__ = ["ProcessSpec", "run_process", "STATUS_BITS"]

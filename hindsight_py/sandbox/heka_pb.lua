@@ -1,0 +1,1121 @@
+-- The Heka protobuf message codec, Lua side (hindsight-compat.md §3.2, §5).
+--
+-- Loaded once per plugin runtime in the REAL global environment and returns a table of
+-- functions; everything it needs from the standard library is captured here, at load time,
+-- so the sandbox can later remove globals without breaking it. Pure Lua 5.1 with doubles
+-- only: int64 values travel as doubles, and varints are built and read in 28-bit halves so
+-- that every step is exact (a timestamp of ~1.7e18 needs 61 bits; a double holds 53).
+--
+-- Errors are raised with error(msg, 0) and carry lua_sandbox's texts without the
+-- "encode_message() failed: " style prefix, which the caller adds. The one exception is
+-- the output_limit overflow: upstream leaves its error message empty there and every
+-- caller words it differently, so encode() raises the empty string.
+
+local byte, char, sub, find, smatch = string.byte, string.char, string.sub, string.find, string.match
+local concat = table.concat
+local floor, ceil, ldexp, frexp, huge = math.floor, math.ceil, math.ldexp, math.frexp, math.huge
+local type, tostring, tonumber, next, rawget, error, unpack = type, tostring, tonumber, next, rawget, error, unpack
+
+local M = {}
+
+local P7 = { [0] = 1, 128, 16384, 2097152, 268435456, 34359738368 } -- 2^(7i)
+local P28 = 268435456
+local P32 = 4294967296
+local P35 = 34359738368
+local P36 = 68719476736
+local P52 = 4503599627370496
+local P63 = 9223372036854775808
+local P64 = 18446744073709551616
+local INT64_MIN = -P63
+local NAN_BYTES_NEG = "\0\0\0\0\0\0\248\255" -- what 0/0 yields on x86
+local NAN_BYTES_POS = "\0\0\0\0\0\0\248\127"
+
+local CHR = {}
+for i = 0, 255 do CHR[i] = char(i) end
+
+----------------------------------------------------------------------------------------------------
+-- Numbers: C conversion semantics (x86-64), varints and doubles
+----------------------------------------------------------------------------------------------------
+
+-- (long long)d: truncation toward zero; NaN and out-of-range values give INT64_MIN as cvttsd2si does.
+local function to_int64(d)
+    if d ~= d or d >= P63 or d < INT64_MIN then return INT64_MIN end
+    if d >= 0 then return floor(d) end
+    return ceil(d)
+end
+
+-- (unsigned long long)d as gcc compiles it: values in [2^63, 2^64) keep their magnitude.
+local function to_uint64(d)
+    if d >= P63 then
+        if d >= P64 then return 0 end
+        return d
+    end
+    return to_int64(d)
+end
+
+-- (int)(long long) truncation: keep the low 32 bits, signed.
+local function to_int32(v)
+    v = v % P32
+    if v >= 2147483648 then v = v - P32 end
+    return v
+end
+
+local vbuf = {}
+
+-- Varint of a 64-bit pattern given as lo (< 2^28, bits 0..27) and rest (< 2^36, bits 28..63).
+local function varint_split(lo, rest)
+    local n = 0
+    if rest == 0 then
+        while lo >= 128 do
+            local g = lo % 128
+            n = n + 1; vbuf[n] = g + 128
+            lo = (lo - g) / 128
+        end
+        n = n + 1; vbuf[n] = lo
+        return char(unpack(vbuf, 1, n))
+    end
+    for _ = 1, 4 do
+        local g = lo % 128
+        n = n + 1; vbuf[n] = g + 128
+        lo = (lo - g) / 128
+    end
+    while rest >= 128 do
+        local g = rest % 128
+        n = n + 1; vbuf[n] = g + 128
+        rest = (rest - g) / 128
+    end
+    n = n + 1; vbuf[n] = rest
+    return char(unpack(vbuf, 1, n))
+end
+
+-- Varint of an integer-valued double: [0, 2^64) as unsigned, [-2^63, 0) as int64 two's complement.
+local function varint(x)
+    if x < 128 then
+        if x >= 0 then return CHR[x] end
+        -- 2^64 - n split into 32-bit halves, each step exact
+        local n = -x
+        local lo32 = n % P32
+        local hi32 = (n - lo32) / P32
+        if lo32 == 0 then
+            hi32 = P32 - hi32
+        else
+            lo32 = P32 - lo32
+            hi32 = P32 - 1 - hi32
+        end
+        local lo = lo32 % P28
+        return varint_split(lo, (lo32 - lo) / P28 + hi32 * 16)
+    end
+    if x < 16384 then return char(x % 128 + 128, floor(x / 128)) end
+    local lo = x % P28
+    return varint_split(lo, (x - lo) / P28)
+end
+
+-- Reads a varint at p (bounded by e, exclusive) as lsb_pb_read_varint does: at most 10 bytes,
+-- bits past 63 dropped. Returns lo (bits 0..27), hi (bits 28..63, unsigned) and the next
+-- position, or nil.
+local function varint_parts(s, p, e)
+    local lo, hi = 0, 0
+    for i = 0, 9 do
+        if p >= e then return nil end
+        local b = byte(s, p)
+        p = p + 1
+        local g = b % 128
+        if i < 4 then
+            lo = lo + g * P7[i]
+        else
+            if i == 9 then g = g % 2 end
+            hi = hi + g * P7[i - 4]
+        end
+        if b < 128 then return lo, hi, p end
+    end
+    return nil
+end
+
+-- The varint at p as an int64 (rounded once to a double, like (lua_Number)long long), and the
+-- next position; nil on a bad varint.
+local function read_varint(s, p, e)
+    if p < e then
+        local b = byte(s, p)
+        if b < 128 then return b, p + 1 end
+    end
+    local lo, hi, np = varint_parts(s, p, e)
+    if not lo then return nil end
+    if hi >= P35 then hi = hi - P36 end
+    return hi * P28 + lo, np
+end
+
+-- (int) of the varint at p: the low 32 bits, signed.
+local function read_varint_int32(s, p, e)
+    local lo, hi, np = varint_parts(s, p, e)
+    if not lo then return nil end
+    local v = lo + (hi % 16) * P28
+    if v >= 2147483648 then v = v - P32 end
+    return v, np
+end
+
+local function double_bytes(x)
+    if x ~= x then
+        if byte(tostring(x), 1) == 45 then return NAN_BYTES_NEG end
+        return NAN_BYTES_POS
+    end
+    local sign = 0
+    if x < 0 or (x == 0 and 1 / x < 0) then
+        sign = 128
+        x = -x
+    end
+    if x == 0 then return "\0\0\0\0\0\0\0" .. CHR[sign] end
+    if x == huge then return "\0\0\0\0\0\0\240" .. CHR[127 + sign] end
+    local m, e = frexp(x)
+    local exp = e + 1022
+    local mant
+    if exp <= 0 then
+        mant = ldexp(m, e + 1074) -- subnormal: x / 2^-1074
+        exp = 0
+    else
+        mant = (m * 2 - 1) * P52
+    end
+    local b1 = mant % 256; mant = (mant - b1) / 256
+    local b2 = mant % 256; mant = (mant - b2) / 256
+    local b3 = mant % 256; mant = (mant - b3) / 256
+    local b4 = mant % 256; mant = (mant - b4) / 256
+    local b5 = mant % 256; mant = (mant - b5) / 256
+    local b6 = mant % 256; mant = (mant - b6) / 256
+    return char(b1, b2, b3, b4, b5, b6, mant + (exp % 16) * 16, floor(exp / 16) + sign)
+end
+
+local function read_double(s, p)
+    local b1, b2, b3, b4, b5, b6, b7, b8 = byte(s, p, p + 7)
+    local exp = (b8 % 128) * 16 + floor(b7 / 16)
+    local mant = (((((b7 % 16) * 256 + b6) * 256 + b5) * 256 + b4) * 256 + b3) * 65536 + b2 * 256 + b1
+    local v
+    if exp == 0 then
+        v = ldexp(mant, -1074)
+    elseif exp == 2047 then
+        if mant == 0 then v = huge else return 0 / 0 end
+    else
+        v = ldexp(mant + P52, exp - 1075)
+    end
+    if b8 >= 128 then v = -v end
+    return v
+end
+
+----------------------------------------------------------------------------------------------------
+-- Framing
+----------------------------------------------------------------------------------------------------
+
+-- The stream header for a message of len bytes: 0x1E, H, 0x08 varint(len), 0x1F (H = 1 + varint size).
+local function frame_header(len)
+    if len < 128 then return char(30, 2, 8, len, 31) end
+    if len < 16384 then return char(30, 3, 8, len % 128 + 128, floor(len / 128), 31) end
+    local v = varint(len)
+    return char(30, #v + 1, 8) .. v .. "\31"
+end
+
+function M.frame(s)
+    return frame_header(#s) .. s
+end
+
+----------------------------------------------------------------------------------------------------
+-- Encoding (heka_encode_message_table)
+----------------------------------------------------------------------------------------------------
+
+-- One output under construction: parts[1..np], pos bytes so far.
+local parts = {}
+local np = 0
+local pos = 0
+
+local function put(x)
+    np = np + 1
+    parts[np] = x
+    pos = pos + #x
+end
+
+-- key + length prefix of a length-delimited value
+local function put_len_key(key, len)
+    local h
+    if len < 128 then
+        h = char(key, len)
+    elseif len < 16384 then
+        h = char(key, len % 128 + 128, floor(len / 128))
+    else
+        h = CHR[key] .. varint(len)
+    end
+    np = np + 1
+    parts[np] = h
+    pos = pos + #h
+end
+
+local function put_str(key, s)
+    put_len_key(key, #s)
+    np = np + 1
+    parts[np] = s
+    pos = pos + #s
+end
+
+local function as_string(v)
+    local tv = type(v)
+    if tv == "string" then return v end
+    if tv == "number" then return tostring(v) end
+    return nil
+end
+
+-- lua_isnumber: numbers and strings that convert
+local function as_number(v)
+    local tv = type(v)
+    if tv == "number" then return v end
+    if tv == "string" then return tonumber(v) end
+    return nil
+end
+
+local output_userdata -- env.output_userdata of the encode in progress
+
+local encode_value -- forward
+
+local function invalid_vt(kind, vt)
+    return "invalid " .. kind .. " value_type: " .. tostring(vt)
+end
+
+-- A field whose value is an array (arr[1] has Lua type t).
+local function encode_array(arr, t, rep, vt)
+    local alen = #arr
+    if t == "string" then
+        if vt == -1 then
+            vt = 0
+        elseif vt ~= 0 and vt ~= 1 then
+            return invalid_vt("string", vt)
+        end
+        if vt == 1 then put("\16\1") end
+        if rep then put_str(26, rep) end
+        local key = vt == 1 and 42 or 34
+        put_str(key, arr[1])
+        for i = 2, alen do
+            local v = rawget(arr, i)
+            if type(v) ~= "string" then return "array has mixed types" end
+            put_str(key, v)
+        end
+    elseif t == "number" then
+        if vt == -1 then
+            vt = 3
+        elseif vt ~= 2 and vt ~= 3 then
+            return invalid_vt("numeric", vt)
+        end
+        put(vt == 2 and "\16\2" or "\16\3")
+        if rep then put_str(26, rep) end
+        if vt == 2 then
+            if alen == 1 then
+                put("\48")
+                put(varint(to_int64(arr[1])))
+                return nil
+            end
+            put("\50")
+            np = np + 1
+            local slot = np
+            parts[slot] = ""
+            local start = pos
+            put(varint(to_int64(arr[1])))
+            for i = 2, alen do
+                local v = rawget(arr, i)
+                if type(v) ~= "number" then return "array has mixed types" end
+                put(varint(to_int64(v)))
+            end
+            local lv = varint(pos - start)
+            parts[slot] = lv
+            pos = pos + #lv
+        else
+            if alen == 1 then
+                put("\57")
+            else
+                put("\58")
+                put(varint(alen * 8))
+            end
+            put(double_bytes(arr[1]))
+            for i = 2, alen do
+                local v = rawget(arr, i)
+                if type(v) ~= "number" then return "array has mixed types" end
+                put(double_bytes(v))
+            end
+        end
+    else -- boolean
+        if vt ~= -1 and vt ~= 4 then return invalid_vt("boolean", vt) end
+        put("\16\4")
+        if rep then put_str(26, rep) end
+        if alen == 1 then
+            put("\64")
+        else
+            put("\66")
+            put(varint(alen))
+        end
+        put(arr[1] and "\1" or "\0")
+        for i = 2, alen do
+            local v = rawget(arr, i)
+            if type(v) ~= "boolean" then return "array has mixed types" end
+            put(v and "\1" or "\0")
+        end
+    end
+    return nil
+end
+
+-- {value=, value_type=, representation=}
+local function encode_object(o)
+    local rep = as_string(o.representation)
+    local vt = as_number(o.value_type)
+    if vt then vt = to_int32(to_int64(vt)) else vt = -1 end
+    return encode_value(o.value, rep, vt)
+end
+
+-- One field value (upstream's encode_field_value with first == 1); returns an error text or nil.
+encode_value = function(v, rep, vt)
+    local tv = type(v)
+    if tv == "string" then
+        if vt == -1 then
+            vt = 0
+        elseif vt ~= 0 and vt ~= 1 then
+            return invalid_vt("string", vt)
+        end
+        if vt == 1 then put("\16\1") end
+        if rep then put_str(26, rep) end
+        put_str(vt == 1 and 42 or 34, v)
+    elseif tv == "number" then
+        if vt == -1 then
+            vt = 3
+        elseif vt ~= 2 and vt ~= 3 then
+            return invalid_vt("numeric", vt)
+        end
+        if vt == 2 then
+            put("\16\2")
+            if rep then put_str(26, rep) end
+            put("\48")
+            put(varint(to_int64(v)))
+        else
+            put("\16\3")
+            if rep then put_str(26, rep) end
+            put("\57")
+            put(double_bytes(v))
+        end
+    elseif tv == "boolean" then
+        if vt ~= -1 and vt ~= 4 then return invalid_vt("boolean", vt) end
+        put("\16\4")
+        if rep then put_str(26, rep) end
+        put(v and "\64\1" or "\64\0")
+    elseif tv == "table" then
+        local a1 = rawget(v, 1)
+        if a1 == nil then return encode_object(v) end
+        local t = type(a1)
+        if t == "string" or t == "number" or t == "boolean" then
+            return encode_array(v, t, rep, vt)
+        end
+        return "unsupported array type: " .. t
+    elseif tv == "userdata" then
+        local bytes = output_userdata and output_userdata(v)
+        if type(bytes) ~= "string" then return "userdata object does not implement lsb_output" end
+        put("\16\1")
+        if rep then put_str(26, rep) end
+        put_str(42, bytes)
+    else
+        return "unsupported type: " .. tv
+    end
+    return nil
+end
+
+-- Opens a Fields record: key, then a slot for its length filled in by close_field.
+local function open_field()
+    np = np + 2
+    parts[np - 1] = "\82"
+    parts[np] = ""
+    pos = pos + 1
+    return np, pos
+end
+
+local function close_field(slot, start)
+    local lv = varint(pos - start)
+    parts[slot] = lv
+    pos = pos + #lv
+end
+
+local function encode_fields(fields)
+    local f = rawget(fields, 1)
+    if type(f) == "table" then
+        local i = 1
+        repeat
+            local slot, start = open_field()
+            local name = type(f) == "table" and as_string(f.name) or nil
+            if not name then return "field name must be a string" end
+            put_str(10, name)
+            local err = encode_object(f)
+            if err then return err end
+            close_field(slot, start)
+            i = i + 1
+            f = rawget(fields, i)
+        until f == nil
+    else
+        for k, v in next, fields do
+            local slot, start = open_field()
+            local name = as_string(k)
+            if not name then return "field name must be a string" end
+            put_str(10, name)
+            local err = encode_value(v, nil, -1)
+            if err then return err end
+            close_field(slot, start)
+        end
+    end
+    return nil
+end
+
+-- The largest buffer size upstream's writer asks for while producing s: each varint write
+-- reserves 10 bytes, and a length it fills in afterwards starts as a 1-byte placeholder, so
+-- everything inside that record sat (length bytes - 1) lower while it was written. Only
+-- matters in the few bytes just under output_limit.
+local function peak_in(s, p, e, shift, in_field, peak)
+    while p < e do
+        local key = byte(s, p)
+        local wt = key % 8
+        local up = p - 1 - shift -- upstream's 0-based position of this key
+        if wt == 0 or wt == 2 then
+            if up + 11 > peak then peak = up + 11 end
+        end
+        p = p + 1
+        if wt == 0 then
+            local _, np2 = read_varint(s, p, e)
+            if not np2 then return peak end
+            p = np2
+        elseif wt == 1 then
+            p = p + 8
+        elseif wt == 2 then
+            local len, np2 = read_varint(s, p, e)
+            if not np2 then return peak end
+            local k = np2 - p
+            if key == 82 then
+                peak = peak_in(s, np2, np2 + len, shift + k - 1, true, peak)
+            elseif key == 50 and in_field then -- packed integers inside a field record
+                local q, qe, inner = np2, np2 + len, shift + k - 1
+                while q < qe do
+                    if q - 1 - inner + 10 > peak then peak = q - 1 - inner + 10 end
+                    local _, nq = read_varint(s, q, qe)
+                    if not nq then break end
+                    q = nq
+                end
+            end
+            p = np2 + len
+        else
+            return peak
+        end
+    end
+    return peak
+end
+
+local function over_limit(s, limit)
+    local peak = peak_in(s, 1, #s + 1, 0, false, #s + 1)
+    return peak > limit
+end
+
+-- One-entry caches of encoded headers: in a pipeline the same Logger, Hostname, Pid, Type
+-- and Timestamp (now, refreshed per batch) repeat message after message.
+local c_ts, c_ts_enc = nil, nil
+local c_type, c_type_enc = nil, nil
+local c_logger, c_logger_enc = nil, nil
+local c_sev, c_sev_enc = nil, nil
+local c_env, c_env_enc = nil, nil
+local c_pid, c_pid_enc = nil, nil
+local c_host, c_host_enc = nil, nil
+
+local function header_str(key, v)
+    local s = as_string(v)
+    if not s then return nil end
+    local len = #s
+    if len < 128 then return char(key, len) .. s end
+    if len < 16384 then return char(key, len % 128 + 128, floor(len / 128)) .. s end
+    return CHR[key] .. varint(len) .. s
+end
+
+local function header_int(key, v)
+    local n = as_number(v)
+    if not n then return nil end
+    return CHR[key] .. varint(to_uint64(n))
+end
+
+local function random_uuid(env)
+    local r = env.random16()
+    local b1, b2, b3, b4, b5, b6, b7, b8, b9, b10, b11, b12, b13, b14, b15, b16 = byte(r, 1, 16)
+    return char(10, 16, b1, b2, b3, b4, b5, b6, b7 % 16 + 64, b8, b9 % 16 + 160, b10, b11, b12, b13, b14, b15,
+        b16)
+end
+
+local UUID_PATTERN = "^(%x%x)(%x%x)(%x%x)(%x%x)%-(%x%x)(%x%x)%-(%x%x)(%x%x)%-(%x%x)(%x%x)%-" ..
+    "(%x%x)(%x%x)(%x%x)(%x%x)(%x%x)(%x%x)$"
+
+local function uuid_from_text(u)
+    local a = { smatch(u, UUID_PATTERN) }
+    if #a ~= 16 then return nil end
+    for i = 1, 16 do a[i] = tonumber(a[i], 16) end
+    return char(10, 16, unpack(a))
+end
+
+--- Encodes message table t; returns the protobuf string (framed when `framed` is true).
+-- env: restricted, logger, hostname, pid, now_ns, random16(), output_limit (0 = none) and
+-- optionally output_userdata(ud) -> string|nil for userdata field values.
+function M.encode(t, env, framed)
+    np = 0
+    pos = 0
+    local ts
+    if env.restricted then
+        put(random_uuid(env))
+        ts = env.now_ns
+        t.Logger = env.logger
+        t.Hostname = env.hostname
+        t.Pid = env.pid
+    else
+        local u = as_string(t.Uuid)
+        local ul = u and #u
+        if ul == 16 then
+            put("\10\16")
+            put(u)
+        else
+            u = ul == 36 and uuid_from_text(u)
+            put(u or random_uuid(env))
+        end
+        ts = as_number(t.Timestamp) or env.now_ns
+        if t.Logger == nil and env.logger ~= nil then t.Logger = env.logger end
+        if t.Hostname == nil and env.hostname ~= nil then t.Hostname = env.hostname end
+        if t.Pid == nil then t.Pid = env.pid end
+    end
+
+    if ts ~= c_ts then
+        c_ts = ts
+        c_ts_enc = "\16" .. varint(to_int64(ts))
+    end
+    np = np + 1; parts[np] = c_ts_enc; pos = pos + #c_ts_enc
+
+    local v = t.Type
+    if v ~= nil then
+        if v ~= c_type then c_type, c_type_enc = v, header_str(26, v) end
+        if c_type_enc then np = np + 1; parts[np] = c_type_enc; pos = pos + #c_type_enc end
+    end
+    v = t.Logger
+    if v ~= nil then
+        if v ~= c_logger then c_logger, c_logger_enc = v, header_str(34, v) end
+        if c_logger_enc then np = np + 1; parts[np] = c_logger_enc; pos = pos + #c_logger_enc end
+    end
+    v = t.Severity
+    if v ~= nil then
+        if v ~= c_sev then c_sev, c_sev_enc = v, header_int(40, v) end
+        if c_sev_enc then np = np + 1; parts[np] = c_sev_enc; pos = pos + #c_sev_enc end
+    end
+    v = t.Payload
+    if v ~= nil then
+        local s = as_string(v)
+        if s then put_str(50, s) end
+    end
+    v = t.EnvVersion
+    if v ~= nil then
+        if v ~= c_env then c_env, c_env_enc = v, header_str(58, v) end
+        if c_env_enc then np = np + 1; parts[np] = c_env_enc; pos = pos + #c_env_enc end
+    end
+    v = t.Pid
+    if v ~= nil then
+        if v ~= c_pid then c_pid, c_pid_enc = v, header_int(64, v) end
+        if c_pid_enc then np = np + 1; parts[np] = c_pid_enc; pos = pos + #c_pid_enc end
+    end
+    v = t.Hostname
+    if v ~= nil then
+        if v ~= c_host then c_host, c_host_enc = v, header_str(74, v) end
+        if c_host_enc then np = np + 1; parts[np] = c_host_enc; pos = pos + #c_host_enc end
+    end
+
+    local limit = env.output_limit or 0
+    v = t.Fields
+    if type(v) == "table" then
+        output_userdata = env.output_userdata
+        local err = encode_fields(v)
+        output_userdata = nil
+        if err then
+            -- upstream stops at the first failing write, so an earlier overflow wins
+            if limit > 0 and pos + 1 > limit then error("", 0) end
+            error(err, 0)
+        end
+    end
+
+    local s = concat(parts, "", 1, np)
+    if limit > 0 and pos + 9 > limit then
+        if pos + 1 > limit or over_limit(s, limit) then error("", 0) end
+    end
+    if framed then return frame_header(pos) .. s end
+    return s
+end
+
+----------------------------------------------------------------------------------------------------
+-- decode_message
+----------------------------------------------------------------------------------------------------
+
+local function read_string(s, wt, p, e)
+    if wt ~= 2 then return nil end
+    local len, np2 = read_varint(s, p, e)
+    if not np2 or len < 0 or len > e - np2 then return nil end
+    return sub(s, np2, np2 + len - 1), np2 + len
+end
+
+-- One Fields record (upstream's process_fields in message.c, including how far it reads:
+-- packed values run to the end of the record, and a varint value is bounded by `len`).
+local function decode_field(s, p, stop)
+    local len
+    len, p = read_varint(s, p, stop)
+    if not p or len < 0 or len > stop - p or len == 0 then return nil end
+    local e = p + len
+    local f, vals, nv, has_name = {}, {}, 0, false
+    local v
+    repeat
+        local key = byte(s, p)
+        local tag, wt = floor(key / 8), key % 8
+        p = p + 1
+        if tag == 1 then
+            v, p = read_string(s, wt, p, e)
+            if p then
+                f.name = v
+                has_name = true
+            end
+        elseif tag == 2 then
+            if wt == 0 then
+                v, p = read_varint(s, p, e)
+                if p then f.value_type = v end
+            else
+                p = nil
+            end
+        elseif tag == 3 then
+            v, p = read_string(s, wt, p, e)
+            if p then f.representation = v end
+        elseif tag == 4 or tag == 5 then
+            v, p = read_string(s, wt, p, e)
+            if p then
+                nv = nv + 1
+                vals[nv] = v
+            end
+        elseif tag == 6 or tag == 8 then
+            local is_bool = tag == 8
+            if wt == 0 then
+                local bound = p + len
+                if bound > stop then bound = stop end
+                if is_bool then v, p = read_varint_int32(s, p, bound) else v, p = read_varint(s, p, bound) end
+                if p then
+                    nv = nv + 1
+                    if is_bool then vals[nv] = v ~= 0 else vals[nv] = v end
+                end
+            elseif wt == 2 then
+                len, p = read_varint(s, p, e)
+                if not p or len < 0 or len > e - p then
+                    p = nil
+                else
+                    repeat
+                        local bound = p + len
+                        if bound > stop then bound = stop end
+                        if is_bool then v, p = read_varint_int32(s, p, bound) else v, p = read_varint(s, p, bound) end
+                        if p then
+                            nv = nv + 1
+                            if is_bool then vals[nv] = v ~= 0 else vals[nv] = v end
+                        end
+                    until not p or p >= e
+                end
+            else
+                p = nil
+            end
+        elseif tag == 7 then
+            if wt == 1 then
+                if p + 8 > e then
+                    p = nil
+                else
+                    nv = nv + 1
+                    vals[nv] = read_double(s, p)
+                    p = p + 8
+                end
+            elseif wt == 2 then
+                len, p = read_varint(s, p, e)
+                if not p or len < 0 or len > e - p or len % 8 ~= 0 then
+                    p = nil
+                else
+                    repeat
+                        if p + 8 > stop then
+                            p = nil
+                        else
+                            nv = nv + 1
+                            vals[nv] = read_double(s, p)
+                            p = p + 8
+                        end
+                    until not p or p >= e
+                end
+            else
+                p = nil
+            end
+        else
+            p = nil
+        end
+    until not p or p >= e
+    f.value = vals
+    if p and has_name then return f, p end
+    return nil
+end
+
+local HEADER_STRING = { [3] = "Type", [4] = "Logger", [6] = "Payload", [7] = "EnvVersion", [9] = "Hostname" }
+local HEADER_VARINT = { [2] = "Timestamp", [5] = "Severity", [8] = "Pid" }
+
+--- decode_message(s): the message table, or an error with upstream's text.
+function M.decode(s)
+    if type(s) ~= "string" then
+        error("bad argument #1 to 'decode_message' (string or userdata expected, got " .. type(s) .. ")", 0)
+    end
+    local e = #s + 1
+    if e - 1 < 20 then error("invalid message, too short", 0) end
+    local msg = {}
+    local p, lp = 1, 1
+    local tag, wt, v, name
+    local has_uuid, has_ts = false, false
+    local fields, nf = nil, 0
+    repeat
+        local key = byte(s, p)
+        tag, wt = floor(key / 8), key % 8
+        p = p + 1
+        if tag == 1 then
+            v, p = read_string(s, wt, p, e)
+            if p and p - lp == 18 then
+                msg.Uuid = v
+                has_uuid = true
+            else
+                p = nil
+            end
+        elseif tag == 10 then
+            if wt ~= 2 then
+                p = nil
+            else
+                v, p = decode_field(s, p, e)
+                if p then
+                    if nf == 0 then fields = {} end
+                    nf = nf + 1
+                    fields[nf] = v
+                end
+            end
+        else
+            name = HEADER_STRING[tag]
+            if name then
+                v, p = read_string(s, wt, p, e)
+                if p then msg[name] = v end
+            else
+                name = HEADER_VARINT[tag]
+                if name and wt == 0 then
+                    v, p = read_varint(s, p, e)
+                    if p then
+                        msg[name] = v
+                        if tag == 2 then has_ts = true end
+                    end
+                else
+                    p = nil
+                end
+            end
+        end
+        if p then lp = p end
+    until not p or p >= e
+    if not p then
+        error("error in tag: " .. tag .. " wiretype: " .. wt .. " offset: " .. (lp - 1), 0)
+    end
+    if not has_uuid or not has_ts then
+        error("missing required field uuid: " .. (has_uuid and "found" or "not found") .. " timestamp: " ..
+            (has_ts and "found" or "not found"), 0)
+    end
+    if nf > 0 then msg.Fields = fields end
+    return msg
+end
+
+----------------------------------------------------------------------------------------------------
+-- read_message: offsets into the current raw message (lsb_decode_heka_message's view)
+----------------------------------------------------------------------------------------------------
+
+-- The message the offsets below describe; read() rescans only when handed another string.
+local cur = nil
+local cur_ok = false -- it decoded as a valid Heka message
+-- header string bounds by tag (start index, end index)
+local ha, hb = {}, {}
+local h_ts, h_sev, h_pid = 0, 7, nil
+local has_uuid, has_ts = false, false
+-- Fields records: bounds, then (lazily) name, value_type and the start of the values
+local nf = 0
+local fa, fb = {}, {}
+local fields_parsed = false
+local fname, fvt, fva = {}, {}, {}
+
+-- One Fields record as heka_message.c's process_fields sees it; false when invalid.
+local function parse_field(s, i)
+    local p, e = fa[i], fb[i]
+    local name, vt, va = nil, 0, nil
+    local v, wt
+    repeat
+        local key = byte(s, p)
+        local tag = floor(key / 8)
+        wt = key % 8
+        p = p + 1
+        if tag == 1 then
+            v, p = read_string(s, wt, p, e)
+            if p then name = v end
+        elseif tag == 2 then
+            if wt == 0 then
+                v, p = read_varint_int32(s, p, e)
+                if p then vt = v end
+            else
+                p = nil
+            end
+        elseif tag == 3 then
+            v, p = read_string(s, wt, p, e)
+        elseif tag == 4 or tag == 5 then
+            if wt ~= 2 then
+                p = nil
+            else
+                va = p - 1
+                p = e
+            end
+        elseif tag >= 6 and tag <= 8 then
+            if (tag == 7 and wt ~= 1 and wt ~= 2) or (tag ~= 7 and wt ~= 0 and wt ~= 2) then
+                p = nil
+            else
+                if wt == 2 then
+                    local len
+                    len, p = read_varint(s, p, e)
+                    if p and (len < 0 or len > e - p) then p = nil end
+                end
+                if p then
+                    va = p
+                    p = e
+                end
+            end
+        else
+            p = nil
+        end
+    until not p or p >= e
+    fname[i], fvt[i], fva[i] = name, vt, va
+    return p ~= nil and name ~= nil
+end
+
+local function parse_fields(s)
+    fields_parsed = true
+    for i = 1, nf do
+        if not parse_field(s, i) then
+            nf = i - 1 -- what follows an invalid record is unknown
+            return false
+        end
+    end
+    return true
+end
+
+local LENGTH_TAGS = { [1] = true, [3] = true, [4] = true, [6] = true, [7] = true, [9] = true, [10] = true }
+
+-- Scans the top level of s into the offsets above; true when it is a valid message (the
+-- Fields records are only checked as far as their length here).
+local function scan(s)
+    cur = s
+    cur_ok = false
+    fields_parsed = false
+    ha[1], ha[3], ha[4], ha[6], ha[7], ha[9] = nil, nil, nil, nil, nil, nil
+    h_ts, h_sev, h_pid = 0, 7, nil
+    has_uuid, has_ts = false, false
+    nf = 0
+    local e = #s + 1
+    local p = 1
+    if e == 1 then return false end
+    repeat
+        local key = byte(s, p)
+        p = p + 1
+        local wt = key % 8
+        local tag = (key - wt) / 8
+        if wt == 2 then
+            if not LENGTH_TAGS[tag] then return false end
+            local len = byte(s, p)
+            if len and len < 128 then
+                p = p + 1
+            else
+                len, p = read_varint(s, p, e)
+                if not p or len < 0 then return false end
+            end
+            if len > e - p then return false end
+            if tag == 10 then
+                if len == 0 then return false end
+                nf = nf + 1
+                fa[nf], fb[nf] = p, p + len
+            else
+                if tag == 1 then
+                    if len ~= 16 then return false end
+                    has_uuid = true
+                end
+                ha[tag], hb[tag] = p, p + len - 1
+            end
+            p = p + len
+        elseif wt == 0 then
+            local v
+            if tag == 2 then
+                v, p = read_varint(s, p, e)
+                if not p then return false end
+                h_ts, has_ts = v, true
+            elseif tag == 5 then
+                v, p = read_varint_int32(s, p, e)
+                if not p then return false end
+                h_sev = v
+            elseif tag == 8 then
+                v, p = read_varint_int32(s, p, e)
+                if not p then return false end
+                h_pid = v ~= -2147483648 and v or nil
+            else
+                return false
+            end
+        else
+            return false
+        end
+    until p >= e
+    cur_ok = has_uuid and has_ts
+    return cur_ok
+end
+
+--- valid(s): true when s decodes as a Heka message the way the queue and stream readers and
+-- inject_message(string) check it (lsb_decode_heka_message: no minimum length, lazy Fields).
+-- Also primes read() for s.
+function M.valid(s)
+    if not scan(s) then return false end
+    return parse_fields(s)
+end
+
+local function field_value(s, i, ai)
+    local p = fva[i]
+    if not p then return nil end
+    local e = fb[i]
+    local vt = fvt[i]
+    if vt == 0 or vt == 1 then
+        local k = 0
+        while p < e do
+            local key = byte(s, p)
+            if key % 8 ~= 2 then return nil end
+            local len, np2 = read_varint(s, p + 1, e)
+            if not np2 or len < 0 or len > e - np2 then return nil end
+            if k == ai then return sub(s, np2, np2 + len - 1) end
+            k = k + 1
+            p = np2 + len
+        end
+    elseif vt == 2 or vt == 4 then
+        local k = 0
+        while p < e do
+            local v, np2 = read_varint(s, p, e)
+            if not np2 then return nil end
+            if k == ai then
+                if vt == 4 then return v ~= 0 end
+                return v
+            end
+            k = k + 1
+            p = np2
+        end
+    elseif vt == 3 then
+        p = p + 8 * ai
+        if p + 8 > e then return nil end
+        return read_double(s, p)
+    end
+    return nil
+end
+
+-- "Fields[name]" -> "name"; a small memo since plugins read the same few names per message
+local field_names = {}
+local n_field_names = 0
+
+local function check_index(v, argn, what)
+    if v == nil then return 0 end
+    local n = as_number(v)
+    if not n then
+        error("bad argument #" .. argn .. " to 'read_message' (number expected, got " .. type(v) .. ")", 0)
+    end
+    n = to_int32(to_int64(n))
+    if n < 0 then error("bad argument #" .. argn .. " to 'read_message' (" .. what .. " must be >= 0)", 0) end
+    return n
+end
+
+local STRING_HEADERS = { Uuid = 1, Type = 3, Logger = 4, Payload = 6, EnvVersion = 7, Hostname = 9 }
+
+--- read(s, name, fi, ai): read_message(name, fi, ai) against the raw message s.
+function M.read(s, name, fi, ai)
+    if fi ~= 0 then fi = check_index(fi, 2, "field index") end
+    if ai ~= 0 then ai = check_index(ai, 3, "array index") end
+    if s ~= cur then scan(s) end
+    local tag = STRING_HEADERS[name]
+    if tag then
+        local a = ha[tag]
+        if a then return sub(s, a, hb[tag]) end
+        return nil
+    end
+    if name == "Timestamp" then return h_ts end
+    if name == "Severity" then return h_sev end
+    if name == "Pid" then return h_pid end
+    if name == "raw" then return s end
+    if name == "size" then return #s end
+    if name == "framed" then return frame_header(#s) .. s end
+    local tn = type(name)
+    if tn == "number" then
+        name = tostring(name)
+    elseif tn ~= "string" then
+        error("bad argument #1 to 'read_message' (string expected, got " .. tn .. ")", 0)
+    end
+    local fn = field_names[name]
+    if fn == nil then
+        if #name >= 8 and sub(name, 1, 7) == "Fields[" and byte(name, -1) == 93 then
+            fn = sub(name, 8, -2)
+        else
+            fn = false
+        end
+        if n_field_names >= 256 then
+            field_names = {}
+            n_field_names = 0
+        end
+        field_names[name] = fn
+        n_field_names = n_field_names + 1
+    end
+    if not fn then
+        error("heka_read_message() field: '" .. name .. "' not supported/recognized", 0)
+    end
+    if not fields_parsed then parse_fields(s) end
+    local k = 0
+    for i = 1, nf do
+        if fname[i] == fn then
+            if k == fi then return field_value(s, i, ai) end
+            k = k + 1
+        end
+    end
+    return nil
+end
+
+----------------------------------------------------------------------------------------------------
+-- Stream scanning (lsb_find_heka_message)
+----------------------------------------------------------------------------------------------------
+
+--- find_framed(buf, max_message_size, decode=true) -> found, consumed, raw
+-- Looks for the first framed message in buf. consumed is how many leading bytes of buf are done
+-- with: skipped garbage plus the message when found; when nothing is found the unconsumed tail
+-- may still start a message. Headers that don't end in 0x1F, lengths of 0 or over
+-- max_message_size and (with decode) messages that fail valid() are skipped one byte at a time.
+function M.find_framed(buf, max_size, decode)
+    local n = #buf
+    local from = 1
+    while true do
+        local p = find(buf, "\30", from, true)
+        if not p then return false, n, nil end
+        if p + 1 > n then return false, p - 1, nil end
+        local hlen = byte(buf, p + 1)
+        local hend = p + hlen + 2 -- where the 0x1F must be
+        if hend > n then return false, p - 1, nil end
+        local msglen = 0
+        if byte(buf, hend) == 31 and hlen >= 2 and byte(buf, p + 2) == 8 then
+            local v, np2 = read_varint(buf, p + 3, hend)
+            if np2 and v > 0 and v <= max_size then msglen = v end
+        end
+        if msglen > 0 then
+            local mend = hend + msglen
+            if mend > n then return false, p - 1, nil end
+            local raw = sub(buf, hend + 1, mend)
+            if decode == false or M.valid(raw) then return true, mend, raw end
+        end
+        from = p + 1
+    end
+end
+
+-- exposed for tests
+M._varint = varint
+M._double_bytes = double_bytes
+M._read_double = read_double
+
+return M

@@ -1,0 +1,283 @@
+"""A Lua plugin in its own lupa runtime, inside lua_sandbox's environment.
+
+The environment itself, the message codec and the per-message loops are Lua
+(env.lua, heka_pb.lua): Python hands over whole batches and collects whole
+batches, so a message never costs a Python<->Lua crossing of its own.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from importlib import resources
+from pathlib import Path
+from typing import Any, Protocol
+
+from hindsight_py._lupa import SYSTEM_LUA_CPATH, SYSTEM_LUA_PATH, LuaError, LuaRuntime
+from hindsight_py.sandbox.base import BatchResult, PluginError
+
+_HERE = Path(__file__).resolve().parent
+BUNDLED_LUA_PATH = str(_HERE.parent / "lua" / "?.lua") + ";" + str(_HERE.parent / "lua" / "?" / "init.lua")
+
+
+def _read(name: str) -> str:
+    return resources.files("hindsight_py.sandbox").joinpath(name).read_text()
+
+
+class SandboxHost(Protocol):
+    """What a sandbox needs from the runner that hosts it."""
+
+    def write_messages(self, data: bytes, count: int) -> None: ...
+    def checkpoint(self, value: float | bytes) -> None: ...
+    def is_running(self) -> bool: ...
+    def log(self, level: int, text: str) -> None: ...
+    def inject_input(self, framed: bytes) -> None: ...
+    def commit_processed(self) -> None: ...
+    def create_matcher(self, expr: str) -> Callable[[bytes], bool] | None: ...
+    def new_es_sender(self, cfg: dict) -> tuple[Callable[..., Any], Callable[[], bool]]: ...
+    def drop_es_types(self) -> bool: ...
+    def dead_letter(self, reason: str, data: bytes) -> None: ...
+
+
+class LuaSandbox:
+    def __init__(
+        self,
+        *,
+        name: str,
+        plugin_type: str,
+        source_path: Path,
+        runtime_cfg: str,
+        path: str,
+        cpath: str,
+        host: SandboxHost,
+        logger: str,
+        hostname: str,
+        pid: int,
+        log_level: int,
+        output_limit: int,
+        memory_limit: int,
+        instruction_limit: int,
+        restricted_headers: bool,
+        max_message_size: int,
+        async_buffer_size: int = 0,
+        disable_modules: Sequence[str] = (),
+        preserve_data: bool = False,
+        state_path: Path | None = None,
+    ) -> None:
+        self._preserve_data = preserve_data
+        self._state_path = state_path
+        self.name = name
+        self.plugin_type = plugin_type
+        self.source_path = source_path
+        self._host = host
+        self._memory_limit = memory_limit
+        self._instruction_limit = instruction_limit
+        self._rt = LuaRuntime(
+            encoding=None,
+            unpack_returned_tuples=True,
+            register_eval=False,
+            register_builtins=False,
+            max_memory=0 if memory_limit else None,
+        )
+        lua_table = self._rt.table_from
+        host_table = lua_table(
+            {
+                "plugin_type": plugin_type,
+                "name": name,
+                "log": self._log_from_lua,
+                "log_level": log_level,
+                "output_limit": output_limit,
+                "max_message_size": max_message_size,
+                "restricted_headers": restricted_headers,
+                "logger": logger.encode(),
+                "hostname": hostname.encode(),
+                "pid": pid,
+                "now_ns": time.time_ns,
+                "random_bytes": os.urandom,
+                "flush": self._flush_from_lua,
+                "is_running": host.is_running,
+                "inject_input": host.inject_input,
+                "commit_now": host.commit_processed,
+                "create_matcher": self._create_matcher,
+                "path": path.encode(),
+                "cpath": cpath.encode(),
+                "bundled_path": BUNDLED_LUA_PATH.encode(),
+                "system_path": SYSTEM_LUA_PATH.encode(),
+                "system_cpath": SYSTEM_LUA_CPATH.encode(),
+                "runtime_cfg": runtime_cfg.encode(),
+                "async_buffer_size": async_buffer_size,
+                "instruction_limit": instruction_limit,
+                "erf": math.erf,
+                "erfc": math.erfc,
+                "disable_modules": lua_table([m.encode() for m in disable_modules]),
+                "preload_provider": self._preload,
+                "drop_es_types": host.drop_es_types,
+                "dead_letter": self._dead_letter_from_lua,
+            }
+        )
+        pb = self._rt.execute(_read("heka_pb.lua"))
+        cjson_shim = self._rt.execute(_read("cjson_shim.lua"))
+        env_chunk = self._rt.compile(_read("env.lua"))
+        try:
+            self._control = env_chunk(host_table, pb, cjson_shim)
+        except LuaError as e:
+            raise PluginError(f"loading the runtime configuration failed: {_text(e)}") from None
+        self._run_batch = self._control.run_batch
+        self._run_input = self._control.run_input
+        self._run_timer = self._control.run_timer
+        self._write = host.write_messages
+        self._checkpoint = host.checkpoint
+        self._host_running = host.is_running
+
+    # -- callbacks from Lua -------------------------------------------------------------------
+    def _log_from_lua(self, level: int, text: bytes) -> None:
+        self._host.log(int(level), text.decode("utf-8", "replace"))
+
+    def _flush_from_lua(self, data: bytes, count: int, cp: Any, has_cp: bool) -> tuple[bool, int]:
+        if count:
+            self._write(data, int(count))
+        if has_cp:
+            self._checkpoint(cp)
+        return self._host_running(), time.time_ns()
+
+    def _dead_letter_from_lua(self, reason: bytes, data: bytes) -> None:
+        self._host.dead_letter(reason.decode("utf-8", "replace"), data)
+
+    def _create_matcher(self, expr: bytes) -> Any:
+        m = self._host.create_matcher(expr.decode("utf-8", "surrogateescape"))
+        return m
+
+    def _preload(self, name: bytes) -> Any:
+        if name == b"hindsight.elasticsearch":
+            return self._rt.execute(_ES_MODULE)(self._new_es_sender)
+        return None
+
+    def _new_es_sender(self, cfg: Any) -> tuple[Callable[..., Any], Callable[[], bool]]:
+        return self._host.new_es_sender(lua_to_python(cfg))
+
+    # -- lifecycle ----------------------------------------------------------------------------
+    def load(self) -> None:
+        """Run the plugin's top-level chunk under its limits."""
+        self._control.set_instruction_limit(self._instruction_limit)
+        if self._memory_limit:
+            # lua_sandbox does not count its own libraries; only what the plugin allocates
+            self._rt.set_max_memory(self._memory_limit, total=False)
+        try:
+            ok, err = self._control.load_plugin(str(self.source_path).encode())
+        except LuaError as e:
+            ok, err = False, _text(e)
+        if not ok:
+            raise PluginError(_text(err))
+        if self._preserve_data and self._state_path and self._state_path.exists():
+            ok, err = self._control.restore_state(str(self._state_path).encode())
+            if not ok:
+                # upstream: a state file that cannot be restored is removed, and the plugin tried once more
+                self._state_path.unlink(missing_ok=True)
+                raise PluginError(_text(err))
+
+    def run_input(self, checkpoint: Any) -> tuple[int, str | None]:
+        try:
+            good, rc, msg = self._run_input(checkpoint)
+        except LuaError as e:
+            raise PluginError(f"process_message() {_text(e)}") from None
+        if not good:
+            raise PluginError(_text(rc))
+        return int(rc), _text(msg) if msg is not None else None
+
+    def run_batch(self, raws: Sequence[bytes], inject_limit: int = -1) -> BatchResult:
+        t = self._rt.table_from(raws)
+        try:
+            processed, status, err, commit, failures, batching = self._run_batch(t, len(raws), inject_limit)
+        except LuaError as e:
+            return BatchResult(0, "terminate", f"process_message() {_text(e)}", 0, 0, False)
+        return BatchResult(
+            int(processed),
+            status.decode(),
+            _text(err) if err is not None else None,
+            int(commit),
+            int(failures),
+            bool(batching),
+        )
+
+    def run_timer(self, ns: int, shutdown: bool, inject_limit: int = -1) -> None:
+        try:
+            ok, err = self._run_timer(ns, shutdown, inject_limit)
+        except LuaError as e:
+            ok, err = False, f"timer_event() {_text(e)}"
+        if not ok:
+            raise PluginError(_text(err))
+
+    def seq_counter(self) -> int:
+        return int(self._control.seq_counter())
+
+    def save_state(self) -> None:
+        """preserve_data: write the plugin's globals in lua_sandbox's .data format."""
+        if not (self._preserve_data and self._state_path):
+            return
+        text = self._control.serialize_state()
+        if text is None:
+            return
+        tmp = self._state_path.with_suffix(".data.tmp")
+        tmp.write_bytes(text)
+        os.replace(tmp, self._state_path)
+
+    def take_acks(self) -> list[int]:
+        acks = self._control.take_acks()
+        return [] if acks is None else [int(v) for v in acks.values()]
+
+    def has_timer(self) -> bool:
+        return bool(self._control.has_timer())
+
+    def set_running(self, flag: bool) -> None:
+        self._control.set_running(flag)
+
+    def globals_table(self) -> Any:
+        return self._control.env()
+
+    @property
+    def runtime(self) -> LuaRuntime:
+        return self._rt
+
+
+# `require "hindsight.elasticsearch"`: the bulk sender (outputs/elasticsearch.py) as a Lua module, so
+# that the Lua output plugin and the native one share a single delivery path.
+_ES_MODULE = """
+return function(new_sender)
+    local M = {}
+    function M.sender(cfg)
+        local send, accepts = new_sender(cfg)
+        local s = {}
+        function s:send(body, n)
+            local ok, a, b = send(body, n)
+            if not ok then error(a, 2) end
+            return a, b
+        end
+        function s:accepts_types() return accepts() end
+        return s
+    end
+    return M
+end
+"""
+
+
+def lua_to_python(v: Any) -> Any:
+    """A Lua value as plain Python: bytes become str, tables become dicts (or lists for 1..n keys)."""
+    if isinstance(v, bytes):
+        return v.decode("utf-8", "surrogateescape")
+    if hasattr(v, "items") and callable(v.items):
+        d = {lua_to_python(k): lua_to_python(val) for k, val in v.items()}
+        if d and all(isinstance(k, int) for k in d) and sorted(d) == list(range(1, len(d) + 1)):
+            return [d[i] for i in range(1, len(d) + 1)]
+        return d
+    return v
+
+
+def _text(v: Any) -> str:
+    if isinstance(v, bytes):
+        s = v.decode("utf-8", "replace")
+    else:
+        s = str(v)
+    # upstream truncates error strings to 255 bytes
+    return s[:255]

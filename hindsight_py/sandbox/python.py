@@ -1,0 +1,402 @@
+"""Python plugins: a `.py` file with the same callbacks and return codes as a Lua plugin.
+
+The plugin calls the API in hindsight_py.plugin; this module is what those calls reach. Lua's
+memory and instruction limits have no Python equivalent and are not enforced here; an exception
+terminates the plugin exactly as a Lua error does.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from hindsight_py import message as hmsg
+from hindsight_py import plugin as api
+from hindsight_py.matcher import MatcherError, compile_matcher
+from hindsight_py.sandbox.base import BatchResult, PluginError
+
+FLUSH_COUNT = 1000
+FLUSH_BYTES = 1 << 20
+
+
+class _Matcher:
+    def __init__(self, sandbox: PythonSandbox, expression: str) -> None:
+        self._sandbox = sandbox
+        self._m = compile_matcher(expression)
+
+    def __call__(self, msg: hmsg.Message) -> bool:
+        return self._m(msg)
+
+    def eval(self) -> bool:
+        msg = self._sandbox.current_message()
+        if msg is None:
+            raise RuntimeError("no active message")
+        return self._m(msg)
+
+
+def _runtime_values(plugin: Any) -> dict[str, Any]:
+    from hindsight_py.config import _BareLua, _to_python_globals
+
+    table = _BareLua().run(plugin.runtime_cfg, str(plugin.rtc_path))
+    return _to_python_globals(table, str(plugin.rtc_path), [])
+
+
+def _format_number(x: float) -> str:
+    # add_to_payload's number format (lua_sandbox): integers plain, fractions to 8 places
+    if math.isnan(x):
+        return "nan"
+    if math.isinf(x):
+        return "inf" if x > 0 else "-inf"
+    if x == int(x) and -2147483648 <= x <= 2147483647:
+        return str(int(x))
+    if abs(x) > 2147483647:
+        return f"{x:.17g}"
+    return f"{x:.8f}".rstrip("0").rstrip(".")
+
+
+class PythonSandbox:
+    def __init__(self, plugin: Any, hs: Any, host: Any, *, log_level: int, pid: int) -> None:
+        self.plugin = plugin
+        self.name = plugin.name
+        self.plugin_type = plugin.type
+        self._host = host
+        self._log_level = log_level
+        self.config = _runtime_values(plugin)
+        self._module: Any = None
+        self._out: list[bytes] = []
+        self._out_bytes = 0
+        self._out_time = time.monotonic()
+        self._cp: Any = None
+        self._has_cp = False
+        self._running = True
+        self._restricted = plugin.restricted_headers
+        self._logger = plugin.name
+        self._hostname = hs.hostname
+        self._pid = pid
+        self._max_message_size = hs.max_message_size
+        self._output_limit = plugin.output_limit
+        self._payload: list[str] = []
+        self._payload_len = 0
+        self._current: bytes | None = None
+        self._current_msg: hmsg.Message | None = None
+        self._inject_budget = -1
+        self._seq = 0
+        self._cur_index = 0
+        self._commit_index = 0
+        self._batching = False
+        self._acks: list[int] = []
+        self._failures = 0
+
+    # -- lifecycle ----------------------------------------------------------------------------
+    def load(self) -> None:
+        path = self.plugin.source_path
+        spec = importlib.util.spec_from_file_location(f"hindsight_plugin_{self.name.replace('.', '_')}", path)
+        if spec is None or spec.loader is None:
+            raise PluginError(f"cannot load {path}")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module
+        try:
+            self._call(spec.loader.exec_module, module)
+        except Exception as e:
+            raise PluginError(f"{path}: {type(e).__name__}: {e}") from None
+        if not callable(getattr(module, "process_message", None)):
+            raise PluginError("process_message() function was not found")
+        self._module = module
+
+    def _call(self, fn: Any, *args: Any) -> Any:
+        prev = api._current
+        api._current = self
+        try:
+            return fn(*args)
+        finally:
+            api._current = prev
+
+    def run_input(self, checkpoint: Any) -> tuple[int, str | None]:
+        try:
+            result = self._call(self._module.process_message, checkpoint)
+        except _ShuttingDown:
+            result = 0
+        except Exception as e:
+            self._flush()
+            raise PluginError(f"process_message() {type(e).__name__}: {e}") from None
+        self._flush()
+        rc, msg = _split_result(result)
+        return rc, msg
+
+    def run_batch(self, raws: Sequence[bytes], inject_limit: int = -1) -> BatchResult:
+        pm = self._module.process_message
+        self._commit_index = 0
+        fails_before = self._failures
+        prev = api._current
+        api._current = self
+        try:
+            for i, raw in enumerate(raws, 1):
+                self._current = raw
+                self._current_msg = None
+                self._cur_index = i
+                self._inject_budget = inject_limit
+                self._seq += 1
+                try:
+                    rc, msg = _split_result(pm(self._seq))
+                except Exception as e:
+                    self._flush()
+                    return BatchResult(i - 1, "terminate", f"process_message() {type(e).__name__}: {e}",
+                                       self._commit_index, self._failures - fails_before, self._batching)
+                if rc == 0:
+                    self._batching = False
+                    self._commit_index = i
+                elif rc in (-1, -2):
+                    if rc == -1:
+                        self._failures += 1
+                        if msg:
+                            self.log(4, f"received: {rc} msg: {msg}")
+                    if not self._batching and not self.plugin.async_buffer_size:
+                        self._commit_index = i
+                elif rc == -3:
+                    self._flush()
+                    return BatchResult(i - 1, "retry", msg, self._commit_index, self._failures - fails_before,
+                                       self._batching)
+                elif rc == -4:
+                    self._batching = True
+                elif rc == -5:
+                    if not self.plugin.async_buffer_size:
+                        return BatchResult(i - 1, "terminate",
+                                           "cannot use async checkpointing without a configured buffer",
+                                           self._commit_index, self._failures - fails_before, self._batching)
+                elif rc > 0:
+                    self._flush()
+                    return BatchResult(i - 1, "terminate", "process_message() received a termination status code",
+                                       self._commit_index, self._failures - fails_before, self._batching)
+        finally:
+            api._current = prev
+            self._current = None
+            self._current_msg = None
+            self._cur_index = 0
+        self._flush()
+        return BatchResult(len(raws), "ok", None, self._commit_index, self._failures - fails_before, self._batching)
+
+    def run_timer(self, ns: int, shutdown: bool, inject_limit: int = -1) -> None:
+        te = getattr(self._module, "timer_event", None)
+        if te is None:
+            if shutdown and self.plugin_type != "input":
+                raise PluginError("timer_event() function was not found")
+            return
+        self._inject_budget = inject_limit
+        try:
+            self._call(te, ns, shutdown)
+        except Exception as e:
+            raise PluginError(f"timer_event() {type(e).__name__}: {e}") from None
+        finally:
+            self._flush()
+
+    def take_acks(self) -> list[int]:
+        acks, self._acks = self._acks, []
+        return acks
+
+    def seq_counter(self) -> int:
+        return self._seq
+
+    def save_state(self) -> None:
+        save = getattr(self._module, "save_state", None)
+        if callable(save):
+            self._call(save)
+
+    # -- the API (hindsight_py.plugin) --------------------------------------------------------
+    def inject(self, msg: Any, checkpoint: Any) -> None:
+        if msg is None:
+            if checkpoint is None or self.plugin_type != "input":
+                raise ValueError("inject_message() message cannot be nil without a checkpoint update")
+        else:
+            if self.plugin_type == "analysis":
+                if self._inject_budget == 0:
+                    raise RuntimeError("inject_message() failed: injection limit exceeded")
+                if self._inject_budget > 0:
+                    self._inject_budget -= 1
+            raw = self._encode(msg)
+            if len(raw) > self._max_message_size:
+                raise ValueError("inject_message() failed: exceeded max_message_size")
+            framed = hmsg.frame(raw)
+            if self.plugin_type == "output":
+                self._host.inject_input(framed)
+            else:
+                self._out.append(framed)
+                self._out_bytes += len(framed)
+        if checkpoint is not None:
+            if self.plugin_type != "input":
+                raise ValueError("inject_message() checkpoints are for input plugins")
+            if not isinstance(checkpoint, (int, float, str)):
+                raise TypeError("inject_message() unsupported checkpoint type")
+            self._cp = checkpoint
+            self._has_cp = True
+        if len(self._out) >= FLUSH_COUNT or self._out_bytes >= FLUSH_BYTES:
+            self._flush()
+        elif self._has_cp and time.monotonic() - self._out_time >= 1.0:
+            self._flush()
+        if msg is None and not self._running:
+            raise _ShuttingDown()
+
+    def _encode(self, msg: Any) -> bytes:
+        if isinstance(msg, bytes):
+            if not hmsg.is_valid(msg):
+                raise ValueError("inject_message() attempted to inject a invalid protobuf string")
+            return msg
+        if isinstance(msg, hmsg.Message):
+            if self._restricted:
+                msg = hmsg.from_dict(msg.to_dict(), restricted=True, logger=self._logger, hostname=self._hostname,
+                                     pid=self._pid, now_ns=time.time_ns())
+            return hmsg.encode(msg)
+        if isinstance(msg, dict):
+            m = hmsg.from_dict(msg, restricted=self._restricted, logger=self._logger, hostname=self._hostname,
+                               pid=self._pid, now_ns=time.time_ns())
+            return hmsg.encode(m)
+        raise TypeError("inject_message() unsupported message type")
+
+    def _flush(self) -> None:
+        if self._out:
+            data = b"".join(self._out)
+            count = len(self._out)
+            self._out = []
+            self._out_bytes = 0
+            self._host.write_messages(data, count)
+        if self._has_cp:
+            self._has_cp = False
+            self._host.checkpoint(self._cp)
+        self._out_time = time.monotonic()
+        if self.plugin_type == "input":
+            self._running = self._host.is_running()
+
+    def is_running(self) -> bool:
+        if not self._out:
+            self._running = self._host.is_running()
+        return self._running
+
+    def add_to_payload(self, parts: Sequence[Any]) -> None:
+        if self.plugin_type != "analysis":
+            raise RuntimeError("add_to_payload() is only available to analysis plugins")
+        if not parts:
+            raise ValueError("add_to_payload() must have at least one argument")
+        for v in parts:
+            if isinstance(v, str):
+                s = v
+            elif isinstance(v, bool):
+                s = "true" if v else "false"
+            elif isinstance(v, (int, float)):
+                s = _format_number(float(v))
+            elif v is None:
+                s = "nil"
+            elif isinstance(v, bytes):
+                s = v.decode("utf-8", "surrogateescape")
+            else:
+                raise TypeError("add_to_payload() unsupported type")
+            self._payload_len += len(s)
+            if self._output_limit and self._payload_len > self._output_limit:
+                raise ValueError("output_limit exceeded")
+            self._payload.append(s)
+
+    def inject_payload(self, payload_type: str, payload_name: str | None, parts: Sequence[Any]) -> None:
+        if parts:
+            self.add_to_payload(parts)
+        if not self._payload_len:
+            return
+        fields: dict[str, Any] = {"payload_type": payload_type or "txt"}
+        if payload_name:
+            fields["payload_name"] = payload_name
+        payload = "".join(self._payload)
+        self._payload, self._payload_len = [], 0
+        self.inject({"Type": "inject_payload", "Payload": payload, "Fields": fields}, None)
+
+    def read_message(self, name: str, fi: int = 0, ai: int = 0) -> Any:
+        raw = self._current
+        if raw is None:
+            return None
+        if name == "Payload":
+            p = hmsg.payload_of(raw)
+            return None if p is None else p.decode("utf-8", "surrogateescape")
+        if name == "raw":
+            return raw
+        if name == "framed":
+            return hmsg.frame(raw)
+        if name == "size":
+            return len(raw)
+        msg = self.current_message()
+        assert msg is not None
+        if name.startswith("Fields[") and name.endswith("]"):
+            if fi < 0 or ai < 0:
+                raise ValueError("read_message() field index and array index must be >= 0")
+            return msg.field_value(name[7:-1], fi, ai)
+        attr = _HEADERS.get(name)
+        if attr is None:
+            raise ValueError(f"read_message() field: '{name}' not supported/recognized")
+        if attr == "severity":
+            return msg.effective_severity
+        return getattr(msg, attr)
+
+    def current_message(self) -> hmsg.Message | None:
+        if self._current is None:
+            return None
+        if self._current_msg is None:
+            self._current_msg = hmsg.decode(self._current)
+        return self._current_msg
+
+    def encode(self, msg: Any, framed: bool) -> bytes:
+        raw = self._encode(msg)
+        return hmsg.frame(raw) if framed else raw
+
+    def update_checkpoint(self, seq: int | None, failures: int) -> None:
+        if seq is None:
+            if self._batching:
+                self._batching = False
+                if self._cur_index:
+                    self._commit_index = self._cur_index
+                else:
+                    self._host.commit_processed()
+            return
+        self._acks.append(int(seq))
+        self._failures += int(failures)
+
+    def create_matcher(self, expression: str) -> _Matcher:
+        try:
+            return _Matcher(self, expression)
+        except MatcherError:
+            raise ValueError("invalid message matcher expression") from None
+
+    def dead_letter(self, reason: str, data: bytes | str) -> None:
+        if isinstance(data, str):
+            data = data.encode("utf-8", "surrogateescape")
+        self._host.dead_letter(reason, data)
+
+    def log(self, level: int, text: str) -> None:
+        self._host.log(level, text)
+
+
+class _ShuttingDown(Exception):
+    """inject_message(None, cp) after a stop request: ends an input's run cleanly, as upstream."""
+
+
+_HEADERS = {
+    "Uuid": "uuid",
+    "Type": "type",
+    "Logger": "logger",
+    "EnvVersion": "env_version",
+    "Hostname": "hostname",
+    "Timestamp": "timestamp",
+    "Severity": "severity",
+    "Pid": "pid",
+}
+
+
+def _split_result(result: Any) -> tuple[int, str | None]:
+    if isinstance(result, tuple):
+        rc = result[0]
+        msg = result[1] if len(result) > 1 else None
+    else:
+        rc, msg = result, None
+    if not isinstance(rc, (int, float)) or isinstance(rc, bool):
+        raise PluginError("process_message() must return a numeric status code")
+    if msg is not None and not isinstance(msg, str):
+        raise PluginError("process_message() must return a nil or string error message")
+    return int(rc), msg

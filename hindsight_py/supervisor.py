@@ -1,0 +1,372 @@
+"""The supervisor: loads the configuration, starts one process per plugin (analysis: per thread),
+keeps `hindsight.cp`, runs hindsight_cli's staged shutdown and computes the exit status.
+
+Staged shutdown (as hindsight_cli): when every input has finished, analysis processes drain the
+input queue to its end and stop; then outputs drain both queues and stop. A first SIGINT/SIGTERM
+stops the inputs and lets the stages drain (bounded by `shutdown_timeout`); a second one stops at
+once, keeping the checkpoints of what was delivered, so nothing on disk is lost.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection, wait
+from pathlib import Path
+from typing import Any
+
+from hindsight_py.checkpoint import load_checkpoints, save_checkpoints
+from hindsight_py.config import (
+    ConfigError,
+    HindsightConfig,
+    PluginConfig,
+    discover_plugin_configs,
+    load_hindsight_config,
+    load_plugin_config,
+    previous_analysis_thread,
+    write_runtime_cfg,
+)
+from hindsight_py.log import Logger
+from hindsight_py.queue import newest_position
+from hindsight_py.runner import STATUS_BITS, ProcessSpec, run_process
+
+CHECKPOINT_INTERVAL = 1.0
+#: exit status bit (hindsight-py): some messages could not be delivered and are in a dead-letter file
+STATUS_DEAD_LETTERS = 16
+STATUS_SYSTEM_ERROR = 1
+
+
+@dataclass
+class _Child:
+    spec: ProcessSpec
+    process: Any
+    conn: Connection
+    done: bool = False
+    drain_sent: bool = False
+    stop_sent: bool = False
+
+
+@dataclass
+class Summary:
+    status: int = 0
+    stats: dict[str, dict[str, int]] = field(default_factory=dict)
+    errors: dict[str, str] = field(default_factory=dict)
+
+    def total(self, key: str) -> int:
+        return sum(s.get(key, 0) for s in self.stats.values())
+
+
+class Supervisor:
+    def __init__(self, hs: HindsightConfig, plugins: list[PluginConfig], log_level: int,
+                 shutdown_timeout: float = 60.0) -> None:
+        self.hs = hs
+        self.plugins = plugins
+        self.log_level = log_level
+        self.logger = Logger(log_level)
+        self.log = self.logger.bind("hindsight")
+        self.shutdown_timeout = shutdown_timeout
+        self.cp_path = hs.output_dir / "hindsight.cp"
+        self.checkpoints: dict[str, Any] = {}
+        self.cp_dirty = False
+        self.children: list[_Child] = []
+        self.summary = Summary()
+        self._signals = 0
+        self._stop_deadline: float | None = None
+
+    # -- start ------------------------------------------------------------------------------
+    def prepare(self) -> None:
+        out = self.hs.output_dir
+        for sub in ("", "input", "analysis"):
+            (out / sub).mkdir(mode=0o750, parents=True, exist_ok=True)
+        self.checkpoints = dict(load_checkpoints(self.cp_path))
+        self._forget_stale_checkpoints()
+        for plugin_type in STATUS_BITS:
+            d = self.hs.run_dir / plugin_type
+            for err in d.glob("*.err"):
+                err.unlink(missing_ok=True)
+        self._assign_threads()
+        for p in self.plugins:
+            write_runtime_cfg(p, out)
+
+    def _assign_threads(self) -> None:
+        """Analysis threads as upstream: the cfg's `thread`, else last run's, else round robin."""
+        rr = 0
+        for p in self.plugins:
+            if p.type != "analysis":
+                continue
+            thread = p.thread_id
+            if thread is None:
+                thread = previous_analysis_thread(self.hs, p.name)
+            if thread is None or thread >= self.hs.analysis_threads:
+                thread = rr % self.hs.analysis_threads
+                rr += 1
+            p.assigned_thread = thread
+
+    def _forget_stale_checkpoints(self) -> None:
+        names = {p.name for p in self.plugins}
+        threads = self.hs.analysis_threads
+        for key in list(self.checkpoints):
+            if key in ("input", "analysis"):
+                continue
+            if "->" in key:
+                _, reader = key.split("->", 1)
+                if reader.startswith("analysis") and reader[8:].isdigit():
+                    if int(reader[8:]) < threads:
+                        continue
+                elif reader in names:
+                    continue
+            elif key in names:
+                continue
+            del self.checkpoints[key]
+
+    def _specs(self) -> list[ProcessSpec]:
+        pid = os.getpid()
+        specs = []
+
+        def spec(kind: str, label: str, plugins: list[PluginConfig], thread: int = 0) -> ProcessSpec:
+            return ProcessSpec(kind, label, plugins, self.hs, self.log_level, pid, dict(self.checkpoints), thread)
+
+        for p in self.plugins:
+            if p.type == "input":
+                specs.append(spec("input", p.name, [p]))
+        groups: dict[int, list[PluginConfig]] = {}
+        for p in self.plugins:
+            if p.type == "analysis":
+                groups.setdefault(p.assigned_thread or 0, []).append(p)
+        for thread, plugins in sorted(groups.items()):
+            specs.append(spec("analysis", f"analysis{thread}", plugins, thread))
+        for p in self.plugins:
+            if p.type == "output":
+                specs.append(spec("output", p.name, [p]))
+        return specs
+
+    def start(self) -> None:
+        ctx = multiprocessing.get_context("fork")
+        for s in self._specs():
+            parent, child = ctx.Pipe()
+            proc = ctx.Process(target=run_process, args=(s, child), name=s.label, daemon=False)
+            proc.start()
+            child.close()
+            self.children.append(_Child(s, proc, parent))
+
+    # -- run --------------------------------------------------------------------------------
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        self._signals += 1
+        if self._signals == 1:
+            self.log(6, "stop signal received")
+        else:
+            self.log(4, "second stop signal: stopping now (undelivered messages stay queued for the next run)")
+
+    def run(self) -> Summary:
+        old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            self._loop()
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+            self._write_checkpoints(force=True)
+        return self.summary
+
+    def _loop(self) -> None:
+        last_cp = time.monotonic()
+        handled_signals = 0
+        while True:
+            live = [c for c in self.children if not c.done]
+            if not live:
+                return
+            if self._signals != handled_signals:
+                handled_signals = self._signals
+                if handled_signals == 1:
+                    self._stop_deadline = time.monotonic() + self.shutdown_timeout
+                    self._send("input", "stop")
+                else:
+                    self._force_stop()
+                    return
+            if self._stop_deadline is not None and time.monotonic() > self._stop_deadline:
+                self.log(4, f"shutdown did not finish within {self.shutdown_timeout:g}s: stopping the outputs")
+                self._send(None, "stop")
+                self._stop_deadline = None
+            try:
+                ready = wait([c.conn for c in live], timeout=0.2)
+            except InterruptedError:
+                ready = []
+            for conn in ready:
+                child = next(c for c in live if c.conn is conn)
+                self._receive(child)
+            for child in live:
+                if not child.done and child.process.exitcode is not None and not child.conn.poll():
+                    self._child_died(child)
+            self._advance_stages()
+            if time.monotonic() - last_cp >= CHECKPOINT_INTERVAL:
+                self._write_checkpoints()
+                last_cp = time.monotonic()
+
+    def _receive(self, child: _Child) -> None:
+        while True:
+            try:
+                if not child.conn.poll():
+                    return
+                msg = child.conn.recv()
+            except (EOFError, OSError):
+                if not child.done:
+                    child.process.join(timeout=5)
+                    self._child_died(child)
+                return
+            kind = msg[0]
+            if kind == "cp":
+                for k, v in msg[1].items():
+                    if v is not None and self.checkpoints.get(k) != v:
+                        self.checkpoints[k] = v
+                        self.cp_dirty = True
+            elif kind == "exit":
+                _, name, status, err, stats = msg
+                self.summary.status |= status
+                if stats:
+                    self.summary.stats[name] = stats
+                if err:
+                    self.summary.errors[name] = err
+                    plugin = next((p for p in self.plugins if p.name == name), None)
+                    if plugin is not None and plugin.type == "output" and plugin.remove_checkpoints_on_terminate:
+                        for k in (f"input->{name}", f"analysis->{name}"):
+                            self.checkpoints.pop(k, None)
+                        self.cp_dirty = True
+            elif kind == "done":
+                child.done = True
+                child.process.join(timeout=10)
+
+    def _child_died(self, child: _Child) -> None:
+        if child.done:
+            return
+        child.done = True
+        code = child.process.exitcode
+        self.log(3, f"{child.spec.label} exited unexpectedly (exit code {code})")
+        self.summary.status |= STATUS_BITS[child.spec.kind]
+        for p in child.spec.plugins:
+            self.summary.errors.setdefault(p.name, f"process exited unexpectedly ({code})")
+
+    def _kind_done(self, kind: str) -> bool:
+        return all(c.done for c in self.children if c.spec.kind == kind)
+
+    def _advance_stages(self) -> None:
+        if not self._kind_done("input"):
+            return
+        self._send("analysis", "drain")
+        if self._kind_done("analysis"):
+            self._send("output", "drain")
+
+    def _send(self, kind: str | None, what: str) -> None:
+        for c in self.children:
+            if c.done or (kind is not None and c.spec.kind != kind):
+                continue
+            if what == "drain":
+                if c.drain_sent:
+                    continue
+                c.drain_sent = True
+            elif what == "stop":
+                if c.stop_sent:
+                    continue
+                c.stop_sent = True
+            try:
+                c.conn.send((what,))
+            except OSError:
+                pass
+
+    def _force_stop(self) -> None:
+        for c in self.children:
+            try:
+                while c.conn.poll():
+                    self._receive(c)
+                    if c.done:
+                        break
+            except OSError:
+                pass
+        for c in self.children:
+            if not c.done and c.process.is_alive():
+                c.process.kill()
+        for c in self.children:
+            c.process.join(timeout=5)
+            if not c.done:
+                c.done = True
+                self.summary.status |= STATUS_BITS[c.spec.kind]
+        self.summary.status |= STATUS_SYSTEM_ERROR
+
+    def _write_checkpoints(self, force: bool = False) -> None:
+        for queue in ("input", "analysis"):
+            pos = newest_position(self.hs.output_dir / queue)
+            if pos is not None:
+                value = f"{pos[0]}:{pos[1]}"
+                if self.checkpoints.get(queue) != value:
+                    self.checkpoints[queue] = value
+                    self.cp_dirty = True
+        if self.cp_dirty or force:
+            save_checkpoints(self.cp_path, self.checkpoints)
+            self.cp_dirty = False
+
+
+def load_all(cfg_path: str, log_level: int) -> tuple[HindsightConfig, list[PluginConfig]]:
+    """hindsight.cfg and every plugin cfg, validated; raises ConfigError on the first problem."""
+    hs = load_hindsight_config(cfg_path, log_level)
+    pid = os.getpid()
+    plugins = []
+    for path in discover_plugin_configs(hs):
+        plugin_type = Path(path).parent.name
+        try:
+            plugins.append(load_plugin_config(_shown(path, hs), plugin_type, hs, log_level, pid))
+        except ConfigError as e:
+            # upstream leaves the reason beside the cfg, where an operator looks first
+            err = Path(path).with_suffix(".err")
+            try:
+                err.write_text(time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()) + "\t" + str(e) + "\n")
+            except OSError:
+                pass
+            raise
+    return hs, plugins
+
+
+def _shown(path: Path, hs: HindsightConfig) -> Path:
+    """The cfg path as the user would write it (relative to where hindsight runs), for error messages."""
+    try:
+        return path.relative_to(hs.base_dir)
+    except ValueError:
+        return path
+
+
+def run(cfg_path: str, log_level: int = 6) -> int:
+    logger = Logger(log_level)
+    log = logger.bind("hindsight")
+    try:
+        hs, plugins = load_all(cfg_path, log_level)
+    except ConfigError as e:
+        log(3, str(e))
+        return STATUS_SYSTEM_ERROR
+    except OSError as e:
+        log(3, f"loading {cfg_path} failed: {e}")
+        return STATUS_SYSTEM_ERROR
+    sup = Supervisor(hs, plugins, log_level)
+    try:
+        sup.prepare()
+    except Exception as e:  # a broken hindsight.cp or an unwritable output_path
+        log(3, str(e))
+        return STATUS_SYSTEM_ERROR
+    started = time.monotonic()
+    sup.start()
+    summary = sup.run()
+    elapsed = time.monotonic() - started
+    status = summary.status
+    dead = summary.total("dead_lettered")
+    if dead:
+        status |= STATUS_DEAD_LETTERS
+    for name, err in summary.errors.items():
+        log(3, f"{name}: {err}")
+    log(
+        5 if status == 0 else 3,
+        f"summary: read {summary.total('injected')} messages, delivered {summary.total('indexed')} documents, "
+        f"dead-lettered {dead}, retried {summary.total('retried')} requests, {elapsed:.1f}s, exit status {status}"
+        + (f" (dead letters under {hs.output_dir / 'dead_letter'})" if dead else ""),
+    )
+    sys.stderr.flush()
+    return status

@@ -1,0 +1,642 @@
+#!/usr/bin/env python3
+"""Real Elasticsearch/OpenSearch servers on loopback, for the tests and the demo.
+
+    python scripts/search_servers.py fetch|start|stop|status|url [names...]
+
+Each server is an integ-test-zip from Maven Central (downloaded once with
+`mvn dependency:copy`), unpacked under
+`${HINDSIGHT_PY_CACHE:-~/.cache/hindsight-py}/servers/<name>-<version>/` next to its data,
+logs and pid file, and run detached on a fixed 127.0.0.1 port, so every run reuses the
+same download and, while it stays up, the same process.
+
+`start` prints one base URL per line (progress goes to stderr); it is idempotent.
+Standard library only: this runs before the project is installed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fcntl
+import json
+import os
+import pwd
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+import zipfile
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+HOST = "127.0.0.1"
+# Elasticsearch and OpenSearch refuse to run as root.
+SERVICE_USER = "hsearch"
+HEAP = "-Xms512m -Xmx512m"
+START_TIMEOUT_S = 180.0
+STOP_TIMEOUT_S = 60.0
+JVM_ROOT = Path("/usr/lib/jvm")
+
+
+@dataclass(frozen=True)
+class Server:
+    name: str
+    distribution: str  # "elasticsearch" or "opensearch", as `GET /` reports it
+    version: str
+    http_port: int
+    transport_port: int
+    java_min: int
+    java_max: int | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{HOST}:{self.http_port}"
+
+    @property
+    def major(self) -> int:
+        return int(self.version.split(".")[0])
+
+    @property
+    def artifact(self) -> str:
+        group = "org.elasticsearch" if self.distribution == "elasticsearch" else "org.opensearch"
+        return f"{group}.distribution.integ-test-zip:{self.distribution}:{self.version}:zip"
+
+    @property
+    def env_prefix(self) -> str:
+        return "ES" if self.distribution == "elasticsearch" else "OPENSEARCH"
+
+
+# Newest integ-test-zips that Maven Central actually serves (its maven-metadata.xml lags:
+# 9.x is missing there but downloads).
+SERVERS: dict[str, Server] = {
+    s.name: s
+    for s in (
+        Server("es8", "elasticsearch", "8.19.21", 39200, 39300, java_min=17),
+        Server("os2", "opensearch", "2.19.6", 39201, 39301, java_min=11),
+        Server("es7", "elasticsearch", "7.17.29", 39202, 39302, java_min=11, java_max=17),
+        Server("os3", "opensearch", "3.6.0", 39203, 39303, java_min=21),
+        Server("es9", "elasticsearch", "9.5.3", 39204, 39304, java_min=21),
+    )
+}
+DEFAULT_NAMES = ("es8", "os2")
+
+
+class ServerError(RuntimeError):
+    pass
+
+
+# ---------------------------------------------------------------------------- paths
+
+
+def cache_root() -> Path:
+    base = os.environ.get("HINDSIGHT_PY_CACHE") or str(Path.home() / ".cache" / "hindsight-py")
+    return Path(base) / "servers"
+
+
+def server_dir(server: Server) -> Path:
+    return cache_root() / f"{server.name}-{server.version}"
+
+
+def home_dir(server: Server) -> Path:
+    return server_dir(server) / "home"
+
+
+def pid_file(server: Server) -> Path:
+    return server_dir(server) / "server.pid"
+
+
+def console_log(server: Server) -> Path:
+    return server_dir(server) / "console.log"
+
+
+@contextlib.contextmanager
+def locked(server: Server) -> Iterator[None]:
+    """Serialises fetch/start/stop of one server across processes (pytest + a shell)."""
+    directory = server_dir(server)
+    directory.mkdir(parents=True, exist_ok=True)
+    with open(directory / ".lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def log_tail(server: Server, lines: int = 40) -> str:
+    try:
+        text = console_log(server).read_text(errors="replace")
+    except OSError:
+        return "(no log)"
+    return "\n".join(text.splitlines()[-lines:])
+
+
+# ---------------------------------------------------------------------------- fetch
+
+
+def fetch(server: Server) -> Path:
+    """Downloads and unpacks the server once; returns its home directory."""
+    home = home_dir(server)
+    if (home / "bin").is_dir():
+        return home
+    directory = server_dir(server)
+    archive = directory / f"{server.distribution}-{server.version}.zip"
+    if not archive.is_file():
+        _download(server, archive)
+    log(f"{server.name}: unpacking {archive.name}")
+    staging = Path(tempfile.mkdtemp(prefix=".unpack-", dir=directory))
+    try:
+        _unzip(archive, staging)
+        (top,) = staging.iterdir()  # the zip holds a single <distribution>-<version>/ folder
+        if server.distribution == "elasticsearch" and not (top / "modules" / "rest-root").is_dir():
+            _build_root_module(server, top, staging)
+        top.rename(home)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return home
+
+
+def _download(server: Server, archive: Path) -> None:
+    mvn = shutil.which("mvn")
+    if mvn is None:
+        raise ServerError(f"{server.name}: mvn not found (apt-get install -y maven)")
+    log(f"{server.name}: downloading {server.artifact} with mvn")
+    with tempfile.TemporaryDirectory(prefix=".mvn-", dir=archive.parent) as out:
+        result = subprocess.run(
+            [mvn, "-q", "-B", "dependency:copy", f"-Dartifact={server.artifact}", f"-DoutputDirectory={out}"],
+            cwd=out,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+        )
+        zips = list(Path(out).glob("*.zip"))
+        if result.returncode != 0 or len(zips) != 1:
+            tail = "\n".join((result.stdout + result.stderr).splitlines()[-30:])
+            raise ServerError(f"{server.name}: mvn dependency:copy {server.artifact} failed:\n{tail}")
+        # Rename last so an interrupted download never looks complete.
+        zips[0].rename(archive)
+
+
+def _unzip(archive: Path, target: Path) -> None:
+    # zipfile drops Unix modes; the launch scripts need their exec bits back.
+    with zipfile.ZipFile(archive) as zf:
+        for info in zf.infolist():
+            mode = info.external_attr >> 16
+            path = target / info.filename
+            if stat.S_ISLNK(mode):
+                path.parent.mkdir(parents=True, exist_ok=True)
+                os.symlink(zf.read(info).decode(), path)
+                continue
+            zf.extract(info, target)
+            if mode & 0o7777:
+                os.chmod(path, mode & 0o7777)
+
+
+# The integ-test-zips of Elasticsearch 8+ leave out the rest-root module, so `GET /` (what
+# clients and our output use to tell the product and version apart) answers 405. This
+# small module of our own answers it as rest-root does; it is compiled against the very
+# jars of the server at fetch time.
+ROOT_MODULE_SOURCE = """\
+package hindsightpy.restroot;
+
+import java.util.Collection;
+import java.util.List;
+import org.elasticsearch.Build;
+import org.elasticsearch.client.internal.node.NodeClient;
+import org.elasticsearch.cluster.service.ClusterService;
+import org.elasticsearch.plugins.ActionPlugin;
+import org.elasticsearch.plugins.Plugin;
+import org.elasticsearch.rest.RestChannel;
+import org.elasticsearch.rest.RestHandler;
+import org.elasticsearch.rest.RestRequest;
+import org.elasticsearch.rest.RestResponse;
+import org.elasticsearch.rest.RestStatus;
+import org.elasticsearch.xcontent.XContentBuilder;
+
+public class RestRootPlugin extends Plugin implements ActionPlugin {
+    private volatile ClusterService clusterService;
+
+    @Override
+    public Collection<?> createComponents(PluginServices services) {
+        clusterService = services.clusterService();
+        return List.of();
+    }
+
+    @Override
+    public Collection<RestHandler> getRestHandlers(@PARAMETERS@) {
+        return List.of(new RootHandler());
+    }
+
+    private final class RootHandler implements RestHandler {
+        @Override
+        public List<Route> routes() {
+            return List.of(new Route(RestRequest.Method.GET, "/"), new Route(RestRequest.Method.HEAD, "/"));
+        }
+
+        @Override
+        public void handleRequest(RestRequest request, RestChannel channel, NodeClient client) throws Exception {
+            if (request.method() == RestRequest.Method.HEAD) {
+                channel.sendResponse(new RestResponse(RestStatus.OK, "application/json; charset=UTF-8", ""));
+                return;
+            }
+            Build build = Build.current();
+            XContentBuilder body = channel.newBuilder();
+            body.startObject();
+            body.field("name", clusterService.getNodeName());
+            body.field("cluster_name", clusterService.getClusterName().value());
+            body.field("cluster_uuid", clusterService.state().metadata().clusterUUID());
+            body.startObject("version");
+            body.field("number", build.qualifiedVersion());
+            body.field("build_flavor", "default");
+            body.field("build_type", build.type().displayName());
+            body.field("build_hash", build.hash());
+            body.field("build_date", build.date());
+            body.field("build_snapshot", build.isSnapshot());
+            body.field("lucene_version", org.apache.lucene.util.Version.LATEST.toString());
+            body.field("minimum_wire_compatibility_version", build.minWireCompatVersion());
+            body.field("minimum_index_compatibility_version", build.minIndexCompatVersion());
+            body.endObject();
+            body.field("tagline", "You Know, for Search");
+            body.endObject();
+            channel.sendResponse(new RestResponse(RestStatus.OK, body));
+        }
+    }
+}
+"""
+# getRestHandlers took nine arguments until 9.x folded most of them into a record.
+ROOT_HANDLER_PARAMETERS_RECORD = (
+    "ActionPlugin.RestHandlersServices services,"
+    " java.util.function.Supplier<org.elasticsearch.cluster.node.DiscoveryNodes> nodes,"
+    " java.util.function.Predicate<org.elasticsearch.features.NodeFeature> features"
+)
+ROOT_HANDLER_PARAMETERS_LEGACY = (
+    "org.elasticsearch.common.settings.Settings settings,"
+    " org.elasticsearch.common.io.stream.NamedWriteableRegistry registry,"
+    " org.elasticsearch.rest.RestController controller,"
+    " org.elasticsearch.common.settings.ClusterSettings clusterSettings,"
+    " org.elasticsearch.common.settings.IndexScopedSettings indexScopedSettings,"
+    " org.elasticsearch.common.settings.SettingsFilter settingsFilter,"
+    " org.elasticsearch.cluster.metadata.IndexNameExpressionResolver resolver,"
+    " java.util.function.Supplier<org.elasticsearch.cluster.node.DiscoveryNodes> nodes,"
+    " java.util.function.Predicate<org.elasticsearch.features.NodeFeature> features"
+)
+
+
+def _build_root_module(server: Server, home: Path, workdir: Path) -> None:
+    log(f"{server.name}: compiling the GET / module")
+    server_jar = home / "lib" / f"elasticsearch-{server.version}.jar"
+    with zipfile.ZipFile(server_jar) as zf:
+        has_record = "org/elasticsearch/plugins/ActionPlugin$RestHandlersServices.class" in zf.namelist()
+    parameters = ROOT_HANDLER_PARAMETERS_RECORD if has_record else ROOT_HANDLER_PARAMETERS_LEGACY
+    build = workdir / "rest-root-build"
+    source = build / "src" / "hindsightpy" / "restroot" / "RestRootPlugin.java"
+    source.parent.mkdir(parents=True)
+    source.write_text(ROOT_MODULE_SOURCE.replace("@PARAMETERS@", parameters))
+    classes = build / "classes"
+    jdk = _jdk_for(server, tool="javac")
+    result = subprocess.run(
+        [
+            str(jdk / "bin" / "javac"),
+            "--release",
+            str(server.java_min),
+            "-nowarn",
+            "-cp",
+            str(home / "lib" / "*"),
+            "-d",
+            str(classes),
+            str(source),
+        ],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+    )
+    if result.returncode != 0:
+        raise ServerError(
+            f"{server.name}: compiling the GET / module failed:\n{result.stdout}{result.stderr}"
+        )
+    module = home / "modules" / "hindsight-rest-root"
+    module.mkdir()
+    with zipfile.ZipFile(module / "hindsight-rest-root.jar", "w") as jar:
+        for path in sorted(classes.rglob("*.class")):
+            jar.write(path, path.relative_to(classes).as_posix())
+    (module / "plugin-descriptor.properties").write_text(
+        "description=GET / for distributions without the rest-root module (hindsight-py tests)\n"
+        f"version={server.version}\nname=hindsight-rest-root\n"
+        "classname=hindsightpy.restroot.RestRootPlugin\n"
+        f"java.version={server.java_min}\nelasticsearch.version={server.version}\n"
+    )
+
+
+# ---------------------------------------------------------------------------- run
+
+
+def java_home(server: Server) -> Path:
+    """The JDK to run the server with (HINDSIGHT_PY_<NAME>_JAVA_HOME overrides)."""
+    override = os.environ.get(f"HINDSIGHT_PY_{server.name.upper()}_JAVA_HOME")
+    return Path(override) if override else _jdk_for(server, tool="java")
+
+
+def _jdk_for(server: Server, tool: str) -> Path:
+    """The oldest installed JDK the server supports that has `tool`: old servers are least
+    surprised by it, and javac --release covers the rest."""
+    candidates: list[tuple[int, Path]] = []
+    for release in sorted(JVM_ROOT.glob("*/release")):
+        jdk = release.parent
+        if jdk.is_symlink() or not (jdk / "bin" / tool).exists():
+            continue
+        version = _java_major(release)
+        if version is None or version < server.java_min:
+            continue
+        if tool == "java" and server.java_max is not None and version > server.java_max:
+            continue
+        candidates.append((version, jdk))
+    if not candidates:
+        bounds = f">= {server.java_min}" + (
+            f" and <= {server.java_max}" if server.java_max and tool == "java" else ""
+        )
+        raise ServerError(f"{server.name}: no JDK {bounds} with bin/{tool} under {JVM_ROOT}")
+    return min(candidates)[1]
+
+
+def _java_major(release: Path) -> int | None:
+    for line in release.read_text(errors="replace").splitlines():
+        if line.startswith("JAVA_VERSION="):
+            version = line.split("=", 1)[1].strip().strip('"')
+            head = version.split(".")[0]
+            if head == "1":  # 1.8.0_x
+                head = version.split(".")[1]
+            return int(head) if head.isdigit() else None
+    return None
+
+
+def write_config(server: Server) -> None:
+    home = home_dir(server)
+    directory = server_dir(server)
+    settings: dict[str, object] = {
+        "cluster.name": f"hindsight-py-{server.name}",
+        "node.name": server.name,
+        "network.host": HOST,
+        "http.port": server.http_port,
+        "transport.port": server.transport_port,
+        "discovery.type": "single-node",
+        "path.data": str(directory / "data"),
+        "path.logs": str(directory / "logs"),
+        # The CI disk may be nearly full; watermarks would block shard allocation.
+        "cluster.routing.allocation.disk.threshold_enabled": False,
+        # Lets tests clean up their date-suffixed indices with one `DELETE name-*`.
+        "action.destructive_requires_name": False,
+    }
+    # Unknown settings abort startup, so only switch off security the zip actually ships.
+    if (home / "modules" / "x-pack-security").is_dir():
+        settings["xpack.security.enabled"] = False
+    if (home / "plugins" / "opensearch-security").is_dir():
+        settings["plugins.security.disabled"] = True
+    text = "".join(f"{key}: {json.dumps(value)}\n" for key, value in settings.items())
+    (home / "config" / f"{server.distribution}.yml").write_text(
+        "# Written by scripts/search_servers.py on every start.\n" + text
+    )
+
+
+def _service_user() -> pwd.struct_passwd | None:
+    """The unprivileged account to run as, created on first use; None when not root."""
+    if os.geteuid() != 0:
+        return None
+    try:
+        return pwd.getpwnam(SERVICE_USER)
+    except KeyError:
+        subprocess.run(
+            ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", SERVICE_USER],
+            check=True,
+        )
+        return pwd.getpwnam(SERVICE_USER)
+
+
+def _hand_over(server: Server, user: pwd.struct_passwd) -> None:
+    directory = server_dir(server)
+    for root, dirs, files in os.walk(directory):
+        for name in (root, *(os.path.join(root, n) for n in dirs + files)):
+            os.lchown(name, user.pw_uid, user.pw_gid)
+    # The service user must be able to walk down to the cache (e.g. through a 0700 /root);
+    # search permission only, so nothing becomes listable.
+    for parent in directory.parents:
+        mode = parent.stat().st_mode
+        if not mode & stat.S_IXOTH:
+            os.chmod(parent, mode | stat.S_IXOTH)
+
+
+def _process_alive(server: Server) -> int | None:
+    """The pid from the pid file if that process is still this server."""
+    try:
+        pid = int(pid_file(server).read_text().strip())
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (OSError, ValueError):
+        return None
+    # Guards against a recycled pid: the launcher's command line names our home.
+    return pid if str(home_dir(server)).encode() in cmdline else None
+
+
+def spawn(server: Server) -> None:
+    home = fetch(server)
+    directory = server_dir(server)
+    for sub in ("data", "logs", "tmp"):
+        (directory / sub).mkdir(exist_ok=True)
+    write_config(server)
+    jdk = java_home(server)
+    prefix = server.env_prefix
+    env = {
+        "PATH": "/usr/local/bin:/usr/bin:/bin",
+        "LANG": "C.UTF-8",
+        "HOME": str(directory),
+        f"{prefix}_JAVA_HOME": str(jdk),
+        f"{prefix}_JAVA_OPTS": HEAP,
+        f"{prefix}_TMPDIR": str(directory / "tmp"),
+    }
+    command = [str(home / "bin" / server.distribution)]
+    user = _service_user()
+    if user is not None:
+        _hand_over(server, user)
+        command = [
+            "setpriv",
+            f"--reuid={user.pw_uid}",
+            f"--regid={user.pw_gid}",
+            "--init-groups",
+            "--",
+            *command,
+        ]
+    log(f"{server.name}: starting {server.distribution} {server.version} (java {jdk}) on {server.url}")
+    # Truncated per start so a failure shows this run's lines; the server keeps its own
+    # rolling logs under logs/.
+    with open(console_log(server), "wb") as out:
+        process = subprocess.Popen(
+            command,
+            cwd=home,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            # Its own process group: `stop` kills launcher and JVM together, and the
+            # server outlives this script and pytest.
+            start_new_session=True,
+        )
+    pid_file(server).write_text(f"{process.pid}\n")
+
+
+def _get_json(url: str, timeout: float = 5.0) -> tuple[int, dict]:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            return response.status, json.load(response)
+    except urllib.error.HTTPError as error:
+        try:
+            return error.code, json.load(error)
+        except ValueError:
+            return error.code, {}
+
+
+def identify(server: Server) -> dict | None:
+    """`GET /` of whatever listens on the server's port, or None if nothing answers."""
+    try:
+        status, body = _get_json(server.url + "/", timeout=3.0)
+    except (OSError, ValueError):
+        return None
+    return body if status == 200 else None
+
+
+def health(server: Server, wait_s: float = 0.0) -> str | None:
+    """The cluster status (green/yellow/red), or None if the server does not answer."""
+    query = f"/_cluster/health?wait_for_status=yellow&timeout={max(int(wait_s), 0)}s"
+    try:
+        _status, body = _get_json(server.url + query, timeout=wait_s + 5.0)
+    except (OSError, ValueError):
+        return None
+    return body.get("status")
+
+
+def _is_expected(server: Server, root: dict) -> bool:
+    version = root.get("version", {})
+    distribution = version.get("distribution", "elasticsearch")
+    return distribution == server.distribution and version.get("number") == server.version
+
+
+def start(servers: Iterable[Server]) -> None:
+    """Starts every server not already up, then waits for all of them together."""
+    pending: list[Server] = []
+    for server in servers:
+        with locked(server):
+            root = identify(server)
+            if root is not None and not _is_expected(server, root):
+                found = root.get("version", {})
+                raise ServerError(
+                    f"{server.name}: port {server.http_port} is taken by "
+                    f"{found.get('distribution', 'elasticsearch')} {found.get('number')}, "
+                    f"expected {server.distribution} {server.version}"
+                )
+            if root is None and _process_alive(server) is None:
+                spawn(server)
+        pending.append(server)
+    deadline = time.monotonic() + START_TIMEOUT_S
+    for server in pending:
+        _wait_healthy(server, deadline)
+
+
+def _wait_healthy(server: Server, deadline: float) -> None:
+    while True:
+        status = health(server, wait_s=1.0)
+        if status in ("green", "yellow"):
+            return
+        if _process_alive(server) is None and identify(server) is None:
+            raise ServerError(
+                f"{server.name}: the server exited during startup; its log ends:\n{log_tail(server)}"
+            )
+        if time.monotonic() > deadline:
+            raise ServerError(
+                f"{server.name}: not healthy after {START_TIMEOUT_S:.0f} s (status {status}); "
+                f"its log ends:\n{log_tail(server)}"
+            )
+        time.sleep(1.0)
+
+
+def stop(server: Server) -> bool:
+    """Stops the server this script started; True if one was running."""
+    with locked(server):
+        pid = _process_alive(server)
+        if pid is None:
+            pid_file(server).unlink(missing_ok=True)
+            return False
+        log(f"{server.name}: stopping pid {pid}")
+        os.killpg(pid, signal.SIGTERM)
+        deadline = time.monotonic() + STOP_TIMEOUT_S
+        while _group_alive(pid):
+            if time.monotonic() > deadline:
+                os.killpg(pid, signal.SIGKILL)
+                break
+            time.sleep(0.5)
+        pid_file(server).unlink(missing_ok=True)
+        return True
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+# ---------------------------------------------------------------------------- CLI
+
+
+def _select(names: list[str], default: Iterable[str]) -> list[Server]:
+    unknown = [n for n in names if n not in SERVERS]
+    if unknown:
+        raise ServerError(f"unknown server(s) {', '.join(unknown)}; known: {', '.join(SERVERS)}")
+    return [SERVERS[n] for n in (names or default)]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("command", choices=("fetch", "start", "stop", "status", "url"))
+    parser.add_argument(
+        "names", nargs="*", help=f"servers ({', '.join(SERVERS)}); default {' '.join(DEFAULT_NAMES)}"
+    )
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "fetch":
+            for server in _select(args.names, DEFAULT_NAMES):
+                with locked(server):
+                    print(fetch(server))
+        elif args.command == "start":
+            servers = _select(args.names, DEFAULT_NAMES)
+            start(servers)
+            for server in servers:
+                print(server.url)
+        elif args.command == "stop":
+            for server in _select(args.names, SERVERS):
+                if not stop(server) and args.names:
+                    log(f"{server.name}: not running")
+        elif args.command == "status":
+            down = 0
+            for server in _select(args.names, SERVERS):
+                status = health(server) or "down"
+                down += status == "down"
+                print(f"{server.name}\t{server.distribution} {server.version}\t{server.url}\t{status}")
+            return 1 if down and args.names else 0
+        else:
+            for server in _select(args.names, DEFAULT_NAMES[:1]):
+                print(server.url)
+    except ServerError as error:
+        log(f"error: {error}")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# The one test entry point, for CI (.ci/run) and by hand: installs what the tests need,
+# starts the default search servers, runs pytest (extra arguments pass through) and ruff.
+# Safe to re-run: every step skips what is already in place.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-$(command -v python || command -v python3)}
+export DEBIAN_FRONTEND=noninteractive PIP_DISABLE_PIP_VERSION_CHECK=1
+
+step() { printf '\n== %s (%ss)\n' "$*" "$SECONDS"; }
+
+step "system packages"
+# javac builds the GET / module of the Elasticsearch 8+ test servers.
+packages=(lua-lpeg lua-cjson lua-socket nginx-light maven openjdk-17-jdk-headless)
+missing=()
+for package in "${packages[@]}"; do
+    dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q 'install ok installed' || missing+=("$package")
+done
+if ((${#missing[@]})); then
+    sudo=()
+    [[ $(id -u) -eq 0 ]] || sudo=(sudo)
+    echo "installing ${missing[*]}"
+    "${sudo[@]}" apt-get update -q
+    "${sudo[@]}" apt-get install -y -q --no-install-recommends "${missing[@]}"
+fi
+
+step "python packages"
+"$PYTHON" -m pip install -q -e '.[test]'
+
+step "search servers"
+"$PYTHON" scripts/search_servers.py start
+
+step "pytest"
+# Exit 5 (no test ran) stays a failure like any other non-zero status.
+pytest_status=0
+"$PYTHON" -m pytest -q "$@" || pytest_status=$?
+
+step "ruff"
+ruff_status=0
+"$PYTHON" -m ruff check . || ruff_status=$?
+
+step "done: pytest exit $pytest_status, ruff exit $ruff_status"
+if ((pytest_status != 0)); then exit "$pytest_status"; fi
+exit "$ruff_status"
