@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import sys
+import time
 
 USAGE = "usage: hindsight_cli <cfg> [loglevel]\n"
 
@@ -21,6 +23,9 @@ def main(argv: list[str] | None = None) -> int:
     if not 1 <= len(args) <= 2:
         sys.stderr.write(USAGE)
         return 1
+    # lua_sandbox runs in UTC: os.date, os.time{} and the matcher's RFC3339 times all depend on it
+    os.environ["TZ"] = "UTC"
+    time.tzset()
     from hindsight_py.supervisor import run
 
     return run(args[0], _log_level(args[1]) if len(args) == 2 else 6)

@@ -17,6 +17,9 @@ a drop-in replacement must select exactly the messages Hindsight selects:
   zone, and its ``±HHMM`` offset is always *added* (upstream takes the sign from the wrong
   capture, so ``-0100`` adds an hour just like ``+0100``).
 - An absent ``Pid`` compares as INT_MIN, an absent ``Severity`` as 7.
+- An index left out of ``Fields[name]`` is not always 0: upstream's parser reuses a stale
+  value slot, so after ``Fields[a][1]`` (or a quoted Timestamp, which leaves its hour and
+  minute there) a later ``Fields[b]`` reads ``Fields[b][1][...]``.
 - Field indices accept only ``2[0-5][0-5]|1[0-9][0-9]|[1-9][0-9]|[0-9]`` (so 206-209,
   216-219, ... 246-249 are syntax errors, as upstream).
 - ``=~`` patterns are lua_sandbox's variant of Lua 5.1 patterns: parentheses are plain
@@ -460,6 +463,11 @@ class _Parser:
         # Upstream's shunting-yard output (tests and "and"/"or") and operator stack.
         self.out: list[Any] = []
         self.stack: list[int] = []
+        # Upstream's generated parser keeps rule variables in one reused array and never
+        # resets them: Fields' two indices share it with the date and time parts of a
+        # quoted Timestamp. An index left out takes the stale value, so Fields[a][1] ...
+        # && Fields[b] reads Fields[b][1][0]. Replayed here in source order.
+        self.slots = [0, 0, 0]
 
     # -- errors and tokens --------------------------------------------------------------
 
@@ -651,6 +659,8 @@ class _Parser:
             if m is None:
                 raise self.fail("expected an RFC 3339 time like '2016-05-24T21:51:00Z'")
             self.pos = m.end()
+            hour, minute, second = int(m.group(5)), int(m.group(6)), int(m.group(7))
+            self.slots = [hour, minute, second] if m.group(9) is None else [int(m.group(9)), int(m.group(10)), second]
             return _Test("timestamp", op, "number", _rfc3339_ns(m))
         return _Test("timestamp", op, "number", self.number())
 
@@ -665,15 +675,14 @@ class _Parser:
             # Upstream keeps the length in a byte and silently tests a truncated name.
             raise self.fail(f"field name longer than {_MAX_STRING} bytes", start)
         self.pos = close + 1
-        indices = []
-        for _ in range(2):
+        for slot in range(2):
             m = _INDEX.match(src, self.pos)
             if m is None:
                 break
-            indices.append(int(m.group(1)))
+            self.slots[slot] = int(m.group(1))
             self.pos = m.end()
-        fi, ai = (indices + [0, 0])[:2]
-        where = {"name": raw_name.decode("utf-8", "surrogateescape"), "fi": fi, "ai": ai}
+        # An index left out is whatever the parser's value slot holds (see _Parser.slots).
+        where = {"name": raw_name.decode("utf-8", "surrogateescape"), "fi": self.slots[0], "ai": self.slots[1]}
         self.skip_space()
         if src[self.pos:self.pos + 1] == b"[":
             raise self.fail("invalid field index (0-255)")

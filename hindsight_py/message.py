@@ -168,7 +168,7 @@ class Message:
     def to_dict(self) -> dict[str, Any]:
         """The table shape of the sandbox's ``decode_message``: headers that are
         present, plus ``Fields`` as a list of ``{name, value: [...],
-        value_type?, representation?}`` (``from_dict`` accepts it back)."""
+        value_type, representation?}`` (``from_dict`` accepts it back)."""
         d: dict[str, Any] = {"Uuid": self.uuid, "Timestamp": self.timestamp}
         for key, value in (("Type", self.type), ("Logger", self.logger), ("Severity", self.severity),
                            ("Payload", self.payload), ("EnvVersion", self.env_version), ("Pid", self.pid),
@@ -178,9 +178,7 @@ class Message:
         if self.fields:
             out = []
             for f in self.fields:
-                fd: dict[str, Any] = {"name": f.name, "value": list(f.values)}
-                if f.value_type != STRING:
-                    fd["value_type"] = f.value_type
+                fd: dict[str, Any] = {"name": f.name, "value": list(f.values), "value_type": f.value_type}
                 if f.representation is not None:
                     fd["representation"] = f.representation
                 out.append(fd)
@@ -249,6 +247,7 @@ def _read_varint_loop(buf: bytes, pos: int, end: int) -> tuple[int, int]:
 
 #: Matches one varint (at most 10 bytes); used where only its end matters.
 _skip_varint = re.compile(rb"[\x80-\xff]{0,9}[\x00-\x7f]").match
+_uuid_ts_prefix = re.compile(rb"\x0a\x10[\x00-\xff]{16}\x10[\x80-\xff]{0,9}[\x00-\x7f]").match
 
 _hi_enc_cache: tuple[int, bytes] = (-1, b"")
 
@@ -431,8 +430,14 @@ def is_valid(raw: bytes) -> bool:
     16-byte Uuid and a Timestamp; each field needs a name before its values,
     and the values themselves are only checked for their wire type."""
     n = len(raw)
-    pos = 0
-    has_uuid = has_ts = False
+    # every Heka encoder starts with Uuid and Timestamp: check both in one go
+    head = _uuid_ts_prefix(raw)
+    if head is not None:
+        pos = head.end()
+        has_uuid = has_ts = True
+    else:
+        pos = 0
+        has_uuid = has_ts = False
     try:
         while pos < n:
             key = raw[pos]
@@ -497,11 +502,12 @@ def _valid_field(raw: bytes, pos: int, end: int) -> bool:
 
 def header_of(raw: bytes, tag: int) -> bytes | int | None:
     """The last value of top-level ``tag`` in ``raw``: bytes for string headers
-    and Uuid, int for Timestamp/Severity/Pid, None when absent. Fields (tag
-    10) are skipped, not returned. Raises DecodeError on malformed framing."""
+    and Uuid, int for Timestamp/Severity/Pid (the raw bytes of the last field
+    for tag 10), None when absent. Raises DecodeError on malformed framing."""
     n = len(raw)
-    pos = 0
     found: bytes | int | None = None
+    head = _uuid_ts_prefix(raw)
+    pos = 0 if head is None else head.end()
     try:
         while pos < n:
             key = raw[pos]
@@ -532,6 +538,13 @@ def header_of(raw: bytes, tag: int) -> bytes | int | None:
         raise DecodeError(f"malformed message near offset {pos}") from None
     if pos > n:
         raise DecodeError("malformed message: truncated")
+    if found is None and head is not None:
+        # not repeated later: take it from the Uuid/Timestamp prefix
+        if tag == TIMESTAMP:
+            v = _read_varint(raw, 19, n)[0]
+            return v - (1 << 64) if v & _SIGN64 else v
+        if tag == UUID:
+            return raw[2:18]
     return found
 
 

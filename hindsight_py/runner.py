@@ -316,7 +316,7 @@ class _Reader:
         self.queue = queue
         self.key = key
         self.reader = QueueReader(r.output_path / queue, position, r.hs.max_message_size)
-        self.committed = format_position(*self.reader.position())
+        self.committed = format_position(self.reader.position())
         self.reported_discards = 0
 
 
@@ -346,7 +346,7 @@ def _read_loop(r: _Runner, readers: list[_Reader], slots: list[_PluginSlot], *, 
     out_slot = slots[0] if is_output else None
 
     def commit(reader: _Reader, pos: tuple[int, int]) -> None:
-        reader.committed = format_position(*pos)
+        reader.committed = format_position(pos)
         r.channel.checkpoint(reader.key, reader.committed)
 
     def commit_processed() -> None:

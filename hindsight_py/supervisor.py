@@ -31,7 +31,7 @@ from hindsight_py.config import (
     write_runtime_cfg,
 )
 from hindsight_py.log import Logger
-from hindsight_py.queue import newest_position
+from hindsight_py.queue import queue_head
 from hindsight_py.runner import STATUS_BITS, ProcessSpec, run_process
 
 CHECKPOINT_INTERVAL = 1.0
@@ -296,7 +296,7 @@ class Supervisor:
 
     def _write_checkpoints(self, force: bool = False) -> None:
         for queue in ("input", "analysis"):
-            pos = newest_position(self.hs.output_dir / queue)
+            pos = queue_head(self.hs.output_dir / queue)
             if pos is not None:
                 value = f"{pos[0]}:{pos[1]}"
                 if self.checkpoints.get(queue) != value:

@@ -490,9 +490,13 @@ def spawn(server: Server) -> None:
     pid_file(server).write_text(f"{process.pid}\n")
 
 
+# The servers are on loopback: an http_proxy from the environment must not reroute them.
+_LOOPBACK_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
 def _get_json(url: str, timeout: float = 5.0) -> tuple[int, dict]:
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as response:
+        with _LOOPBACK_OPENER.open(url, timeout=timeout) as response:
             return response.status, json.load(response)
     except urllib.error.HTTPError as error:
         try:
@@ -566,6 +570,8 @@ def _wait_healthy(server: Server, deadline: float) -> None:
 
 def stop(server: Server) -> bool:
     """Stops the server this script started; True if one was running."""
+    if not server_dir(server).is_dir():
+        return False
     with locked(server):
         pid = _process_alive(server)
         if pid is None:

@@ -675,7 +675,7 @@ function control.load_plugin(source_path)
     if type(rawget(env, "process_message")) ~= "function" then
         return false, "process_message() function was not found"
     end
-    return true
+    return true, nil
 end
 
 function control.set_instruction_limit(n)
@@ -767,7 +767,7 @@ function control.run_timer(ns, shutdown, inject_limit)
         if shutdown and plugin_type ~= "input" then
             return false, "timer_event() function was not found"
         end
-        return true
+        return true, nil
     end
     reset_instructions()
     inject_budget = inject_limit
@@ -776,7 +776,7 @@ function control.run_timer(ns, shutdown, inject_limit)
     flush()
     if limit_tripped then return false, "timer_event() " .. limit_tripped end
     if not ok then return false, "timer_event() " .. tostring(err) end
-    return true
+    return true, nil
 end
 
 function control.has_timer()
@@ -859,7 +859,7 @@ function control.restore_state(path)
     local ok, e = pcall(chunk)
     set_instruction_limit(host.instruction_limit)
     if not ok then return false, "restore_global_data " .. tostring(e) end
-    return true
+    return true, nil
 end
 
 return control

@@ -132,25 +132,82 @@ local function varint_parts(s, p, e)
 end
 
 -- The varint at p as an int64 (rounded once to a double, like (lua_Number)long long), and the
--- next position; nil on a bad varint.
+-- next position; nil on a bad varint. Unrolled: one string.byte call fetches every byte a
+-- varint can have.
 local function read_varint(s, p, e)
-    if p < e then
-        local b = byte(s, p)
-        if b < 128 then return b, p + 1 end
+    local b0, b1, b2, b3, b4, b5, b6, b7, b8, b9 = byte(s, p, p + 9)
+    if b0 == nil then return nil end
+    if b0 < 128 then
+        if p >= e then return nil end
+        return b0, p + 1
     end
-    local lo, hi, np = varint_parts(s, p, e)
-    if not lo then return nil end
+    if b1 == nil then return nil end
+    if b1 < 128 then
+        if p + 1 >= e then return nil end
+        return b0 - 128 + b1 * 128, p + 2
+    end
+    if b2 == nil then return nil end
+    local lo = b0 - 128 + (b1 - 128) * 128
+    if b2 < 128 then
+        if p + 2 >= e then return nil end
+        return lo + b2 * 16384, p + 3
+    end
+    if b3 == nil then return nil end
+    lo = lo + (b2 - 128) * 16384
+    if b3 < 128 then
+        if p + 3 >= e then return nil end
+        return lo + b3 * 2097152, p + 4
+    end
+    lo = lo + (b3 - 128) * 2097152
+    -- bits 28 and up
+    local hi, n
+    if b4 == nil then return nil end
+    if b4 < 128 then
+        hi, n = b4, 5
+    else
+        if b5 == nil then return nil end
+        hi = b4 - 128
+        if b5 < 128 then
+            hi, n = hi + b5 * 128, 6
+        else
+            if b6 == nil then return nil end
+            hi = hi + (b5 - 128) * 128
+            if b6 < 128 then
+                hi, n = hi + b6 * 16384, 7
+            else
+                if b7 == nil then return nil end
+                hi = hi + (b6 - 128) * 16384
+                if b7 < 128 then
+                    hi, n = hi + b7 * 2097152, 8
+                else
+                    if b8 == nil then return nil end
+                    hi = hi + (b7 - 128) * 2097152
+                    if b8 < 128 then
+                        hi, n = hi + b8 * P28, 9
+                    else
+                        if b9 == nil or b9 >= 128 then return nil end
+                        hi, n = hi + (b8 - 128) * P28 + (b9 % 2) * P35, 10
+                    end
+                end
+            end
+        end
+    end
+    if p + n - 1 >= e then return nil end
     if hi >= P35 then hi = hi - P36 end
-    return hi * P28 + lo, np
+    return hi * P28 + lo, p + n
 end
 
 -- (int) of the varint at p: the low 32 bits, signed.
 local function read_varint_int32(s, p, e)
-    local lo, hi, np = varint_parts(s, p, e)
-    if not lo then return nil end
-    local v = lo + (hi % 16) * P28
-    if v >= 2147483648 then v = v - P32 end
-    return v, np
+    local v, np2 = read_varint(s, p, e)
+    if not np2 then return nil end
+    if v >= 2147483648 or v < -2147483648 then
+        -- past 2^53 the double lost the low bits: take them from the bytes
+        local lo, hi = varint_parts(s, p, e)
+        v = lo + (hi % 16) * P28
+        if v >= 2147483648 then v = v - P32 end
+    end
+    return v, np2
 end
 
 local function double_bytes(x)
@@ -219,8 +276,8 @@ end
 -- Encoding (heka_encode_message_table)
 ----------------------------------------------------------------------------------------------------
 
--- One output under construction: parts[1..np], pos bytes so far.
-local parts = {}
+-- The output under construction: parts[..np], pos bytes of protobuf so far.
+local parts
 local np = 0
 local pos = 0
 
@@ -533,7 +590,8 @@ local function header_int(key, v)
     return CHR[key] .. varint(to_uint64(n))
 end
 
-local function random_uuid(env)
+-- "\10\16" .. 16 random bytes as a version 4 uuid (byte 6 gets 0x4_, byte 8 gets 0xA_).
+local function random_uuid_key(env)
     local r = env.random16()
     local b1, b2, b3, b4, b5, b6, b7, b8, b9, b10, b11, b12, b13, b14, b15, b16 = byte(r, 1, 16)
     return char(10, 16, b1, b2, b3, b4, b5, b6, b7 % 16 + 64, b8, b9 % 16 + 160, b10, b11, b12, b13, b14, b15,
@@ -550,80 +608,135 @@ local function uuid_from_text(u)
     return char(10, 16, unpack(a))
 end
 
---- Encodes message table t; returns the protobuf string (framed when `framed` is true).
--- env: restricted, logger, hostname, pid, now_ns, random16(), output_limit (0 = none) and
--- optionally output_userdata(ud) -> string|nil for userdata field values.
-function M.encode(t, env, framed)
-    np = 0
-    pos = 0
-    local ts
-    if env.restricted then
-        put(random_uuid(env))
-        ts = env.now_ns
-        t.Logger = env.logger
-        t.Hostname = env.hostname
-        t.Pid = env.pid
-    else
-        local u = as_string(t.Uuid)
-        local ul = u and #u
-        if ul == 16 then
-            put("\10\16")
-            put(u)
-        else
-            u = ul == 36 and uuid_from_text(u)
-            put(u or random_uuid(env))
+--- encode_into(buf, n, t, env) -> n2, framed_size
+-- Encodes message table t and appends the framed message to buf as pieces buf[n + 1 .. n2],
+-- without building its string: a batch is then copied once, by the caller's table.concat.
+-- env: restricted, logger, hostname, pid, now_ns, output_limit (0 = none), and a random
+-- source: random_uuid() -> 16 bytes with the v4 version/variant bits already set (cheapest)
+-- or random16() -> 16 random bytes; optionally output_userdata(ud) -> string|nil for
+-- userdata field values. Fills in t's Logger/Hostname/Pid as upstream does. On error buf
+-- may hold leftovers past n.
+local function encode_into(buf, n, t, env)
+    parts = buf
+    np = n + 2 -- buf[n + 1] waits for the stream header
+    local first = np
+    local ts, logger, hostname, pid
+    local u
+    if not env.restricted then
+        u = t.Uuid
+        if u ~= nil then
+            u = as_string(u)
+            local ul = u and #u
+            if ul == 16 then
+                buf[np] = "\10\16"
+                np = np + 1
+            elseif ul == 36 then
+                u = uuid_from_text(u)
+            else
+                u = nil
+            end
         end
-        ts = as_number(t.Timestamp) or env.now_ns
-        if t.Logger == nil and env.logger ~= nil then t.Logger = env.logger end
-        if t.Hostname == nil and env.hostname ~= nil then t.Hostname = env.hostname end
-        if t.Pid == nil then t.Pid = env.pid end
+    end
+    if u == nil then
+        local rnd = env.random_uuid
+        if rnd then
+            buf[np] = "\10\16"
+            np = np + 1
+            u = rnd()
+        else
+            u = random_uuid_key(env)
+        end
+    end
+    buf[np] = u
+    pos = 18
+
+    if env.restricted then
+        ts = env.now_ns
+        logger, hostname, pid = env.logger, env.hostname, env.pid
+        t.Logger = logger
+        t.Hostname = hostname
+        t.Pid = pid
+    else
+        ts = t.Timestamp
+        if ts == nil then
+            ts = env.now_ns
+        elseif type(ts) ~= "number" then
+            ts = as_number(ts) or env.now_ns
+        end
+        logger = t.Logger
+        if logger == nil then
+            logger = env.logger
+            if logger ~= nil then t.Logger = logger end
+        end
+        hostname = t.Hostname
+        if hostname == nil then
+            hostname = env.hostname
+            if hostname ~= nil then t.Hostname = hostname end
+        end
+        pid = t.Pid
+        if pid == nil then
+            pid = env.pid
+            t.Pid = pid
+        end
     end
 
     if ts ~= c_ts then
         c_ts = ts
         c_ts_enc = "\16" .. varint(to_int64(ts))
     end
-    np = np + 1; parts[np] = c_ts_enc; pos = pos + #c_ts_enc
+    np = np + 1; buf[np] = c_ts_enc; pos = pos + #c_ts_enc
 
     local v = t.Type
     if v ~= nil then
         if v ~= c_type then c_type, c_type_enc = v, header_str(26, v) end
-        if c_type_enc then np = np + 1; parts[np] = c_type_enc; pos = pos + #c_type_enc end
+        if c_type_enc then np = np + 1; buf[np] = c_type_enc; pos = pos + #c_type_enc end
     end
-    v = t.Logger
-    if v ~= nil then
-        if v ~= c_logger then c_logger, c_logger_enc = v, header_str(34, v) end
-        if c_logger_enc then np = np + 1; parts[np] = c_logger_enc; pos = pos + #c_logger_enc end
+    if logger ~= nil then
+        if logger ~= c_logger then c_logger, c_logger_enc = logger, header_str(34, logger) end
+        if c_logger_enc then np = np + 1; buf[np] = c_logger_enc; pos = pos + #c_logger_enc end
     end
     v = t.Severity
     if v ~= nil then
         if v ~= c_sev then c_sev, c_sev_enc = v, header_int(40, v) end
-        if c_sev_enc then np = np + 1; parts[np] = c_sev_enc; pos = pos + #c_sev_enc end
+        if c_sev_enc then np = np + 1; buf[np] = c_sev_enc; pos = pos + #c_sev_enc end
     end
     v = t.Payload
     if v ~= nil then
-        local s = as_string(v)
-        if s then put_str(50, s) end
+        if type(v) ~= "string" then v = as_string(v) end
+        if v then
+            local len = #v
+            local h
+            if len < 128 then
+                h = char(50, len)
+            elseif len < 16384 then
+                local lo = len % 128
+                h = char(50, lo + 128, (len - lo) / 128)
+            else
+                h = "\50" .. varint(len)
+            end
+            buf[np + 1] = h
+            buf[np + 2] = v
+            np = np + 2
+            pos = pos + #h + len
+        end
     end
     v = t.EnvVersion
     if v ~= nil then
         if v ~= c_env then c_env, c_env_enc = v, header_str(58, v) end
-        if c_env_enc then np = np + 1; parts[np] = c_env_enc; pos = pos + #c_env_enc end
+        if c_env_enc then np = np + 1; buf[np] = c_env_enc; pos = pos + #c_env_enc end
     end
-    v = t.Pid
-    if v ~= nil then
-        if v ~= c_pid then c_pid, c_pid_enc = v, header_int(64, v) end
-        if c_pid_enc then np = np + 1; parts[np] = c_pid_enc; pos = pos + #c_pid_enc end
+    if pid ~= nil then
+        if pid ~= c_pid then c_pid, c_pid_enc = pid, header_int(64, pid) end
+        if c_pid_enc then np = np + 1; buf[np] = c_pid_enc; pos = pos + #c_pid_enc end
     end
-    v = t.Hostname
-    if v ~= nil then
-        if v ~= c_host then c_host, c_host_enc = v, header_str(74, v) end
-        if c_host_enc then np = np + 1; parts[np] = c_host_enc; pos = pos + #c_host_enc end
+    if hostname ~= nil then
+        if hostname ~= c_host then c_host, c_host_enc = hostname, header_str(74, hostname) end
+        if c_host_enc then np = np + 1; buf[np] = c_host_enc; pos = pos + #c_host_enc end
     end
 
     local limit = env.output_limit or 0
     v = t.Fields
-    if type(v) == "table" then
+    if v ~= nil and type(v) == "table" then
         output_userdata = env.output_userdata
         local err = encode_fields(v)
         output_userdata = nil
@@ -633,13 +746,32 @@ function M.encode(t, env, framed)
             error(err, 0)
         end
     end
-
-    local s = concat(parts, "", 1, np)
     if limit > 0 and pos + 9 > limit then
-        if pos + 1 > limit or over_limit(s, limit) then error("", 0) end
+        if pos + 1 > limit or over_limit(concat(buf, "", first, np), limit) then error("", 0) end
     end
-    if framed then return frame_header(pos) .. s end
-    return s
+
+    local len = pos
+    local h
+    if len < 128 then
+        h = char(30, 2, 8, len, 31)
+    elseif len < 16384 then
+        local lo = len % 128
+        h = char(30, 3, 8, lo + 128, (len - lo) / 128, 31)
+    else
+        h = frame_header(len)
+    end
+    buf[n + 1] = h
+    return np, len + #h
+end
+M.encode_into = encode_into
+
+local own_parts = {}
+
+--- encode(t, env[, framed]) -> the protobuf of message table t, with the stream header when
+-- framed is true. See encode_into for env; errors: see the top of this file.
+function M.encode(t, env, framed)
+    local n2 = encode_into(own_parts, 0, t, env)
+    return concat(own_parts, "", framed and 1 or 2, n2)
 end
 
 ----------------------------------------------------------------------------------------------------
@@ -826,17 +958,83 @@ end
 ----------------------------------------------------------------------------------------------------
 
 -- The message the offsets below describe; read() rescans only when handed another string.
+-- The scan is one pass over the top-level keys that skips every value (Fields records are
+-- only looked into when a field is asked for); a repeated header keeps its last value.
 local cur = nil
-local cur_ok = false -- it decoded as a valid Heka message
--- header string bounds by tag (start index, end index)
+local cur_e = 1 -- #cur + 1
+local scan_bad = false -- the scan met bytes that are not a valid message
+local uuid_seen, ts_seen = false, false
+-- header string bounds by tag (start index, end index); varint headers by position
 local ha, hb = {}, {}
-local h_ts, h_sev, h_pid = 0, 7, nil
-local has_uuid, has_ts = false, false
--- Fields records: bounds, then (lazily) name, value_type and the start of the values
+local ts_p, sev_p, pid_p = nil, nil, nil
+-- Fields records: bounds, then (once a field is asked for) name, value_type and values start
 local nf = 0
 local fa, fb = {}, {}
 local fields_parsed = false
 local fname, fvt, fva = {}, {}, {}
+
+local function scan_fail()
+    scan_bad = true
+end
+
+-- tag of each length-delimited top-level key
+local LENGTH_KEYS = { [10] = 1, [26] = 3, [34] = 4, [50] = 6, [58] = 7, [74] = 9, [82] = 10 }
+local VARINT_END = "[%z\1-\127]"
+
+local function scan(s)
+    cur = s
+    local e = #s + 1
+    cur_e = e
+    scan_bad = false
+    uuid_seen, ts_seen = false, false
+    ha[1], ha[3], ha[4], ha[6], ha[7], ha[9] = nil, nil, nil, nil, nil, nil
+    ts_p, sev_p, pid_p = nil, nil, nil
+    nf = 0
+    fields_parsed = false
+    local p = 1
+    while p < e do
+        local key, len, l2 = byte(s, p, p + 2)
+        local tag = LENGTH_KEYS[key]
+        if tag then
+            if len == nil then return scan_fail() end
+            if len < 128 then
+                p = p + 2
+            elseif l2 and l2 < 128 then
+                len = len - 128 + l2 * 128
+                p = p + 3
+            else
+                len, p = read_varint(s, p + 1, e)
+                if not p or len < 0 then return scan_fail() end
+            end
+            if len > e - p then return scan_fail() end
+            if tag == 10 then
+                if len == 0 then return scan_fail() end
+                nf = nf + 1
+                fa[nf], fb[nf] = p, p + len
+            else
+                if tag == 1 then
+                    if len ~= 16 then return scan_fail() end
+                    uuid_seen = true
+                end
+                ha[tag], hb[tag] = p, p + len - 1
+            end
+            p = p + len
+        else
+            if key == 16 then
+                ts_p, ts_seen = p + 1, true
+            elseif key == 40 then
+                sev_p = p + 1
+            elseif key == 64 then
+                pid_p = p + 1
+            else
+                return scan_fail()
+            end
+            local q = find(s, VARINT_END, p + 1)
+            if not q or q - p > 10 then return scan_fail() end
+            p = q + 1
+        end
+    end
+end
 
 -- One Fields record as heka_message.c's process_fields sees it; false when invalid.
 local function parse_field(s, i)
@@ -900,78 +1098,13 @@ local function parse_fields(s)
     return true
 end
 
-local LENGTH_TAGS = { [1] = true, [3] = true, [4] = true, [6] = true, [7] = true, [9] = true, [10] = true }
-
--- Scans the top level of s into the offsets above; true when it is a valid message (the
--- Fields records are only checked as far as their length here).
-local function scan(s)
-    cur = s
-    cur_ok = false
-    fields_parsed = false
-    ha[1], ha[3], ha[4], ha[6], ha[7], ha[9] = nil, nil, nil, nil, nil, nil
-    h_ts, h_sev, h_pid = 0, 7, nil
-    has_uuid, has_ts = false, false
-    nf = 0
-    local e = #s + 1
-    local p = 1
-    if e == 1 then return false end
-    repeat
-        local key = byte(s, p)
-        p = p + 1
-        local wt = key % 8
-        local tag = (key - wt) / 8
-        if wt == 2 then
-            if not LENGTH_TAGS[tag] then return false end
-            local len = byte(s, p)
-            if len and len < 128 then
-                p = p + 1
-            else
-                len, p = read_varint(s, p, e)
-                if not p or len < 0 then return false end
-            end
-            if len > e - p then return false end
-            if tag == 10 then
-                if len == 0 then return false end
-                nf = nf + 1
-                fa[nf], fb[nf] = p, p + len
-            else
-                if tag == 1 then
-                    if len ~= 16 then return false end
-                    has_uuid = true
-                end
-                ha[tag], hb[tag] = p, p + len - 1
-            end
-            p = p + len
-        elseif wt == 0 then
-            local v
-            if tag == 2 then
-                v, p = read_varint(s, p, e)
-                if not p then return false end
-                h_ts, has_ts = v, true
-            elseif tag == 5 then
-                v, p = read_varint_int32(s, p, e)
-                if not p then return false end
-                h_sev = v
-            elseif tag == 8 then
-                v, p = read_varint_int32(s, p, e)
-                if not p then return false end
-                h_pid = v ~= -2147483648 and v or nil
-            else
-                return false
-            end
-        else
-            return false
-        end
-    until p >= e
-    cur_ok = has_uuid and has_ts
-    return cur_ok
-end
-
 --- valid(s): true when s decodes as a Heka message the way the queue and stream readers and
--- inject_message(string) check it (lsb_decode_heka_message: no minimum length, lazy Fields).
--- Also primes read() for s.
+-- inject_message(string) check it (lsb_decode_heka_message: no minimum length, Fields values
+-- not looked into). Also primes read() for s.
 function M.valid(s)
-    if not scan(s) then return false end
+    if s == "" then return false end
+    scan(s)
+    if scan_bad or not uuid_seen or not ts_seen then return false end
     return parse_fields(s)
 end
 
@@ -1011,9 +1144,25 @@ local function field_value(s, i, ai)
     return nil
 end
 
--- "Fields[name]" -> "name"; a small memo since plugins read the same few names per message
+-- "Fields[name]" -> "name" (false for other names); plugins ask for the same few names
 local field_names = {}
 local n_field_names = 0
+
+local function field_name(name)
+    local fn
+    if #name >= 8 and sub(name, 1, 7) == "Fields[" and byte(name, -1) == 93 then
+        fn = sub(name, 8, -2)
+    else
+        fn = false
+    end
+    if n_field_names >= 256 then
+        field_names = {}
+        n_field_names = 0
+    end
+    field_names[name] = fn
+    n_field_names = n_field_names + 1
+    return fn
+end
 
 local function check_index(v, argn, what)
     if v == nil then return 0 end
@@ -1028,7 +1177,8 @@ end
 
 local STRING_HEADERS = { Uuid = 1, Type = 3, Logger = 4, Payload = 6, EnvVersion = 7, Hostname = 9 }
 
---- read(s, name, fi, ai): read_message(name, fi, ai) against the raw message s.
+--- read(s, name, fi, ai): read_message(name, fi, ai) against the raw message s, which is
+-- expected to be valid (the reader checked it). fi and ai are zero-based; pass 0 for absent.
 function M.read(s, name, fi, ai)
     if fi ~= 0 then fi = check_index(fi, 2, "field index") end
     if ai ~= 0 then ai = check_index(ai, 3, "array index") end
@@ -1039,31 +1189,33 @@ function M.read(s, name, fi, ai)
         if a then return sub(s, a, hb[tag]) end
         return nil
     end
-    if name == "Timestamp" then return h_ts end
-    if name == "Severity" then return h_sev end
-    if name == "Pid" then return h_pid end
+    if name == "Timestamp" then
+        if ts_p then return (read_varint(s, ts_p, cur_e)) end
+        return 0
+    end
+    if name == "Severity" then
+        if sev_p then return (read_varint_int32(s, sev_p, cur_e)) end
+        return 7
+    end
+    if name == "Pid" then
+        if pid_p then
+            local v = read_varint_int32(s, pid_p, cur_e)
+            if v ~= -2147483648 then return v end
+        end
+        return nil
+    end
     if name == "raw" then return s end
     if name == "size" then return #s end
     if name == "framed" then return frame_header(#s) .. s end
-    local tn = type(name)
-    if tn == "number" then
-        name = tostring(name)
-    elseif tn ~= "string" then
-        error("bad argument #1 to 'read_message' (string expected, got " .. tn .. ")", 0)
-    end
     local fn = field_names[name]
     if fn == nil then
-        if #name >= 8 and sub(name, 1, 7) == "Fields[" and byte(name, -1) == 93 then
-            fn = sub(name, 8, -2)
-        else
-            fn = false
+        local tn = type(name)
+        if tn == "number" then
+            name = tostring(name)
+        elseif tn ~= "string" then
+            error("bad argument #1 to 'read_message' (string expected, got " .. tn .. ")", 0)
         end
-        if n_field_names >= 256 then
-            field_names = {}
-            n_field_names = 0
-        end
-        field_names[name] = fn
-        n_field_names = n_field_names + 1
+        fn = field_name(name)
     end
     if not fn then
         error("heka_read_message() field: '" .. name .. "' not supported/recognized", 0)

@@ -82,7 +82,8 @@ class LuaSandbox:
             max_memory=0 if memory_limit else None,
         )
         lua_table = self._rt.table_from
-        host_table = lua_table(
+        host_table = _bytes_table(
+            self._rt,
             {
                 "plugin_type": plugin_type,
                 "name": name,
@@ -115,7 +116,7 @@ class LuaSandbox:
                 "preload_provider": self._preload,
                 "drop_es_types": host.drop_es_types,
                 "dead_letter": self._dead_letter_from_lua,
-            }
+            },
         )
         pb = self._rt.execute(_read("heka_pb.lua"))
         cjson_shim = self._rt.execute(_read("cjson_shim.lua"))
@@ -262,6 +263,11 @@ end
 """
 
 
+def _bytes_table(rt: LuaRuntime, d: dict[str, Any]) -> Any:
+    # the runtime runs with encoding=None: Lua only sees bytes as strings
+    return rt.table_from({k.encode(): (v.encode() if isinstance(v, str) else v) for k, v in d.items()})
+
+
 def lua_to_python(v: Any) -> Any:
     """A Lua value as plain Python: bytes become str, tables become dicts (or lists for 1..n keys)."""
     if isinstance(v, bytes):
@@ -279,5 +285,6 @@ def _text(v: Any) -> str:
         s = v.decode("utf-8", "replace")
     else:
         s = str(v)
+    s = s.split("\nstack traceback:", 1)[0]
     # upstream truncates error strings to 255 bytes
     return s[:255]
