@@ -283,7 +283,6 @@ def _run_input(r: _Runner) -> None:
         except PluginError as e:
             r.terminated(plugin, str(e), host)
             return
-        r.channel.checkpoint(r.spec.label, None)  # keep the pipe warm; ignored by the supervisor
         if rc > 0:
             r.terminated(plugin, f"process_message() received a termination status code {rc} {msg or ''}".strip(), host)
             return

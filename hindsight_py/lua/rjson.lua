@@ -48,7 +48,7 @@ local NULL = setmetatable({}, {__tostring = function() return "rjson.null" end})
 --
 -- A container is a node table {t = "object"|"array", o = owner, ...}. An array holds its elements
 -- at [1..n]; an object holds member i's name at [2i-1] and its value at [2i] (document order, as
--- RapidJSON keeps it). Optional caches: x = name -> first member index, b = slot -> primitive
+-- RapidJSON keeps it). Optional caches: x = name -> value slot of its first member, b = slot -> primitive
 -- handle. Values are Lua strings, numbers, booleans, NULL or nodes. A node is its own handle; a
 -- primitive gets a box {t = type, o = owner, v = value}. `o` is the owning doc's epoch table; a
 -- handle whose `o` is not its doc's current epoch is invalid.

@@ -196,7 +196,29 @@ local function es_common_hook(m)
     end
     return m
 end
-local module_hooks = { ["encoders.elasticsearch.common"] = es_common_hook }
+local sandbox_require -- forward declaration: the hooks below load what the upstream versions loaded
+
+-- lua_sandbox ships LuaSocket 3.0-rc1; hindsight-py uses Debian's 3.1. Two differences break plugins
+-- written for the former: its mime.lua required "io" (making `io` a global plugins came to rely on),
+-- and http.open(host, port) defaulted its third argument to socket.tcp.
+local function mime_hook(m)
+    if not disabled.io then sandbox_require("io") end
+    return m
+end
+
+local function socket_http_hook(m)
+    if type(m) ~= "table" or type(rawget(m, "open")) ~= "function" then return m end
+    local orig = m.open
+    local tcp = sandbox_require("socket").tcp
+    m.open = function(host, port, create) return orig(host, port, create or tcp) end
+    return m
+end
+
+local module_hooks = {
+    ["encoders.elasticsearch.common"] = es_common_hook,
+    mime = mime_hook,
+    ["socket.http"] = socket_http_hook,
+}
 
 local function finish_module(name, result)
     if result == nil then result = rawget(loaded, name) or true end
@@ -215,7 +237,7 @@ end
 
 local require_stack = {}
 
-local function sandbox_require(name)
+function sandbox_require(name)
     if type(name) ~= "string" then error("bad argument #1 to 'require' (string expected)", 2) end
     if not sfind(name, "^[%w_.]+$") then error("invalid module name '" .. name .. "'", 2) end
     local v = loaded[name]
@@ -254,7 +276,7 @@ local function sandbox_require(name)
             if file then
                 local r, err = load_c_module(file, name)
                 if r == nil then error(err, 0) end
-                if name == "cjson" then r = cjson_shim(r) end
+                if name == "cjson" then r = cjson_shim(r, { output_limit = output_limit }) end
                 return finish_module(name, r)
             end
         end
@@ -402,7 +424,7 @@ local have_cp = false
 local last_flush_sec = os_time()
 local running = true
 local FLUSH_COUNT = host.flush_count or 1000
-local FLUSH_BYTES = host.flush_bytes or (1024 * 1024)
+local FLUSH_BYTES = host.flush_bytes or (256 * 1024)
 local max_message_size = host.max_message_size or 65536
 
 local function flush()

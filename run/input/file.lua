@@ -28,7 +28,7 @@ if type(decode) ~= "function" then
     error(decoder_module .. " does not provide a decode function")
 end
 
-local BLOCK_SIZE = 1024 * 1024
+local BLOCK_SIZE = 64 * 1024
 local source_name = input_filename or "stdin"
 
 local function report_failure(err, line, offset)
