@@ -56,6 +56,7 @@ class _Stats:
     failures: int = 0
     indexed: int = 0
     dead_lettered: int = 0
+    set_aside: int = 0  # not documents at all (text payloads): in the dead-letter file, not a failure
     retried: int = 0
     discarded_bytes: int = 0
     extra: dict[str, int] = field(default_factory=dict)
@@ -162,6 +163,11 @@ class _Host:
 
         return make_lua_sender(cfg, self)
 
+    def bulk_takeover(self, host: str, port: int, body: bytes) -> tuple[bool, str | None]:
+        from hindsight_py.outputs.lua_binding import takeover_send
+
+        return takeover_send(self, host, port, body)
+
     def drop_es_types(self) -> bool:
         if self._es_types is None:
             from hindsight_py.outputs.lua_binding import server_accepts_types
@@ -256,6 +262,7 @@ def _stats_dict(host: _Host | None) -> dict[str, int]:
         "failures": s.failures,
         "indexed": s.indexed,
         "dead_lettered": s.dead_lettered,
+        "set_aside": s.set_aside,
         "retried": s.retried,
         "discarded_bytes": s.discarded_bytes,
     }

@@ -362,11 +362,15 @@ def run(cfg_path: str, log_level: int = 6) -> int:
         status |= STATUS_DEAD_LETTERS
     for name, err in summary.errors.items():
         log(3, f"{name}: {err}")
+    aside = summary.total("set_aside")
+    read = sum(s.get("injected", 0) for name, s in summary.stats.items() if name.startswith("input."))
     log(
         5 if status == 0 else 3,
-        f"summary: read {summary.total('injected')} messages, delivered {summary.total('indexed')} documents, "
-        f"dead-lettered {dead}, retried {summary.total('retried')} requests, {elapsed:.1f}s, exit status {status}"
-        + (f" (dead letters under {hs.output_dir / 'dead_letter'})" if dead else ""),
+        f"summary: read {read} messages, delivered {summary.total('indexed')} documents, "
+        f"dead-lettered {dead}, retried {summary.total('retried')} requests, "
+        + (f"set aside {aside} non-JSON payloads, " if aside else "")
+        + f"{elapsed:.1f}s, exit status {status}"
+        + (f" (see {hs.output_dir / 'dead_letter'})" if dead or aside else ""),
     )
     sys.stderr.flush()
     return status

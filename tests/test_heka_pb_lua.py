@@ -411,15 +411,16 @@ def test_frame_header(rt: LuaRuntime, length: int) -> None:
 def test_encode_into_appends_pieces_of_the_framed_message(rt: LuaRuntime) -> None:
     got = to_py(rt.execute("""
         local buf = {"keep"}
-        local n, size = pb.encode_into(buf, 1, {Uuid = Z, Timestamp = 0, Payload = string.rep("p", 300)}, env())
-        local n2, size2 = pb.encode_into(buf, n, {Uuid = Z, Timestamp = 1, Fields = {a = 1}}, env())
+        local n, _, size = pb.encode_into(buf, 1, {Uuid = Z, Timestamp = 0, Payload = string.rep("p", 300)}, env())
+        local n2, pb_size, size2 = pb.encode_into(buf, n, {Uuid = Z, Timestamp = 1, Fields = {a = 1}}, env())
         local whole = table.concat(buf, "", 1, n2)
-        return {whole, size, size2,
+        return {whole, size, size2, pb_size == #enc({Uuid = Z, Timestamp = 1, Fields = {a = 1}}),
                 "keep" .. enc({Uuid = Z, Timestamp = 0, Payload = string.rep("p", 300)}, nil, true)
                        .. enc({Uuid = Z, Timestamp = 1, Fields = {a = 1}}, nil, true)}
     """))
-    whole, size, size2, expected = got
+    whole, size, size2, size_is_protobuf_length, expected = got
     assert whole == expected
+    assert size_is_protobuf_length is True
     assert size + size2 == len(whole) - 4
 
 

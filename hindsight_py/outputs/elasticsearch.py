@@ -105,6 +105,9 @@ class SendResult:
     indexed: int = 0
     dead_lettered: int = 0
     retried: int = 0
+    #: sources that are not JSON objects (an analysis plugin's text report, say): no server can
+    #: index them, so they go to the dead-letter file without being sent. Also in dead_lettered.
+    set_aside: int = 0
 
 
 @dataclass
@@ -174,6 +177,12 @@ def _split_bulk_body(body: bytes) -> list[_Document]:
             docs.append(_Document(action, None))
             i += 1
     return docs
+
+
+def _every_line_is_an_object(body: bytes) -> bool:
+    # the common case, checked in C: every action and source line starts with "{"
+    lines = body.count(b"\n") + (0 if body.endswith(b"\n") else 1)
+    return body.count(b"\n{") + (1 if body.startswith(b"{") else 0) == lines
 
 
 def bulk_body_count(body: bytes) -> int:
@@ -358,7 +367,17 @@ class BulkSender:
         if count <= 0 and not body.strip():
             return result
         with self._lock:
-            self._deliver(_Batch(body, count), result)
+            batch = _Batch(body, count)
+            if not _every_line_is_an_object(body):
+                docs = batch.documents()
+                good = [d for d in docs if d.source is None or d.source.lstrip().startswith(b"{")]
+                if len(good) != len(docs):
+                    bad = [d for d in docs if d.source is not None and not d.source.lstrip().startswith(b"{")]
+                    self._dead_letter(bad, None, "not a JSON object, so it cannot be a document", {}, result)
+                    result.set_aside += len(bad)
+                    batch = _Batch.of(good)
+            if batch.count:
+                self._deliver(batch, result)
         return result
 
     def _deliver(self, batch: _Batch, result: SendResult) -> None:

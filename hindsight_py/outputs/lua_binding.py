@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from hindsight_py.outputs.elasticsearch import BulkSender, SendInterrupted, ServerInfo
+from hindsight_py.outputs.elasticsearch import BulkSender, SendInterrupted, ServerInfo, bulk_body_count
 
 
 class ChannelStopEvent:
@@ -91,9 +91,7 @@ def make_lua_sender(cfg: dict[str, Any], host: Any) -> tuple[Callable[..., Any],
             stats.indexed += e.result.indexed
             stats.dead_lettered += e.result.dead_lettered
             return (False, b"stopped before the batch was delivered; it stays queued for the next run")
-        stats.indexed += result.indexed
-        stats.dead_lettered += result.dead_lettered
-        stats.retried += result.retried
+        _count(stats, result)
         if abort and result.dead_lettered:
             return (False, f"abort_on_error: {result.dead_lettered} documents were dead-lettered".encode())
         return (True, result.indexed, result.dead_lettered)
@@ -115,3 +113,36 @@ def server_accepts_types(cfg: dict[str, Any], log: Callable[[int, str], None]) -
     finally:
         probe.close()
     return None if info is None else info.accepts_types
+
+
+def takeover_send(host: Any, address: str, port: int, body: bytes) -> tuple[bool, str | None]:
+    """A bulk body an upstream Lua plugin posted through LuaSocket, delivered by the bulk sender."""
+    senders = host.__dict__.setdefault("_takeover_senders", {})
+    sender = senders.get((address, port))
+    if sender is None:
+        cfg = dict(host.plugin.values)
+        cfg.update(address=address, port=port)
+        for key in ("discard_on_error", "abort_on_error"):
+            cfg.pop(key, None)  # upstream gives up on these; we retry until delivered or dead-lettered
+        sender = senders[(address, port)] = sender_from_config(
+            cfg,
+            dead_letter_path=host.runner.output_path / "dead_letter" / f"{host.plugin.name}.jsonl",
+            log=host.log_fn,
+            stop_event=ChannelStopEvent(host.is_running),
+        )
+    count = bulk_body_count(body)
+    try:
+        result = sender.send(body, count)
+    except SendInterrupted as e:
+        host.stats.indexed += e.result.indexed
+        host.stats.dead_lettered += e.result.dead_lettered
+        return False, "stopped before the batch was delivered"
+    _count(host.stats, result)
+    return True, None
+
+
+def _count(stats: Any, result: Any) -> None:
+    stats.indexed += result.indexed
+    stats.dead_lettered += result.dead_lettered - result.set_aside
+    stats.set_aside += result.set_aside
+    stats.retried += result.retried

@@ -206,11 +206,72 @@ local function mime_hook(m)
     return m
 end
 
+-- Bulk requests made through http.open (as upstream's elasticsearch_bulk_api.lua does, by hand) are
+-- delivered by hindsight-py's bulk sender instead of the raw socket: retries with backoff, per-document
+-- results, dead letters and counts, so even an unmodified upstream plugin never loses a document
+-- silently. The plugin then sees a clean 200 with no errors. Every other request goes out unchanged.
+local BULK_OK = '{"took":0,"errors":false,"items":[]}'
+
+local function wrap_http_client(client, host_name, port)
+    local takeover = false
+    local body = nil
+    local w = setmetatable({}, { __index = client })
+    w.c = client.c
+    function w:sendrequestline(method, uri)
+        takeover = method == "POST" and type(uri) == "string" and sfind(uri, "/_bulk", 1, true) ~= nil
+        if takeover then
+            body = nil
+            return 1
+        end
+        return client:sendrequestline(method, uri)
+    end
+    function w:sendheaders(headers)
+        if takeover then return 1 end
+        return client:sendheaders(headers)
+    end
+    function w:sendbody(headers, source, step)
+        if not takeover then return client:sendbody(headers, source, step) end
+        local parts = {}
+        while true do
+            local chunk, err = source()
+            if chunk == nil then
+                if err then return nil, err end
+                break
+            end
+            if chunk ~= "" then parts[#parts + 1] = chunk end
+        end
+        body = tconcat(parts)
+        return 1
+    end
+    function w:receivestatusline()
+        if not takeover then return client:receivestatusline() end
+        local ok, err = host.bulk_takeover(host_name, port, body or "")
+        body = nil
+        if not ok then error(err, 0) end
+        return 200
+    end
+    function w:receiveheaders()
+        if not takeover then return client:receiveheaders() end
+        return { ["content-type"] = "application/json", ["content-length"] = tostring(#BULK_OK) }
+    end
+    function w:receivebody(headers, sink, step)
+        if not takeover then return client:receivebody(headers, sink, step) end
+        takeover = false
+        sink(BULK_OK)
+        sink(nil)
+        return 1
+    end
+    return w
+end
+
 local function socket_http_hook(m)
     if type(m) ~= "table" or type(rawget(m, "open")) ~= "function" then return m end
     local orig = m.open
     local tcp = sandbox_require("socket").tcp
-    m.open = function(host, port, create) return orig(host, port, create or tcp) end
+    m.open = function(host_name, port, create)
+        local client = orig(host_name, port, create or tcp)
+        return wrap_http_client(client, host_name, port)
+    end
     return m
 end
 

@@ -1,15 +1,26 @@
 -- The Heka protobuf message codec, Lua side (hindsight-compat.md §3.2, §5).
 --
--- Loaded once per plugin runtime in the REAL global environment and returns a table of
--- functions; everything it needs from the standard library is captured here, at load time,
--- so the sandbox can later remove globals without breaking it. Pure Lua 5.1 with doubles
--- only: int64 values travel as doubles, and varints are built and read in 28-bit halves so
--- that every step is exact (a timestamp of ~1.7e18 needs 61 bits; a double holds 53).
+-- Loaded once per plugin runtime in the REAL global environment; returns a table of functions:
+--   encode(t, env[, framed])       -> protobuf of message table t (inject_message/encode_message)
+--   encode_into(buf, n, t, env)    -> n2, size, framed_size: the same, framed, as pieces in buf
+--   frame(s), frame_header(len)    -> stream framing (0x1E, H, 0x08 varint(len), 0x1F)
+--   decode(s)                      -> decode_message's table
+--   read(s, name, fi, ai)          -> read_message against raw message s
+--   valid(s)                       -> the queue/stream readers' check (lsb_decode_heka_message)
+--   find_framed(buf, max, decode)  -> found, consumed, raw: the stream reader's scan
+-- Everything it needs from the standard library is captured at load time, so the sandbox can
+-- remove globals afterwards. Pure Lua 5.1 with doubles only: int64 values travel as doubles,
+-- and varints are built and read in 28-bit halves so that every step is exact (a timestamp
+-- of ~1.7e18 needs 61 bits; a double holds 53).
 --
 -- Errors are raised with error(msg, 0) and carry lua_sandbox's texts without the
 -- "encode_message() failed: " style prefix, which the caller adds. The one exception is
 -- the output_limit overflow: upstream leaves its error message empty there and every
--- caller words it differently, so encode() raises the empty string.
+-- caller words it differently (inject_message from an input: "exceeded output_limit";
+-- encode_message: "buffer full"; analysis inject_message: nothing), so it raises "".
+--
+-- Not reentrant: a metamethod of a message table that encodes another message while this
+-- one is being encoded would mix the two.
 
 local byte, char, sub, find, smatch = string.byte, string.char, string.sub, string.find, string.match
 local concat = table.concat
@@ -267,6 +278,8 @@ local function frame_header(len)
     local v = varint(len)
     return char(30, #v + 1, 8) .. v .. "\31"
 end
+
+M.frame_header = frame_header
 
 function M.frame(s)
     return frame_header(#s) .. s
@@ -608,8 +621,9 @@ local function uuid_from_text(u)
     return char(10, 16, unpack(a))
 end
 
---- encode_into(buf, n, t, env) -> n2, framed_size
--- Encodes message table t and appends the framed message to buf as pieces buf[n + 1 .. n2],
+--- encode_into(buf, n, t, env) -> n2, size, framed_size
+-- Encodes message table t and appends the framed message to buf as pieces buf[n + 1 .. n2]
+-- (size: the protobuf's length, framed_size: with the stream header),
 -- without building its string: a batch is then copied once, by the caller's table.concat.
 -- env: restricted, logger, hostname, pid, now_ns, output_limit (0 = none), and a random
 -- source: random_uuid() -> 16 bytes with the v4 version/variant bits already set (cheapest)
@@ -761,7 +775,7 @@ local function encode_into(buf, n, t, env)
         h = frame_header(len)
     end
     buf[n + 1] = h
-    return np, len + #h
+    return np, len, len + #h
 end
 M.encode_into = encode_into
 

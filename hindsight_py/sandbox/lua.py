@@ -39,6 +39,7 @@ class SandboxHost(Protocol):
     def new_es_sender(self, cfg: dict) -> tuple[Callable[..., Any], Callable[[], bool]]: ...
     def drop_es_types(self) -> bool: ...
     def dead_letter(self, reason: str, data: bytes) -> None: ...
+    def bulk_takeover(self, host: str, port: int, body: bytes) -> tuple[bool, str | None]: ...
 
 
 class LuaSandbox:
@@ -116,6 +117,7 @@ class LuaSandbox:
                 "preload_provider": self._preload,
                 "drop_es_types": host.drop_es_types,
                 "dead_letter": self._dead_letter_from_lua,
+                "bulk_takeover": self._bulk_takeover,
             },
         )
         pb = self._rt.execute(_read("heka_pb.lua"))
@@ -142,6 +144,10 @@ class LuaSandbox:
         if has_cp:
             self._checkpoint(cp)
         return self._host_running(), time.time_ns()
+
+    def _bulk_takeover(self, host_name: bytes, port: Any, body: bytes) -> tuple[bool, bytes | None]:
+        ok, err = self._host.bulk_takeover(host_name.decode(), int(port), body)
+        return ok, (err.encode() if err else None)
 
     def _dead_letter_from_lua(self, reason: bytes, data: bytes) -> None:
         self._host.dead_letter(reason.decode("utf-8", "replace"), data)
