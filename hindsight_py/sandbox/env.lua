@@ -468,17 +468,19 @@ local penv = {
 }
 penv.random16 = function()
     if random_pos + 15 > #random_pool then
-        random_pool = host.random_bytes(16 * 1024)
+        random_pool = host.random_uuids(1024)
         random_pos = 1
     end
     local s = ssub(random_pool, random_pos, random_pos + 15)
     random_pos = random_pos + 16
     return s
 end
+penv.random_uuid = penv.random16 -- the pool already carries the v4 version and variant bits
 
 -- Encoded, framed messages wait here until the next flush; one Python crossing carries them all.
 local out = {}
-local out_n = 0
+local out_n = 0 -- pieces in `out` (a message may take several)
+local out_msgs = 0 -- messages in `out`
 local out_bytes = 0
 local pending_cp = nil
 local have_cp = false
@@ -489,11 +491,12 @@ local FLUSH_BYTES = host.flush_bytes or (256 * 1024)
 local max_message_size = host.max_message_size or 65536
 
 local function flush()
-    if out_n == 0 and not have_cp then return end
+    if out_msgs == 0 and not have_cp then return end
     local data = out_n > 0 and tconcat(out, "", 1, out_n) or ""
-    local n = out_n
+    local n = out_msgs
     for i = 1, out_n do out[i] = nil end
     out_n = 0
+    out_msgs = 0
     out_bytes = 0
     local cp, hc = pending_cp, have_cp
     have_cp = false
@@ -506,10 +509,36 @@ end
 local function queue_framed(framed)
     out_n = out_n + 1
     out[out_n] = framed
+    out_msgs = out_msgs + 1
     out_bytes = out_bytes + #framed
-    if out_n >= FLUSH_COUNT or out_bytes >= FLUSH_BYTES then
+    if out_msgs >= FLUSH_COUNT or out_bytes >= FLUSH_BYTES then
         flush()
     elseif out_n % 64 == 0 and os_time() ~= last_flush_sec then
+        flush() -- keeps checkpoints and the queue at most about a second behind
+    end
+end
+
+local encode_into = pb.encode_into
+
+-- Encode a table straight into the flush buffer: no intermediate message string, no extra copy.
+local function queue_table(t, what)
+    local ok, n2, size = pcall(encode_into, out, out_n, t, penv)
+    if not ok then
+        for i = out_n + 1, #out do out[i] = nil end
+        local e = n2
+        if e == nil or e == "" then e = "exceeded output_limit" end
+        error(what .. "() failed: " .. tostring(e), 3)
+    end
+    if size > max_message_size then
+        for i = out_n + 1, n2 do out[i] = nil end
+        error(what .. "() failed: exceeded max_message_size", 3)
+    end
+    for i = out_n + 1, n2 do out_bytes = out_bytes + #out[i] end
+    out_n = n2
+    out_msgs = out_msgs + 1
+    if out_msgs >= FLUSH_COUNT or out_bytes >= FLUSH_BYTES then
+        flush()
+    elseif out_msgs % 64 == 0 and os_time() ~= last_flush_sec then
         flush() -- keeps checkpoints and the queue at most about a second behind
     end
 end
@@ -539,11 +568,10 @@ local function inject_input(msg, cp)
             if not raw then error("inject_message() failed: the stream reader has no message", 2) end
             queue_framed(pb.frame(raw))
         else
-            queue_framed(pb.frame(encode_checked(msg, "inject_message")))
+            queue_table(msg, "inject_message")
         end
     elseif t == "string" then
-        local ok = pcall(pb.decode, msg)
-        if not ok then error("inject_message() attempted to inject a invalid protobuf string", 2) end
+        if not pb.valid(msg) then error("inject_message() attempted to inject a invalid protobuf string", 2) end
         queue_framed(pb.frame(msg))
     elseif t == "nil" then
         if cp == nil then error("inject_message() message cannot be nil without a checkpoint update", 2) end
@@ -569,7 +597,7 @@ local function inject_table_only(msg)
     if type(msg) ~= "table" then error("inject_message() unsupported message type", 2) end
     if inject_budget == 0 then error("inject_message() failed: injection limit exceeded", 2) end
     if inject_budget > 0 then inject_budget = inject_budget - 1 end
-    queue_framed(pb.frame(encode_checked(msg, "inject_message")))
+    queue_table(msg, "inject_message")
 end
 
 ----------------------------------------------------------------------------------------------------
@@ -605,7 +633,7 @@ end
 if plugin_type == "input" then
     env.inject_message = inject_input
     env.is_running = function()
-        if out_n == 0 then
+        if out_msgs == 0 then
             running = host.is_running()
         end
         return running

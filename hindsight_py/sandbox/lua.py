@@ -97,7 +97,7 @@ class LuaSandbox:
                 "hostname": hostname.encode(),
                 "pid": pid,
                 "now_ns": time.time_ns,
-                "random_bytes": os.urandom,
+                "random_uuids": _random_uuids,
                 "flush": self._flush_from_lua,
                 "is_running": host.is_running,
                 "inject_input": host.inject_input,
@@ -267,6 +267,18 @@ return function(new_sender)
     return M
 end
 """
+
+
+_V4 = bytes((b & 0x0F) | 0x40 for b in range(256))
+_VARIANT = bytes((b & 0x0F) | 0xA0 for b in range(256))
+
+
+def _random_uuids(n: int) -> bytes:
+    """n random version-4 UUIDs back to back (byte 6 gets 0x4_, byte 8 gets 0xA_, as lua_sandbox)."""
+    b = bytearray(os.urandom(16 * int(n)))
+    b[6::16] = b[6::16].translate(_V4)
+    b[8::16] = b[8::16].translate(_VARIANT)
+    return bytes(b)
 
 
 def _bytes_table(rt: LuaRuntime, d: dict[str, Any]) -> Any:
