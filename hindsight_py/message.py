@@ -19,6 +19,7 @@ byte for byte. Encoding accepts ``bytes`` wherever it accepts ``str``.
 from __future__ import annotations
 
 import math
+import os
 import random
 import re
 import struct
@@ -552,6 +553,49 @@ def payload_of(raw: bytes) -> bytes | None:
     return header_of(raw, PAYLOAD)  # type: ignore[return-value]
 
 
+def payloads_of(raws: list[bytes]) -> list[bytes | None]:
+    """``payload_of`` for a whole batch in one call: the output hot path.
+
+    None for a message without a Payload, or whose top-level framing is broken (the caller
+    dead-letters those)."""
+    out: list[bytes | None] = []
+    app = out.append
+    skip = _skip_varint
+    for raw in raws:
+        n = len(raw)
+        found = None
+        # every message starts with Uuid (tag 1, 16 bytes) and usually Timestamp (tag 2): skip both
+        pos = 18 if raw[:2] == b"\x0a\x10" else 0
+        if pos and raw[18:19] == b"\x10":
+            m = skip(raw, 19)
+            if m is not None:
+                pos = m.end()
+        try:
+            while pos < n:
+                key = raw[pos]
+                pos += 1
+                if key & 7 == 2:
+                    ln = raw[pos]
+                    if ln < 0x80:
+                        pos += 1
+                    else:
+                        ln, pos = _read_varint(raw, pos, n)
+                    if key == 0x32:
+                        found = raw[pos:pos + ln]
+                    pos += ln
+                elif key & 7 == 0:
+                    while raw[pos] & 0x80:
+                        pos += 1
+                    pos += 1
+                else:
+                    found = None
+                    break
+        except IndexError:
+            found = None
+        app(found if pos <= n else None)
+    return out
+
+
 def type_of(raw: bytes) -> bytes | None:
     return header_of(raw, TYPE)  # type: ignore[return-value]
 
@@ -989,3 +1033,72 @@ def unframe(data: bytes, max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE, *,
     records: list[bytes] = []
     scan_records(data, 0, len(data), max_message_size, records, [], validate=validate, final=True)
     return records
+
+
+# ---------------------------------------------------------------------------
+# the fast path for inputs: many Payload-only messages at once
+
+_V4_BITS = bytes((b & 0x0F) | 0x40 for b in range(256))
+_VARIANT_BITS = bytes((b & 0x0F) | 0xA0 for b in range(256))
+_varint_cache: dict[int, bytes] = {}
+_frame_cache: dict[int, bytes] = {}
+
+
+def random_uuids(n: int) -> bytes:
+    """``n`` random version-4 UUIDs back to back, with lua_sandbox's version and variant bits."""
+    b = bytearray(os.urandom(16 * n))
+    b[6::16] = b[6::16].translate(_V4_BITS)
+    b[8::16] = b[8::16].translate(_VARIANT_BITS)
+    return bytes(b)
+
+
+def encode_payloads(
+    payloads: list[bytes],
+    *,
+    logger: str,
+    hostname: str,
+    pid: int | None,
+    now_ns: int,
+    type: str | None = None,
+) -> bytes:
+    """Framed protobuf for one message per payload, as ``encode(from_dict({"Payload": p}, ...))``
+    would build them (restricted headers off), but about three times faster: the headers every
+    message shares are encoded once, and each message costs a few list appends."""
+    uuids = random_uuids(len(payloads))
+    ts = b"\x10" + _varint(now_ns)
+    shared_head = b""
+    if type is not None:
+        shared_head += b"".join(_lenpref(b"\x1a", _b(type)))
+    shared_head += b"".join(_lenpref(b"\x22", _b(logger)))
+    head = ts + shared_head + b"\x32"
+    tail = b""
+    if pid is not None:
+        tail += b"\x40" + _varint(pid)
+    tail += b"".join(_lenpref(b"\x4a", _b(hostname)))
+    fixed = 18 + len(head) + len(tail)
+    varints = _varint_cache
+    frames = _frame_cache
+    out: list[bytes] = []
+    app = out.append
+    at = 0
+    for p in payloads:
+        n = len(p)
+        vl = varints.get(n)
+        if vl is None:
+            vl = varints[n] = _varint(n)
+        size = fixed + len(vl) + n
+        fh = frames.get(size)
+        if fh is None:
+            fh = frames[size] = frame_header(size)
+        app(fh)
+        app(b"\x0a\x10")
+        app(uuids[at:at + 16])
+        app(head)
+        app(vl)
+        app(p)
+        app(tail)
+        at += 16
+    if len(varints) > 70000:  # bounded: payload sizes are bounded by max_message_size
+        varints.clear()
+        frames.clear()
+    return b"".join(out)

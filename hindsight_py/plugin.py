@@ -51,6 +51,15 @@ def inject_message(msg: dict[str, Any] | Message | bytes | None = None, checkpoi
     _sandbox().inject(msg, checkpoint)
 
 
+def inject_payloads(payloads: list[bytes], checkpoint: float | str | None = None, *, type: str | None = None) -> None:
+    """Inputs: one message per payload (the fast path for line-oriented inputs), then the checkpoint.
+
+    Equivalent to ``inject_message({"Payload": p, "Type": type})`` for each payload, several times
+    faster. A payload larger than max_message_size allows raises ValueError before anything is queued.
+    """
+    _sandbox().inject_payloads(payloads, checkpoint, type)
+
+
 def inject_payload(payload_type: str = "txt", payload_name: str | None = None, *parts: Any) -> None:
     """Analysis: inject the payload buffer (plus `parts`) as an `inject_payload` message."""
     _sandbox().inject_payload(payload_type, payload_name, parts)
@@ -116,6 +125,7 @@ __all__ = [
     "encode_message",
     "inject_message",
     "inject_payload",
+    "inject_payloads",
     "is_running",
     "log",
     "read_config",

@@ -164,14 +164,23 @@ def _action_has_source(action: bytes) -> bool:
 
 
 def _split_bulk_body(body: bytes) -> list[_Document]:
-    """Cut an NDJSON bulk body into documents (action line + source line; delete has none)."""
-    lines = [line for line in body.split(b"\n") if line.strip()]
+    """Cut an NDJSON bulk body into documents (action line + source line; delete has none).
+
+    Lines pair up as the server pairs them: blank lines where an action is expected are skipped,
+    but the line after an action is its source even when blank (or missing at the end), so an
+    empty document cannot shift the documents after it onto the wrong action lines.
+    """
+    lines = body.split(b"\n")
+    if lines and not lines[-1]:
+        lines.pop()  # the body's final newline
     docs: list[_Document] = []
     i = 0
     while i < len(lines):
         action = lines[i]
-        if _action_has_source(action) and i + 1 < len(lines):
-            docs.append(_Document(action, lines[i + 1]))
+        if not action.strip():
+            i += 1
+        elif _action_has_source(action):
+            docs.append(_Document(action, lines[i + 1] if i + 1 < len(lines) else b""))
             i += 2
         else:
             docs.append(_Document(action, None))
@@ -358,7 +367,7 @@ class BulkSender:
 
     # -- sending --------------------------------------------------------------------------
 
-    def send(self, body: bytes, count: int) -> SendResult:
+    def send(self, body: bytes, count: int, *, sources_checked: bool = False) -> SendResult:
         """Deliver a bulk body of ``count`` documents; returns once each one is settled.
 
         Raises :class:`SendInterrupted` if ``stop_event`` is set while waiting to retry.
@@ -368,7 +377,8 @@ class BulkSender:
             return result
         with self._lock:
             batch = _Batch(body, count)
-            if not _every_line_is_an_object(body):
+            # sources_checked: the caller already set aside every source that is not a JSON object
+            if not sources_checked and not _every_line_is_an_object(body):
                 docs = batch.documents()
                 good = [d for d in docs if d.source is None or d.source.lstrip().startswith(b"{")]
                 if len(good) != len(docs):

@@ -23,12 +23,47 @@ local floor = math.floor
 local os_time = os.time
 local io_open = io.open
 local sethook = debug.sethook
+local getinfo = debug.getinfo
 local loadlib = package.loadlib
+local newproxy = newproxy
+local io_type = io.type
 
 local plugin_type = host.plugin_type -- "input" | "analysis" | "output"
 local plugin_name = host.name
 local log = host.log
 local log_level = host.log_level
+
+-- lua_sandbox's API functions are C functions. Their errors read as luaL_error/luaL_argerror make
+-- them: "file:line:" of a Lua caller (none when called through pcall), and argument errors naming
+-- the function as the caller knows it ('?' through pcall). `depth` counts the helper frames
+-- between argerror and the API function.
+local function argerror(narg, extramsg, depth)
+    local level = 2 + (depth or 0)
+    local ar = getinfo(level, "n")
+    local name = ar and ar.name or "?"
+    if ar and ar.namewhat == "method" then
+        narg = narg - 1
+        if narg == 0 then
+            error(sformat("calling '%s' on bad self (%s)", name, extramsg), level + 1)
+        end
+    end
+    error(sformat("bad argument #%d to '%s' (%s)", narg, name, extramsg), level + 1)
+end
+
+local function typename_of(narg, ...)
+    if select("#", ...) < narg then return "no value" end
+    return type((select(narg, ...)))
+end
+
+local function typeerror(narg, tname, depth, ...)
+    argerror(narg, sformat("%s expected, got %s", tname, typename_of(narg, ...)), (depth or 0) + 1)
+end
+
+-- Optional host hooks with upstream's callback semantics (the lua_sandbox test harness drives
+-- the sandbox through them; hindsight-py's runner leaves them unset):
+--   inject_callback(pb | nil, checkpoint) -> rv, update_checkpoint_callback(seq | nil) -> rv
+local inject_cb = host.inject_callback
+local ucp_cb = host.update_checkpoint_callback
 
 ----------------------------------------------------------------------------------------------------
 -- Limits
@@ -119,10 +154,46 @@ local function make_math_lib()
     return m
 end
 
+----------------------------------------------------------------------------------------------------
+-- Config (read_config): the runtime cfg plus what lua_sandbox adds to it
+----------------------------------------------------------------------------------------------------
+local config = {}
+do
+    local chunk, err = loadstring(host.runtime_cfg, "=" .. plugin_name .. ".rtc")
+    if not chunk then error(err, 0) end
+    setfenv(chunk, config)
+    chunk()
+    for k, v in pairs { input_limit = 65536, output_limit = 65536, memory_limit = 8388608,
+        instruction_limit = 1000000, log_level = 3 } do
+        if config[k] == nil then config[k] = v end
+    end
+    local mms = config.max_message_size
+    if type(mms) ~= "number" or mms <= 0 then config.max_message_size = host.max_message_size or 65536 end
+    -- what hindsight's set_restrictions writes, whatever the user said
+    local base = { "dofile", "load", "loadfile", "loadstring", "newproxy" }
+    local os_entries = { "exit", "setlocale" }
+    if plugin_type == "analysis" then
+        base = { "collectgarbage", "dofile", "load", "loadfile", "loadstring", "newproxy", "print" }
+        os_entries = { "getenv", "execute", "exit", "remove", "rename", "setlocale", "tmpname" }
+        config.disable_modules = { io = true, coroutine = true }
+    end
+    config.remove_entries = { [""] = base, os = os_entries, string = { "dump" } }
+end
+
+env.read_config = function(...)
+    local n = select("#", ...)
+    if n == 0 or type((...)) ~= "string" and type((...)) ~= "number" then
+        typeerror(1, "string", 0, ...)
+    end
+    if n ~= 1 then argerror(0, "too many arguments") end
+    return config[tostring((...))]
+end
+
 local disabled = {}
-if plugin_type == "analysis" then
-    disabled.io = true
-    disabled.coroutine = true
+if type(config.disable_modules) == "table" then
+    for name, on in pairs(config.disable_modules) do
+        if type(name) == "string" and on then disabled[name] = true end
+    end
 end
 for _, name in ipairs(host.disable_modules or {}) do disabled[name] = true end
 
@@ -377,25 +448,6 @@ env.module = function(name, ...)
 end
 
 ----------------------------------------------------------------------------------------------------
--- Config
-----------------------------------------------------------------------------------------------------
-local config = {}
-do
-    local chunk, err = loadstring(host.runtime_cfg, "=" .. plugin_name .. ".rtc")
-    if not chunk then error(err, 0) end
-    setfenv(chunk, config)
-    chunk()
-end
-
-env.read_config = function(...)
-    local n = select("#", ...)
-    if n ~= 1 then error(n == 0 and "read_config() must have a single argument" or "too many arguments", 2) end
-    local k = ...
-    if type(k) ~= "string" then error("bad argument #1 to 'read_config' (string expected)", 2) end
-    return config[k]
-end
-
-----------------------------------------------------------------------------------------------------
 -- print and the payload buffer
 ----------------------------------------------------------------------------------------------------
 local payload = {}
@@ -410,13 +462,19 @@ end
 
 env.print = function(...)
     clear_payload()
-    if log_level < 7 then return end
+    local n = select("#", ...)
+    if log_level ~= 7 or n == 0 then return end
+    local to_s = rawget(env, "tostring") or tostring -- upstream calls the sandbox's global tostring
     local parts = {}
-    for i = 1, select("#", ...) do
-        local s = tostring((select(i, ...)))
+    for i = 1, n do
+        local s = to_s((select(i, ...)))
+        if type(s) ~= "string" and type(s) ~= "number" then
+            error("'tostring' must return a string to 'print'", 2)
+        end
+        s = tostring(s)
         local nul = sfind(s, "\0", 1, true)
         if nul then s = ssub(s, 1, nul - 1) end
-        parts[i] = sgsub(s, "[%c\127-\255]", " ")
+        parts[i] = sgsub(s, "[^\32-\126]", " ") -- isprint() in the C locale
     end
     log(7, tconcat(parts, "\t"))
 end
@@ -433,10 +491,86 @@ local function format_number(x)
     return s
 end
 
-local function add_to_payload(...)
+----------------------------------------------------------------------------------------------------
+-- The current message and zero-copy references to it (analysis and output)
+----------------------------------------------------------------------------------------------------
+local current = nil -- the raw protobuf being processed; nil outside process_message
+
+-- read_message(name, fi, ai, true) returns a userdata that reads the CURRENT message whenever it
+-- is used (tostring, add_to_payload, a Fields value, decode_message, io.write in outputs).
+local zc_refs = setmetatable({}, { __mode = "k" }) -- userdata -> { name, fi, ai }
+local zc_proto = newproxy(true)
+local ZC_NAMES = { Uuid = true, Type = true, Logger = true, Payload = true, EnvVersion = true, Hostname = true,
+    raw = true, framed = true }
+
+local function zc_value(ud)
+    local ref = zc_refs[ud]
+    if not ref or current == nil then return nil end
+    local v = pb.read(current, ref[1], ref[2], ref[3])
+    if v ~= nil and type(v) ~= "string" then
+        error(sformat("read_message() zc->name.s: '%s' contains an unsupported type", ref[1]), 0)
+    end
+    return v
+end
+getmetatable(zc_proto).__tostring = zc_value
+
+-- depth: the frames between check_index and the API function
+local function check_index(v, narg, what, depth)
+    if v == nil then return 0 end
+    local n = tonumber(v)
+    if n == nil then typeerror(narg, "number", depth + 1, nil, v, v) end
+    if n < 0 then argerror(narg, what .. " must be >= 0", depth + 1) end
+    return floor(n)
+end
+
+local function read_message_zc(name, fi, ai)
+    if type(name) ~= "string" then typeerror(1, "string", 2, name) end
+    fi = check_index(fi, 2, "field index", 2)
+    ai = check_index(ai, 3, "array index", 2)
+    if not (ZC_NAMES[name] or (#name >= 8 and ssub(name, 1, 7) == "Fields[" and ssub(name, -1) == "]")) then
+        error(sformat("heka_create_read_message_zc() field: '%s' not supported/recognized", name), 4)
+    end
+    local ud = newproxy(zc_proto)
+    zc_refs[ud] = { name, fi, ai }
+    return ud
+end
+
+local function read_message_slow(...)
     local n = select("#", ...)
-    if n == 0 then error("add_to_payload() must have at least one argument", 2) end
-    for i = 1, n do
+    local name, fi, ai, zc = ...
+    if n == 4 then
+        if type(zc) ~= "boolean" then typeerror(4, "boolean", 1, ...) end
+        if zc then
+            local ud = read_message_zc(name, fi, ai) -- no tail call: argerror counts frames
+            return ud
+        end
+        n = 3
+    end
+    if n < 1 or n > 3 then error("heka_read_message() incorrect number of arguments", 3) end
+    if type(name) ~= "string" then typeerror(1, "string", 1, ...) end
+    check_index(fi, 2, "field index", 1)
+    check_index(ai, 3, "array index", 1)
+    if current == nil then return nil end
+    return pb.read(current, name, fi or 0, ai or 0)
+end
+
+local function read_message(name, fi, ai, zc, ...)
+    if zc ~= nil or name == nil then
+        local v = read_message_slow(name, fi, ai, zc, ...) -- no tail call: argerror counts frames
+        return v
+    end
+    if current == nil then return nil end
+    return pb.read(current, name, fi or 0, ai or 0)
+end
+
+-- the bytes a userdata contributes to add_to_payload, a Fields value or io.write; nil if none
+local function userdata_output(ud)
+    if zc_refs[ud] then return zc_value(ud) or "" end
+    return nil
+end
+
+local function add_to_payload_from(first, depth, ...)
+    for i = first, select("#", ...) do
         local v = select(i, ...)
         local t = type(v)
         local s
@@ -444,13 +578,23 @@ local function add_to_payload(...)
         elseif t == "number" then s = format_number(v)
         elseif t == "boolean" then s = v and "true" or "false"
         elseif t == "nil" then s = "nil"
-        else error("add_to_payload() unsupported type", 2) end
+        elseif t == "userdata" then
+            s = userdata_output(v)
+            if s == nil then argerror(i, "unknown userdata type", depth + 1) end
+        else
+            argerror(i, "unsupported type", depth + 1)
+        end
         payload_len = payload_len + #s
         if output_limit > 0 and payload_len > output_limit then
-            error("output_limit exceeded", 2)
+            error("output_limit exceeded", depth + 3)
         end
         payload[#payload + 1] = s
     end
+end
+
+local function add_to_payload(...)
+    if select("#", ...) == 0 then argerror(0, "must have at least one argument") end
+    add_to_payload_from(1, 0, ...)
 end
 
 ----------------------------------------------------------------------------------------------------
@@ -476,6 +620,7 @@ penv.random16 = function()
     return s
 end
 penv.random_uuid = penv.random16 -- the pool already carries the v4 version and variant bits
+penv.output_userdata = userdata_output
 
 -- Encoded, framed messages wait here until the next flush; one Python crossing carries them all.
 local out = {}
@@ -521,17 +666,18 @@ end
 local encode_into = pb.encode_into
 
 -- Encode a table straight into the flush buffer: no intermediate message string, no extra copy.
-local function queue_table(t, what)
+-- Errors are raised at the caller of the API function (depth: frames between it and queue_table).
+local function queue_table(t, what, depth)
     local ok, n2, size = pcall(encode_into, out, out_n, t, penv)
     if not ok then
         for i = out_n + 1, #out do out[i] = nil end
         local e = n2
         if e == nil or e == "" then e = "exceeded output_limit" end
-        error(what .. "() failed: " .. tostring(e), 3)
+        error(what .. "() failed: " .. tostring(e), 3 + (depth or 0))
     end
     if size > max_message_size then
         for i = out_n + 1, n2 do out[i] = nil end
-        error(what .. "() failed: exceeded max_message_size", 3)
+        error(what .. "() failed: exceeded max_message_size", 3 + (depth or 0))
     end
     for i = out_n + 1, n2 do out_bytes = out_bytes + #out[i] end
     out_n = n2
@@ -543,49 +689,191 @@ local function queue_table(t, what)
     end
 end
 
-local function encode_checked(t, what)
+-- The protobuf of message table t, or an error worded for `what` at the caller of the API function
+-- (depth: the frames between encode_checked and that function).
+local function encode_checked(t, what, empty_reason, depth)
     local ok, s = pcall(pb.encode, t, penv)
     if not ok then
-        if s == nil or s == "" then s = "exceeded output_limit" end
-        error(what .. "() failed: " .. tostring(s), 3)
+        if s == nil or s == "" then s = empty_reason end
+        error(what .. "() failed: " .. tostring(s), depth + 2)
     end
     if #s > max_message_size then
-        error(what .. "() failed: exceeded max_message_size", 3)
+        error(what .. "() failed: exceeded max_message_size", depth + 2)
     end
     return s
 end
 
-local stream_reader_mt = {} -- forward declared; set below
+-- upstream's inject callbacks answer with these (lsb_heka_im_result)
+local IM_CHECKPOINT, IM_LIMIT = 2, 3
+
+local function callback_rejected(rv, depth)
+    if rv == IM_LIMIT and plugin_type ~= "input" then
+        error("inject_message() failed: injection limit exceeded", depth + 2)
+    elseif rv == IM_CHECKPOINT and plugin_type == "input" then
+        error("inject_message() failed: checkpoint update", depth + 2)
+    end
+    error(sformat("inject_message() failed: rejected by the callback rv: %d", rv), depth + 2)
+end
 
 local inject_budget = -1 -- analysis only; -1 = unlimited
 
-local function inject_input(msg, cp)
-    local t = type(msg)
-    if t == "table" then
-        local mt = getmetatable(msg)
-        if mt == stream_reader_mt then
-            local raw = msg._raw
-            if not raw then error("inject_message() failed: the stream reader has no message", 2) end
-            queue_framed(pb.frame(raw))
-        else
-            queue_table(msg, "inject_message")
+----------------------------------------------------------------------------------------------------
+-- Stream readers (inputs): userdata, as lua_sandbox's, with the state kept here
+----------------------------------------------------------------------------------------------------
+local readers = setmetatable({}, { __mode = "k" }) -- userdata -> { name, buf, raw }
+local reader_proto = newproxy(true)
+local READER_TYPE = "lsb.heka_stream_reader"
+local R = {}
+getmetatable(reader_proto).__index = R
+
+local function check_reader(ud, ...)
+    local st = readers[ud]
+    if not st then typeerror(1, READER_TYPE, 1, ud, ...) end
+    return st
+end
+
+local function reader_need(st)
+    -- how many more bytes the message at the head of the buffer needs (lsb_input_buffer's arithmetic)
+    local b = st.buf
+    if sbyte(b, 1) == 30 and #b >= 2 then
+        local hlen = sbyte(b, 2)
+        if #b >= hlen + 3 and sbyte(b, 3) == 8 then
+            local len, shift = 0, 1
+            for i = 4, hlen + 2 do
+                local c = sbyte(b, i)
+                len = len + (c % 128) * shift
+                shift = shift * 128
+                if c < 128 then break end
+            end
+            if len > 0 then return len + hlen + 3 - #b end
         end
+    end
+    return st.cap - #b
+end
+
+function R.find_message(...)
+    local n = select("#", ...)
+    if n < 2 or n > 3 then argerror(0, "incorrect number of arguments") end
+    local self, buf, decode = ...
+    local st = check_reader(self, ...)
+    local fh = nil
+    local tb = type(buf)
+    if tb == "string" then
+        if buf ~= "" then st.buf = st.buf .. buf end
+    elseif tb == "userdata" then
+        if io_type(buf) == nil then typeerror(2, "FILE*", 0, ...) end
+        if io_type(buf) == "closed file" then error("attempt to use a closed file", 2) end
+        fh = buf
+    elseif tb ~= "nil" then
+        error("buffer must be a nil, string, userdata (FILE*)", 2)
+    end
+    if n == 3 and type(decode) ~= "boolean" then typeerror(3, "boolean", 0, ...) end
+    local found, consumed, raw = pb.find_framed(st.buf, max_message_size, decode ~= false)
+    st.buf = ssub(st.buf, consumed + 1)
+    local need
+    if found then
+        st.raw = raw
+        need = #st.buf > 0 and 0 or st.cap
+    else
+        need = reader_need(st)
+    end
+    if fh then
+        if found then return true, consumed, 0 end
+        local want = need
+        if want < 8192 then want = 8192 end
+        if want > st.cap - #st.buf then want = st.cap - #st.buf end
+        local chunk = want > 0 and fh:read(want) or nil
+        if chunk then st.buf = st.buf .. chunk end
+        return false, consumed, chunk and #chunk or 0
+    end
+    return found, consumed, need
+end
+
+function R.decode_message(...)
+    if select("#", ...) ~= 2 then
+        check_reader(...)
+        argerror(0, "incorrect number of arguments")
+    end
+    local self, s = ...
+    local st = check_reader(self, s)
+    st.raw = nil
+    if type(s) ~= "string" then error("buffer must be string", 2) end
+    if s == "" then error("empty protobuf string", 2) end
+    if not pb.valid(s) then error("invalid protobuf string", 2) end
+    st.raw = s
+end
+
+function R.read_message(...)
+    local n = select("#", ...)
+    if n < 1 or n > 4 then error("read_message() incorrect number of arguments", 2) end
+    local self, name, fi, ai = ...
+    local st = check_reader(self, name, fi, ai)
+    if n == 1 then error("heka_read_message() incorrect number of arguments", 2) end
+    if type(name) ~= "string" then typeerror(2, "string", 0, ...) end
+    fi = check_index(fi, 3, "field index", 0)
+    ai = check_index(ai, 4, "array index", 0)
+    if st.raw == nil then return nil end
+    return pb.read(st.raw, name, fi, ai)
+end
+
+local function create_stream_reader(...)
+    if select("#", ...) ~= 1 then argerror(0, "incorrect number of arguments") end
+    local name = ...
+    if type(name) ~= "string" and type(name) ~= "number" then typeerror(1, "string", 0, ...) end
+    name = tostring(name)
+    if #name >= 255 then argerror(1, "name is too long") end
+    local ud = newproxy(reader_proto)
+    readers[ud] = { name = name, buf = "", raw = nil, cap = max_message_size + 258 }
+    return ud
+end
+
+----------------------------------------------------------------------------------------------------
+-- inject_message
+----------------------------------------------------------------------------------------------------
+local function inject_input(msg, cp)
+    local ct = type(cp)
+    if ct ~= "nil" and ct ~= "number" and ct ~= "string" then
+        error("inject_message() unsupported checkpoint type: " .. ct, 2)
+    end
+    local t = type(msg)
+    if inject_cb then -- upstream's per-message callback (test harness): encode, ask, then queue
+        local raw
+        if t == "table" then
+            raw = encode_checked(msg, "inject_message", "exceeded output_limit", 0)
+        elseif t == "userdata" then
+            raw = check_reader(msg, cp).raw
+            if not raw then error("inject_message() attempted to inject a nil message", 2) end
+        elseif t == "string" then
+            if not pb.valid(msg) then error("inject_message() attempted to inject a invalid protobuf string", 2) end
+            raw = msg
+        elseif t == "nil" then
+            if cp == nil then error("inject_message() message cannot be nil without a checkpoint update", 2) end
+        else
+            error("inject_message() unsupported message type: " .. t, 2)
+        end
+        local rv = inject_cb(raw, cp)
+        if rv ~= 0 then callback_rejected(rv, 0) end
+        if raw then queue_framed(pb.frame(raw)) end
+    elseif t == "table" then
+        queue_table(msg, "inject_message")
+    elseif t == "userdata" then
+        local raw = check_reader(msg, cp).raw
+        if not raw then error("inject_message() attempted to inject a nil message", 2) end
+        queue_framed(pb.frame(raw))
     elseif t == "string" then
         if not pb.valid(msg) then error("inject_message() attempted to inject a invalid protobuf string", 2) end
         queue_framed(pb.frame(msg))
     elseif t == "nil" then
         if cp == nil then error("inject_message() message cannot be nil without a checkpoint update", 2) end
     else
-        error("inject_message() unsupported message type", 2)
+        error("inject_message() unsupported message type: " .. t, 2)
     end
     if cp ~= nil then
-        local ct = type(cp)
-        if ct ~= "number" and ct ~= "string" then error("inject_message() unsupported checkpoint type", 2) end
         if ct == "string" and #cp >= 8192 then error("inject_message() failed: checkpoint update", 2) end
         pending_cp = cp
         have_cp = true
         if msg == nil and not running then
-            error("shutting down", 0)
+            error("shutting down", 0) -- a clean stop requested at this sync point
         end
     end
     -- hindsight-py: the instruction budget restarts at every inject, so a run-once input that reads a
@@ -593,131 +881,122 @@ local function inject_input(msg, cp)
     hook_used = 0
 end
 
-local function inject_table_only(msg)
-    if type(msg) ~= "table" then error("inject_message() unsupported message type", 2) end
-    if inject_budget == 0 then error("inject_message() failed: injection limit exceeded", 2) end
+-- analysis (and output with an inject callback): a table only. depth: as queue_table's.
+local function inject_table_only(msg, depth)
+    depth = depth or 0
+    if type(msg) ~= "table" then typeerror(1, "table", depth, msg) end
+    if inject_cb then
+        local raw = encode_checked(msg, "inject_message", "exceeded output_limit", depth)
+        local rv = inject_cb(raw, nil)
+        if rv ~= 0 then callback_rejected(rv, depth) end
+        queue_framed(pb.frame(raw))
+        return
+    end
+    if inject_budget == 0 then error("inject_message() failed: injection limit exceeded", 2 + depth) end
     if inject_budget > 0 then inject_budget = inject_budget - 1 end
-    queue_table(msg, "inject_message")
+    queue_table(msg, "inject_message", depth)
 end
 
-----------------------------------------------------------------------------------------------------
--- The current message (analysis and output)
-----------------------------------------------------------------------------------------------------
-local current = nil
-
-local function read_message(name, fi, ai, zc)
-    if type(name) ~= "string" then error("bad argument #1 to 'read_message' (string expected)", 2) end
-    if zc ~= nil and type(zc) ~= "boolean" then error("bad argument #4 to 'read_message' (boolean expected)", 2) end
-    if current == nil then return nil end
-    return pb.read(current, name, fi or 0, ai or 0)
-end
-
-env.decode_message = function(s)
-    if type(s) ~= "string" then error("bad argument #1 to 'decode_message' (string expected)", 2) end
-    local ok, t = pcall(pb.decode, s)
-    if not ok then error(t, 2) end
-    return t
+env.decode_message = function(...)
+    local n = select("#", ...)
+    if n ~= 1 then argerror(n, "incorrect number of arguments") end
+    local s = ...
+    local t = type(s)
+    if t == "userdata" then
+        if not zc_refs[s] then argerror(1, "no zero copy support") end
+        s = zc_value(s)
+        if s == nil then error("invalid message, too short", 2) end
+    elseif t ~= "string" then
+        typeerror(1, "string or userdata", 0, ...)
+    end
+    local ok, msg = pcall(pb.decode, s)
+    if not ok then error(msg, 2) end
+    return msg
 end
 
 -- hindsight-py extension: a message a plugin cannot pass on goes to the dead-letter file, with its
 -- reason, and is counted; plugins test `if dead_letter then` to stay portable to upstream.
 env.dead_letter = function(reason, data)
-    if type(reason) ~= "string" then error("bad argument #1 to 'dead_letter' (string expected)", 2) end
-    if data ~= nil and type(data) ~= "string" then error("bad argument #2 to 'dead_letter' (string expected)", 2) end
+    if type(reason) ~= "string" then typeerror(1, "string", 0, reason, data) end
+    if data ~= nil and type(data) ~= "string" then typeerror(2, "string", 0, reason, data) end
     host.dead_letter(reason, data or "")
 end
 
 ----------------------------------------------------------------------------------------------------
 -- Per-type globals
 ----------------------------------------------------------------------------------------------------
+local matchers = setmetatable({}, { __mode = "k" }) -- userdata -> compiled predicate
+local matcher_proto = newproxy(true)
+local M = {}
+getmetatable(matcher_proto).__index = M
+
+function M.eval(...)
+    local m = matchers[(...)]
+    if not m then typeerror(1, "lsb.heka_message_matcher", 0, ...) end
+    if current == nil then error("no active message", 2) end
+    return m(current)
+end
+
 if plugin_type == "input" then
     env.inject_message = inject_input
     env.is_running = function()
+        if inject_cb then
+            if inject_cb(nil, nil) ~= 0 then error("is_running() failed: rejected by the callback", 2) end
+        end
         if out_msgs == 0 then
             running = host.is_running()
         end
         return running
     end
-
-    -- Stream reader: hindsight-py keeps the framing logic in Lua; the Python side is not involved.
-    stream_reader_mt.__index = {}
-    local R = stream_reader_mt.__index
-    env.create_stream_reader = function(name)
-        if type(name) ~= "string" or #name >= 255 then error("create_stream_reader() invalid name", 2) end
-        return setmetatable({ _name = name, _buf = "", _raw = nil, _cap = max_message_size + 258 }, stream_reader_mt)
-    end
-    R.find_message = function(self, buf, decode)
-        local read_bytes = 0
-        if type(buf) == "string" then
-            self._buf = self._buf .. buf
-        elseif type(buf) == "userdata" then
-            local chunk = buf:read(8192)
-            if chunk then
-                read_bytes = #chunk
-                self._buf = self._buf .. chunk
-            end
-        elseif buf ~= nil then
-            error("find_message() buffer must be a string, nil or a file handle", 2)
-        end
-        local found, consumed, raw = pb.find_framed(self._buf, max_message_size)
-        self._buf = ssub(self._buf, consumed + 1)
-        if found then
-            if decode ~= false then
-                local ok = pcall(pb.decode, raw)
-                if not ok then found = false end
-            end
-            if found then self._raw = raw end
-        end
-        if type(buf) == "userdata" then return found, consumed, read_bytes end
-        return found, consumed, found and 0 or (#self._buf > 0 and 1 or 0)
-    end
-    R.decode_message = function(self, s)
-        if type(s) ~= "string" or s == "" then error("decode_message() requires a non empty string", 2) end
-        local ok, err = pcall(pb.decode, s)
-        if not ok then error(err, 2) end
-        self._raw = s
-    end
-    R.read_message = function(self, name, fi, ai)
-        if self._raw == nil then return nil end
-        return pb.read(self._raw, name, fi or 0, ai or 0)
-    end
+    env.create_stream_reader = create_stream_reader
 elseif plugin_type == "analysis" then
-    env.inject_message = inject_table_only
+    env.inject_message = function(msg) inject_table_only(msg, 1) end
     env.read_message = read_message
     env.add_to_payload = add_to_payload
-    env.inject_payload = function(ptype, pname, ...)
-        if ptype ~= nil and type(ptype) ~= "string" then error("inject_payload() payload_type argument must be a string", 2) end
-        if pname ~= nil and type(pname) ~= "string" then error("inject_payload() payload_name argument must be a string", 2) end
-        if select("#", ...) > 0 then add_to_payload(...) end
+    env.inject_payload = function(...)
+        local n = select("#", ...)
+        local ptype, pname = ...
+        if n > 0 and type(ptype) ~= "string" then error("inject_payload() payload_type argument must be a string", 2) end
+        if n > 1 and type(pname) ~= "string" then error("inject_payload() payload_name argument must be a string", 2) end
+        if n > 2 then add_to_payload_from(3, 0, ...) end
         if payload_len == 0 then return end
-        local fields = { payload_type = ptype or "txt" }
-        if pname then fields.payload_name = pname end
+        -- built as upstream builds it (two hash slots up front), so `next` gives the same field order
+        local fields = { payload_type = ptype or "txt", payload_name = pname }
         local msg = { Type = "inject_payload", Payload = tconcat(payload), Fields = fields }
         clear_payload()
-        inject_table_only(msg)
+        inject_table_only(msg, 1)
     end
 else -- output
-    env.inject_message = function(msg)
-        if type(msg) ~= "table" then error("inject_message() unsupported message type", 2) end
-        host.inject_input(pb.frame(encode_checked(msg, "inject_message")))
+    if inject_cb then
+        env.inject_message = function(msg) inject_table_only(msg, 1) end -- lsb_heka_create_output_im
+    else
+        -- hindsight-py: an output may inject into the input queue (a table only)
+        env.inject_message = function(msg)
+            if type(msg) ~= "table" then typeerror(1, "table", 0, msg) end
+            host.inject_input(pb.frame(encode_checked(msg, "inject_message", "exceeded output_limit", 0)))
+        end
     end
     env.read_message = read_message
-    env.encode_message = function(t, framed)
-        if type(t) ~= "table" then error("bad argument #1 to 'encode_message' (table expected)", 2) end
-        local s = encode_checked(t, "encode_message")
+    env.encode_message = function(...)
+        local n = select("#", ...)
+        local t, framed = ...
+        if n == 2 then
+            if type(framed) ~= "boolean" then typeerror(2, "boolean", 0, ...) end
+        elseif n ~= 1 then
+            argerror(n, "incorrect number of arguments")
+        end
+        if type(t) ~= "table" then typeerror(1, "table", 0, ...) end
+        local s = encode_checked(t, "encode_message", "buffer full", 0)
         if framed then s = pb.frame(s) end
         return s
     end
-    env.create_message_matcher = function(expr)
-        if type(expr) ~= "string" then error("bad argument #1 to 'create_message_matcher' (string expected)", 2) end
-        local m = host.create_matcher(expr)
+    env.create_message_matcher = function(expr, ...)
+        if type(expr) ~= "string" and type(expr) ~= "number" then typeerror(1, "string", 0, expr, ...) end
+        local m = host.create_matcher(tostring(expr))
         if not m then error("invalid message matcher expression", 2) end
-        return {
-            eval = function()
-                if current == nil then error("no active message", 2) end
-                return m(current)
-            end,
-        }
+        local ud = newproxy(matcher_proto)
+        matchers[ud] = m
+        return ud
     end
 end
 
@@ -736,6 +1015,13 @@ local seq_counter = 0
 if plugin_type == "output" then
     env.update_checkpoint = function(...)
         local n = select("#", ...)
+        local seq, fails = ...
+        if n > 2 then error(sformat("update_checkpoint() invalid number of args: %d", n), 2) end
+        if n == 2 and type(fails) ~= "number" then typeerror(2, "number", 0, ...) end
+        if n >= 1 and type(seq) ~= "number" then typeerror(1, "sequence_id", 0, ...) end
+        if ucp_cb then
+            if ucp_cb(seq) ~= 0 then error("update_checkpoint() failed: rejected by the callback", 2) end
+        end
         if n == 0 then
             if batching then
                 batching = false
@@ -745,18 +1031,11 @@ if plugin_type == "output" then
                     host.commit_now() -- from timer_event: everything processed so far
                 end
             end
-        elseif n <= 2 then
-            local seq, fails = ...
-            if type(seq) ~= "number" then error("update_checkpoint() sequence_id must be a number", 2) end
-            acks_n = acks_n + 1
-            acks[acks_n] = seq
-            if fails ~= nil then
-                if type(fails) ~= "number" then error("update_checkpoint() failures must be a number", 2) end
-                failures = failures + fails
-            end
-        else
-            error("update_checkpoint() invalid number of arguments", 2)
+            return
         end
+        acks_n = acks_n + 1
+        acks[acks_n] = seq
+        if n == 2 then failures = failures + fails end
     end
 end
 
@@ -765,14 +1044,40 @@ end
 ----------------------------------------------------------------------------------------------------
 local control = {}
 
+-- an error value as lua_tostring sees it
+local function error_text(e)
+    local t = type(e)
+    if t == "string" or t == "number" then return tostring(e) end
+    return "<nil error message>"
+end
+
 local function check_rc(what, ok, rc, msg)
-    if not ok then return false, what .. "() " .. tostring(rc) end
+    -- a plugin that swallowed the instruction limit with pcall still fails the call
     if limit_tripped then return false, what .. "() " .. limit_tripped end
+    if not ok then return false, what .. "() " .. error_text(rc) end
     if type(rc) ~= "number" then return false, what .. "() must return a numeric status code" end
     if msg ~= nil and type(msg) ~= "string" then
         return false, what .. "() must return a nil or string error message"
     end
+    if rc ~= floor(rc) then rc = rc > 0 and floor(rc) or -floor(-rc) end -- (int)lua_tointeger
     return true, rc, msg
+end
+
+-- The upstream harness's lsb_heka_pm_*: one process_message call with the given message and
+-- arguments (outputs get no sequence id when none is passed). Returns check_rc's values.
+function control.pm_direct(raw, ...)
+    current = raw
+    reset_instructions()
+    local ok, rc, msg = pcall(env.process_message, ...)
+    current = nil
+    flush()
+    return check_rc("process_message", ok, rc, msg)
+end
+
+-- what lua_sandbox's test function read_message_zc does with a zero-copy reference
+function control.zero_copy_value(ud)
+    if type(ud) ~= "userdata" or not zc_refs[ud] then error("bad argument #1 to '?' (no zero copy support)", 0) end
+    return zc_value(ud)
 end
 
 function control.load_plugin(source_path)
@@ -782,7 +1087,7 @@ function control.load_plugin(source_path)
     reset_instructions()
     local ok, e = pcall(chunk)
     if limit_tripped then return false, limit_tripped end
-    if not ok then return false, tostring(e) end
+    if not ok then return false, error_text(e) end
     if type(rawget(env, "process_message")) ~= "function" then
         return false, "process_message() function was not found"
     end
@@ -874,12 +1179,7 @@ end
 
 function control.run_timer(ns, shutdown, inject_limit)
     local te = rawget(env, "timer_event")
-    if type(te) ~= "function" then
-        if shutdown and plugin_type ~= "input" then
-            return false, "timer_event() function was not found"
-        end
-        return true, nil
-    end
+    if type(te) ~= "function" then return false, "timer_event() function was not found" end
     reset_instructions()
     inject_budget = inject_limit
     cur_index = 0
@@ -905,6 +1205,7 @@ end
 ----------------------------------------------------------------------------------------------------
 -- preserve_data: lua_sandbox's .data format (Lua source that rebuilds the globals)
 ----------------------------------------------------------------------------------------------------
+-- lsb_serialize_double / %q / true|false; nil for anything else
 local function serialize_value(v)
     local t = type(v)
     if t == "string" then return sformat("%q", v) end
@@ -918,47 +1219,48 @@ local function serialize_value(v)
     return nil
 end
 
-local function key_literal(k)
-    if type(k) == "string" then return sformat("[%q]", k) end
-    if type(k) == "number" then
-        local s = serialize_value(k)
-        return s and ("[" .. s .. "]") or nil
-    end
-    if type(k) == "boolean" then return k and "[true]" or "[false]" end
-    return nil
-end
-
+--- serialize_state() -> text | nil, err: the plugin's globals as lua_sandbox's preserve_global_data
+-- writes them. Skipped values: functions, threads, userdata (none of ours has a serializer), tables
+-- with a metatable (module tables, API objects) and the globals table itself. A key that cannot be
+-- written (a table, a function) fails the whole save, as upstream.
 function control.serialize_state()
-    local lines = { sformat("if _PRESERVATION_VERSION and _PRESERVATION_VERSION ~= %d then return end",
-        floor(tonumber(rawget(env, "_PRESERVATION_VERSION")) or 0)) }
-    local seen = { [env] = true }
-    local skip = { _PRESERVATION_VERSION = true, _VERSION = true, _G = true }
+    sethook() -- lua_sandbox saves with the limits off
+    local version = rawget(env, "_PRESERVATION_VERSION")
+    version = type(version) == "number" and (version >= 0 and floor(version) or -floor(-version)) or 0
+    local lines = { sformat("if _PRESERVATION_VERSION and _PRESERVATION_VERSION ~= %d then return end", version) }
+    local seen = {}
+    local failure = nil
     local function walk(path, tbl)
         for k, v in next, tbl do
-            local kl = key_literal(k)
-            if kl and not (tbl == env and skip[k]) then
-                local p = path .. kl
-                local vt = type(v)
+            if failure then return end
+            local vt = type(v)
+            local skip = vt == "function" or vt == "thread" or vt == "userdata" or vt == "nil"
+                or (vt == "table" and (v == env or getmetatable(v) ~= nil))
+                or (tbl == env and k == "_PRESERVATION_VERSION")
+            if not skip then
+                local kl = serialize_value(k)
+                if not kl then
+                    failure = sformat("serialize_data cannot preserve type '%s'", type(k))
+                    return
+                end
+                local p = path .. "[" .. kl .. "]"
                 if vt == "table" then
                     if seen[v] then
-                        if type(seen[v]) == "string" then lines[#lines + 1] = p .. " = " .. seen[v] end
-                    elseif getmetatable(v) == nil then
+                        lines[#lines + 1] = p .. " = " .. seen[v]
+                    else
                         seen[v] = p
-                        if next(v) == nil and host.is_array_table and host.is_array_table(v) then
-                            lines[#lines + 1] = p .. " = {nil}"
-                        else
-                            lines[#lines + 1] = p .. " = {}"
-                        end
+                        lines[#lines + 1] = p .. " = {}"
                         walk(p, v)
                     end
                 else
-                    local s = serialize_value(v)
-                    if s then lines[#lines + 1] = p .. " = " .. s end
+                    lines[#lines + 1] = p .. " = " .. serialize_value(v)
                 end
             end
         end
     end
     walk("_G", env)
+    set_instruction_limit(host.instruction_limit)
+    if failure then return nil, failure end
     return tconcat(lines, "\n") .. "\n"
 end
 

@@ -53,7 +53,7 @@ class LuaSandbox:
         path: str,
         cpath: str,
         host: SandboxHost,
-        logger: str,
+        logger: str | None,
         hostname: str,
         pid: int,
         log_level: int,
@@ -75,6 +75,36 @@ class LuaSandbox:
         self._host = host
         self._memory_limit = memory_limit
         self._instruction_limit = instruction_limit
+        self._settings = dict(
+            plugin_type=plugin_type, name=name, path=path, cpath=cpath, logger=logger, hostname=hostname,
+            pid=pid, log_level=log_level, output_limit=output_limit, restricted_headers=restricted_headers,
+            max_message_size=max_message_size, runtime_cfg=runtime_cfg, async_buffer_size=async_buffer_size,
+            disable_modules=tuple(disable_modules),
+        )
+        self._build(**self._settings)
+
+    def _build(
+        self,
+        *,
+        plugin_type: str,
+        name: str,
+        path: str,
+        cpath: str,
+        logger: str | None,
+        hostname: str,
+        pid: int,
+        log_level: int,
+        output_limit: int,
+        restricted_headers: bool,
+        max_message_size: int,
+        runtime_cfg: str,
+        async_buffer_size: int,
+        disable_modules: Sequence[str],
+    ) -> None:
+        """A fresh Lua runtime with the sandbox environment, the plugin not loaded yet."""
+        host = self._host
+        memory_limit = self._memory_limit
+        instruction_limit = self._instruction_limit
         self._rt = LuaRuntime(
             encoding=None,
             unpack_returned_tuples=True,
@@ -93,7 +123,7 @@ class LuaSandbox:
                 "output_limit": output_limit,
                 "max_message_size": max_message_size,
                 "restricted_headers": restricted_headers,
-                "logger": logger.encode(),
+                "logger": logger.encode() if logger is not None else None,
                 "hostname": hostname.encode(),
                 "pid": pid,
                 "now_ns": time.time_ns,
@@ -118,6 +148,9 @@ class LuaSandbox:
                 "drop_es_types": host.drop_es_types,
                 "dead_letter": self._dead_letter_from_lua,
                 "bulk_takeover": self._bulk_takeover,
+                # upstream's per-call callbacks, when the host has them (the lua_sandbox test harness)
+                "inject_callback": getattr(host, "inject_callback", None),
+                "update_checkpoint_callback": getattr(host, "update_checkpoint_callback", None),
             },
         )
         pb = self._rt.execute(_read("heka_pb.lua"))
@@ -166,7 +199,25 @@ class LuaSandbox:
 
     # -- lifecycle ----------------------------------------------------------------------------
     def load(self) -> None:
-        """Run the plugin's top-level chunk under its limits."""
+        """Run the plugin's top-level chunk under its limits, then restore its preserved state."""
+        self._load_chunk()
+        if self._preserve_data and self._state_path and self._state_path.exists():
+            if self._memory_limit:
+                self._rt.set_max_memory(0)  # lua_sandbox restores with the limits off
+            try:
+                ok, err = self._control.restore_state(str(self._state_path).encode())
+            except LuaError as e:
+                ok, err = False, f"restore_global_data {_text(e)}"
+            if not ok:
+                # upstream: the state that cannot be restored is removed and the plugin created once more
+                self._host.log(3, f"{_text(err)}; {self._state_path.name} removed, starting without it")
+                self._state_path.unlink(missing_ok=True)
+                self._build(**self._settings)
+                self._load_chunk()
+            elif self._memory_limit:
+                self._rt.set_max_memory(self._memory_limit, total=False)
+
+    def _load_chunk(self) -> None:
         self._control.set_instruction_limit(self._instruction_limit)
         if self._memory_limit:
             # lua_sandbox does not count its own libraries; only what the plugin allocates
@@ -177,12 +228,6 @@ class LuaSandbox:
             ok, err = False, _text(e)
         if not ok:
             raise PluginError(_text(err))
-        if self._preserve_data and self._state_path and self._state_path.exists():
-            ok, err = self._control.restore_state(str(self._state_path).encode())
-            if not ok:
-                # upstream: a state file that cannot be restored is removed, and the plugin tried once more
-                self._state_path.unlink(missing_ok=True)
-                raise PluginError(_text(err))
 
     def run_input(self, checkpoint: Any) -> tuple[int, str | None]:
         try:
@@ -220,15 +265,36 @@ class LuaSandbox:
         return int(self._control.seq_counter())
 
     def save_state(self) -> None:
-        """preserve_data: write the plugin's globals in lua_sandbox's .data format."""
+        """preserve_data: write the plugin's globals in lua_sandbox's .data format.
+
+        Raises PluginError when they cannot be written; the old .data is then removed, as upstream.
+        """
         if not (self._preserve_data and self._state_path):
             return
-        text = self._control.serialize_state()
+        if self._memory_limit:
+            self._rt.set_max_memory(0)  # lua_sandbox saves with the limits off
+        try:
+            text, err = self._control.serialize_state()
+        except LuaError as e:
+            text, err = None, _text(e)
         if text is None:
-            return
+            self._state_path.unlink(missing_ok=True)
+            raise PluginError(_text(err))
         tmp = self._state_path.with_suffix(".data.tmp")
         tmp.write_bytes(text)
         os.replace(tmp, self._state_path)
+
+    # -- the upstream test harness (tests/test_upstream_suites.py) ----------------------------
+    def process_message_direct(self, raw: bytes | None, *args: Any) -> tuple[bool, Any, Any]:
+        """One process_message call with `raw` as the current message, as lsb_heka_pm_* make it."""
+        try:
+            good, a, b = self._control.pm_direct(raw, *args)
+        except LuaError as e:
+            return False, f"process_message() {_text(e)}", None
+        return bool(good), (_text(a) if isinstance(a, bytes) else a), (_text(b) if isinstance(b, bytes) else b)
+
+    def zero_copy_value(self, ud: Any) -> bytes | None:
+        return self._control.zero_copy_value(ud)
 
     def take_acks(self) -> list[int]:
         acks = self._control.take_acks()

@@ -67,8 +67,10 @@ class PythonSandbox:
         self._log_level = log_level
         self.config = _runtime_values(plugin)
         self._module: Any = None
+        self._batch_fn: Any = None
         self._out: list[bytes] = []
         self._out_bytes = 0
+        self._out_count = 0  # messages in _out (one entry may hold many)
         self._out_time = time.monotonic()
         self._cp: Any = None
         self._has_cp = False
@@ -103,9 +105,11 @@ class PythonSandbox:
             self._call(spec.loader.exec_module, module)
         except Exception as e:
             raise PluginError(f"{path}: {type(e).__name__}: {e}") from None
-        if not callable(getattr(module, "process_message", None)):
+        batch_fn = getattr(module, "process_messages", None)
+        if not callable(getattr(module, "process_message", None)) and not callable(batch_fn):
             raise PluginError("process_message() function was not found")
         self._module = module
+        self._batch_fn = batch_fn if callable(batch_fn) and self.plugin_type != "input" else None
 
     def _call(self, fn: Any, *args: Any) -> Any:
         prev = api._current
@@ -128,6 +132,8 @@ class PythonSandbox:
         return rc, msg
 
     def run_batch(self, raws: Sequence[bytes], inject_limit: int = -1) -> BatchResult:
+        if self._batch_fn is not None:
+            return self._run_whole_batch(raws, inject_limit)
         pm = self._module.process_message
         self._commit_index = 0
         fails_before = self._failures
@@ -179,6 +185,39 @@ class PythonSandbox:
         self._flush()
         return BatchResult(len(raws), "ok", None, self._commit_index, self._failures - fails_before, self._batching)
 
+    def _run_whole_batch(self, raws: Sequence[bytes], inject_limit: int) -> BatchResult:
+        """`process_messages(raws)`: a plugin that takes the whole batch in one call (the fast path).
+
+        Its return code applies to the batch as process_message's applies to one message: 0 commits
+        the batch, -4 holds it (commit later with update_checkpoint()), -3 offers it again, -1/-2
+        skip it, > 0 terminates."""
+        self._inject_budget = inject_limit
+        self._seq += len(raws)
+        try:
+            rc, msg = _split_result(self._call(self._batch_fn, raws))
+        except Exception as e:
+            self._flush()
+            return BatchResult(0, "terminate", f"process_messages() {type(e).__name__}: {e}", 0, 0, self._batching)
+        self._flush()
+        n = len(raws)
+        if rc == 0:
+            self._batching = False
+            return BatchResult(n, "ok", None, n, 0, False)
+        if rc == -4:
+            self._batching = True
+            return BatchResult(n, "ok", None, 0, 0, True)
+        if rc == -3:
+            return BatchResult(0, "retry", msg, 0, 0, self._batching)
+        if rc in (-1, -2):
+            if msg:
+                self.log(4, f"received: {rc} msg: {msg}")
+            failed = n if rc == -1 else 0
+            return BatchResult(n, "ok", None, 0 if self._batching else n, failed, self._batching)
+        if rc > 0:
+            return BatchResult(0, "terminate", "process_messages() received a termination status code", 0, 0,
+                               self._batching)
+        return BatchResult(n, "ok", None, 0 if self._batching else n, 0, self._batching)
+
     def run_timer(self, ns: int, shutdown: bool, inject_limit: int = -1) -> None:
         te = getattr(self._module, "timer_event", None)
         if te is None:
@@ -225,6 +264,7 @@ class PythonSandbox:
             else:
                 self._out.append(framed)
                 self._out_bytes += len(framed)
+                self._out_count += 1
         if checkpoint is not None:
             if self.plugin_type != "input":
                 raise ValueError("inject_message() checkpoints are for input plugins")
@@ -232,12 +272,34 @@ class PythonSandbox:
                 raise TypeError("inject_message() unsupported checkpoint type")
             self._cp = checkpoint
             self._has_cp = True
-        if len(self._out) >= FLUSH_COUNT or self._out_bytes >= FLUSH_BYTES:
+        if self._out_count >= FLUSH_COUNT or self._out_bytes >= FLUSH_BYTES:
             self._flush()
         elif self._has_cp and time.monotonic() - self._out_time >= 1.0:
             self._flush()
         if msg is None and not self._running:
             raise _ShuttingDown()
+
+    def inject_payloads(self, payloads: list[bytes], checkpoint: Any, type_: str | None) -> None:
+        if self.plugin_type != "input":
+            raise RuntimeError("inject_payloads() is for input plugins")
+        if payloads:
+            limit = self._max_message_size - 200  # room for the headers
+            big = next((i for i, p in enumerate(payloads) if len(p) > limit), None)
+            if big is not None:
+                raise ValueError(f"inject_payloads() failed: payload {big} exceeds max_message_size")
+            framed = hmsg.encode_payloads(payloads, logger=self._logger, hostname=self._hostname, pid=self._pid,
+                                          now_ns=time.time_ns(), type=type_)
+            self._out.append(framed)
+            self._out_bytes += len(framed)
+            self._out_count += len(payloads)
+        if checkpoint is not None:
+            self.inject(None, checkpoint)  # records it, flushes when due, honours a stop request
+        else:
+            self._maybe_flush()
+
+    def _maybe_flush(self) -> None:
+        if self._out_count >= FLUSH_COUNT or self._out_bytes >= FLUSH_BYTES:
+            self._flush()
 
     def _encode(self, msg: Any) -> bytes:
         if isinstance(msg, bytes):
@@ -258,9 +320,10 @@ class PythonSandbox:
     def _flush(self) -> None:
         if self._out:
             data = b"".join(self._out)
-            count = len(self._out)
+            count = self._out_count
             self._out = []
             self._out_bytes = 0
+            self._out_count = 0
             self._host.write_messages(data, count)
         if self._has_cp:
             self._has_cp = False

@@ -9,6 +9,11 @@
 --   type_name                string, default "message"
 --   id                       string, default nil (no `_id`)
 -- All three accept `%{...}` placeholders (see heka.msg_interpolate).
+--   id_from_json             string, default nil (hindsight-py): the `_id` is the value of this
+--                            member of the JSON document itself (e.g. "eventID", or a dotted path
+--                            such as "userIdentity.accessKeyId"), so that a document sent again
+--                            after a crash overwrites its first copy instead of duplicating it.
+--                            Used by encoders.elasticsearch.payload; exclusive with `id`.
 
 local module_name = ... or "encoders.elasticsearch.common"
 local string = require "string"
@@ -86,6 +91,13 @@ function M.load_encoder_cfg()
         cfg.type_name = "message"
     elseif type(cfg.type_name) ~= "string" then
         error("type_name must be nil or a string", 0)
+    end
+
+    if cfg.id_from_json ~= nil then
+        if type(cfg.id_from_json) ~= "string" or cfg.id_from_json == "" then
+            error("id_from_json must be nil or a non-empty string", 0)
+        end
+        if cfg.id ~= nil then error("id and id_from_json are mutually exclusive", 0) end
     end
     return cfg
 end

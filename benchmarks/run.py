@@ -1,0 +1,413 @@
+#!/usr/bin/env python3
+"""hindsight-py against its baselines, in one invocation, on the same data.
+
+    python benchmarks/run.py                      # 200k lines to the fast fake _bulk endpoint
+    python benchmarks/run.py --lines 200000 1000000 2000000 --only native   # scaling
+    python benchmarks/run.py --es http://127.0.0.1:39200      # a real Elasticsearch instead
+
+Pipelines (hindsight_cli, one process per plugin):
+  lua       the project's run/ (file.lua -> counter.lua -> elasticsearch_bulk_api.lua)
+  upstream  CloudTracker's original run/ with lua_sandbox_extensions' modules (needs the mirrors)
+  native    Python plugins: plugins/flat_file.py -> plugins/elasticsearch_bulk.py
+Baselines:
+  streaming_bulk / parallel_bulk   elasticsearch-py's helpers reading the same file
+  server_limit                     pre-built bulk bodies posted as fast as the server takes them
+
+Printed: docs/s, CPU seconds (user+sys of the whole process tree), peak RSS (sum over the tree),
+and each pipeline's ratio to each baseline. Timings vary run to run (about +-20% here): compare
+ratios from the same invocation, not absolute numbers across machines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import urllib3
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED = REPO.parent / "shared"
+WORK = REPO / "benchmarks" / "_work"
+MIRROR = Path(os.environ.get("HINDSIGHT_PY_MIRROR", "/work/.mirror"))
+BATCH = 500  # documents per bulk request, as CloudTracker's elasticsearch_bulk_api.cfg
+
+
+# -- data and endpoints ------------------------------------------------------------------------
+def data_file(lines: int) -> Path:
+    WORK.mkdir(parents=True, exist_ok=True)
+    path = WORK / f"cloudtrail-{lines}.ndjson"
+    if not path.exists():
+        gen = SHARED / "tools" / "gen_cloudtrail.py"
+        tmp = path.with_suffix(".tmp")
+        subprocess.run([sys.executable, str(gen), "-n", str(lines), "-o", str(tmp)], check=True)
+        tmp.rename(path)
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Endpoint:
+    """The fast fake _bulk sink (../shared/tools/es_sink.py), or a real server (--es)."""
+
+    def __init__(self, es_url: str | None) -> None:
+        self.real = es_url is not None
+        self.http = urllib3.PoolManager(maxsize=4)
+        self.proc = None
+        if es_url:
+            self.url = es_url.rstrip("/")
+        else:
+            port = free_port()
+            self.proc = subprocess.Popen(
+                [sys.executable, str(SHARED / "tools" / "es_sink.py"), "--port", str(port)],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            )
+            self.url = f"http://127.0.0.1:{port}"
+            for _ in range(100):
+                try:
+                    self.http.request("GET", self.url + "/", retries=False)
+                    break
+                except urllib3.exceptions.HTTPError:
+                    time.sleep(0.05)
+
+    @property
+    def port(self) -> int:
+        return int(self.url.rsplit(":", 1)[1])
+
+    def reset(self, index: str) -> None:
+        if self.real:
+            self.http.request("DELETE", f"{self.url}/{index}")
+            body = json.dumps({"settings": {"index.mapping.total_fields.limit": 10000,
+                                            "number_of_replicas": 0, "refresh_interval": "30s"},
+                               "mappings": {"date_detection": False}})
+            self.http.request("PUT", f"{self.url}/{index}", body=body, headers={"Content-Type": "application/json"})
+
+    def docs(self, index: str) -> int:
+        if self.real:
+            self.http.request("POST", f"{self.url}/{index}/_refresh")
+            return json.loads(self.http.request("GET", f"{self.url}/{index}/_count").data)["count"]
+        return json.loads(self.http.request("GET", self.url + "/_sink_stats").data)["docs"]
+
+    def close(self) -> None:
+        if self.proc:
+            self.proc.terminate()
+            self.proc.wait()
+
+
+# -- measuring a process tree ------------------------------------------------------------------
+class TreeSampler(threading.Thread):
+    """Peak of the summed RSS of a process and its descendants, sampled every 20 ms."""
+
+    def __init__(self, pid: int) -> None:
+        super().__init__(daemon=True)
+        self.pid = pid
+        self.peak_kb = 0
+        self.stop = threading.Event()
+
+    def _tree(self) -> list[int]:
+        children: dict[int, list[int]] = {}
+        for d in os.listdir("/proc"):
+            if d.isdigit():
+                try:
+                    with open(f"/proc/{d}/stat") as f:
+                        ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+                except (OSError, IndexError, ValueError):
+                    continue
+                children.setdefault(ppid, []).append(int(d))
+        out, todo = [], [self.pid]
+        while todo:
+            p = todo.pop()
+            out.append(p)
+            todo.extend(children.get(p, []))
+        return out
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            total = 0
+            for p in self._tree():
+                try:
+                    with open(f"/proc/{p}/status") as f:
+                        for line in f:
+                            if line.startswith("VmRSS:"):
+                                total += int(line.split()[1])
+                                break
+                except OSError:
+                    pass
+            self.peak_kb = max(self.peak_kb, total)
+            self.stop.wait(0.02)
+
+
+def measure(cmd: list[str], cwd: Path, env: dict[str, str] | None = None) -> tuple[float, float, float, int]:
+    """(wall s, cpu s, peak RSS MB, exit status) of a command and all its descendants."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    sampler = TreeSampler(proc.pid)
+    sampler.start()
+    _, err = proc.communicate()
+    wall = time.perf_counter() - t0
+    sampler.stop.set()
+    sampler.join()
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    if proc.returncode != 0:
+        sys.stderr.write(err.decode(errors="replace")[-3000:])
+    return wall, cpu, sampler.peak_kb / 1024, proc.returncode
+
+
+# -- pipelines ----------------------------------------------------------------------------------
+HINDSIGHT_CFG = """
+output_path = "output"
+sandbox_run_path = "run"
+analysis_lua_path = "{modules}/?.lua"
+analysis_lua_cpath = "{modules}/?.so"
+io_lua_path = analysis_lua_path .. ";{io_modules}/?.lua"
+io_lua_cpath = analysis_lua_cpath .. ";{io_modules}/?.so"
+max_message_size = 1024 * 1024
+input_defaults = {{ output_limit = 1024 * 1024 }}
+analysis_defaults = {{}}
+output_defaults = {{}}
+"""
+
+
+def _sub(path: Path, pairs: dict[str, str]) -> None:
+    lines = path.read_text().splitlines()
+    for i, line in enumerate(lines):
+        for key, value in pairs.items():
+            if line.split("=")[0].strip() == key:
+                lines[i] = f"{key} = {value}"
+    path.write_text("\n".join(lines) + "\n")
+
+
+def _es_cfg(path: Path, ep: Endpoint, index: str) -> None:
+    text = path.read_text()
+    text = text.replace('"cloudtrail"', f'"{index}"')
+    path.write_text(text)
+    _sub(path, {"port": str(ep.port), "address": '"127.0.0.1"'})
+
+
+def setup_lua(work: Path, data: Path, ep: Endpoint, index: str) -> None:
+    shutil.copytree(REPO / "run", work / "run")
+    (work / "hindsight.cfg").write_text(HINDSIGHT_CFG.format(modules="/nonexistent", io_modules="/nonexistent"))
+    _sub(work / "run/input/file.cfg", {"input_filename": json.dumps(str(data))})
+    _es_cfg(work / "run/output/elasticsearch_bulk_api.cfg", ep, index)
+
+
+def upstream_available() -> bool:
+    return (MIRROR / "duo-labs+cloudtracker/repo").is_dir() and (
+        MIRROR / "mozilla-services+lua_sandbox_extensions/repo").is_dir()
+
+
+def _git_show(repo: Path, path: str) -> bytes:
+    return subprocess.run(["git", "-C", str(repo), "show", f"HEAD:{path}"], check=True, capture_output=True).stdout
+
+
+def setup_upstream(work: Path, data: Path, ep: Endpoint, index: str) -> None:
+    ext = MIRROR / "mozilla-services+lua_sandbox_extensions/repo"
+    ct = MIRROR / "duo-labs+cloudtracker/repo"
+    for extension in ("heka", "lpeg", "elasticsearch"):
+        for kind in ("modules", "io_modules"):
+            listing = subprocess.run(["git", "-C", str(ext), "ls-tree", "-r", "--name-only", "HEAD",
+                                      f"{extension}/{kind}"], check=True, capture_output=True, text=True).stdout
+            for name in listing.split():
+                dest = work / "lib" / kind / name.split("/", 2)[2]
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                dest.write_bytes(_git_show(ext, name))
+    for name in ("input/file.cfg", "input/file.lua", "analysis/counter.cfg", "analysis/counter.lua",
+                 "output/elasticsearch_bulk_api.cfg", "output/elasticsearch_bulk_api.lua"):
+        dest = work / "run" / name
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.write_bytes(_git_show(ct, f"hindsight/run/{name}"))
+    (work / "hindsight.cfg").write_text(HINDSIGHT_CFG.format(modules=work / "lib/modules",
+                                                             io_modules=work / "lib/io_modules"))
+    _sub(work / "run/input/file.cfg", {"input_filename": json.dumps(str(data)), "instruction_limit": "0"})
+    _es_cfg(work / "run/output/elasticsearch_bulk_api.cfg", ep, index)
+
+
+NATIVE_INPUT = """filename = "flat_file.py"
+input_filename = {data}
+"""
+NATIVE_OUTPUT = """filename = "elasticsearch_bulk.py"
+message_matcher = "TRUE"
+address = "127.0.0.1"
+port = {port}
+flush_count = 5000
+ticker_interval = 10
+encoders_elasticsearch_common = {{ index = "{index}", type_name = "doc" }}
+"""
+
+
+def setup_native(work: Path, data: Path, ep: Endpoint, index: str) -> None:
+    for t in ("input", "analysis", "output"):
+        (work / "run" / t).mkdir(parents=True)
+    (work / "hindsight.cfg").write_text(HINDSIGHT_CFG.format(modules="/nonexistent", io_modules="/nonexistent"))
+    (work / "run/input/flat_file.cfg").write_text(NATIVE_INPUT.format(data=json.dumps(str(data))))
+    (work / "run/output/elasticsearch_bulk.cfg").write_text(NATIVE_OUTPUT.format(port=ep.port, index=index))
+
+
+PIPELINES = {"lua": setup_lua, "upstream": setup_upstream, "native": setup_native}
+
+
+def run_pipeline(name: str, data: Path, lines: int, ep: Endpoint) -> dict:
+    work = WORK / f"run-{name}"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    index = f"bench-{name}"
+    PIPELINES[name](work, data, ep, index)
+    ep.reset(index)
+    docs_before = ep.docs(index)
+    wall, cpu, rss, rc = measure([sys.executable, "-m", "hindsight_py.cli", "hindsight.cfg"], work)
+    shipped = ep.docs(index) - docs_before
+    if not ep.real and name == "upstream":
+        shipped = min(shipped, lines)  # its counter payloads are set aside, not sent
+    return {"name": name, "wall": wall, "cpu": cpu, "rss": rss, "rc": rc, "docs": shipped}
+
+
+# -- baselines ----------------------------------------------------------------------------------
+def _actions(data: Path, index: str):
+    with open(data, "rb") as fh:
+        for line in fh:
+            yield {"_op_type": "index", "_index": index, "_source": line.rstrip(b"\n").decode()}
+
+
+def _client(ep: Endpoint):
+    import elasticsearch
+    from elasticsearch import Elasticsearch
+
+    client = Elasticsearch(ep.url, request_timeout=60)
+    if not ep.real or elasticsearch.__versionstr__.split(".")[0] != "8":
+        # the fake endpoint (and servers of another major version) would fail the client's product
+        # and version checks; the bulk requests themselves are the same
+        from elastic_transport import Transport
+
+        client = Elasticsearch(ep.url, request_timeout=60, headers={"accept": "application/json",
+                                                                     "content-type": "application/json"})
+        orig = Transport.perform_request
+
+        def perform_request(self, *a, **kw):
+            resp = orig(self, *a, **kw)
+            resp.meta.headers["x-elastic-product"] = "Elasticsearch"
+            return resp
+
+        Transport.perform_request = perform_request  # type: ignore[method-assign]
+    return client
+
+
+def _helper_source(data: Path, index: str, kind: str, url: str, real: bool) -> str:
+    return f"""
+import sys, time
+sys.path.insert(0, {str(REPO / 'benchmarks')!r})
+from run import Endpoint, _actions, _client
+ep = Endpoint.__new__(Endpoint); ep.url = {url!r}; ep.real = {real!r}
+from elasticsearch import helpers
+client = _client(ep)
+n = 0
+if {kind!r} == "streaming_bulk":
+    for ok, _ in helpers.streaming_bulk(client, _actions(__import__('pathlib').Path({str(data)!r}), {index!r}),
+                                        chunk_size={BATCH}, raise_on_error=True):
+        n += 1
+else:
+    for ok, _ in helpers.parallel_bulk(client, _actions(__import__('pathlib').Path({str(data)!r}), {index!r}),
+                                       chunk_size={BATCH}, thread_count=2):
+        n += 1
+print(n)
+"""
+
+
+def run_helper(kind: str, data: Path, ep: Endpoint) -> dict:
+    index = f"bench-{kind}"
+    ep.reset(index)
+    before = ep.docs(index)
+    wall, cpu, rss, rc = measure([sys.executable, "-c", _helper_source(data, index, kind, ep.url, ep.real)], WORK)
+    return {"name": kind, "wall": wall, "cpu": cpu, "rss": rss, "rc": rc, "docs": ep.docs(index) - before}
+
+
+def run_server_limit(data: Path, ep: Endpoint) -> dict:
+    """Pre-built bodies of BATCH documents, posted back to back over one keep-alive connection."""
+    index = "bench-server-limit"
+    action = json.dumps({"index": {"_index": index}}).encode() + b"\n"
+    bodies, parts, n = [], [], 0
+    with open(data, "rb") as fh:
+        for line in fh:
+            parts.append(action)
+            parts.append(line if line.endswith(b"\n") else line + b"\n")
+            n += 1
+            if n % BATCH == 0:
+                bodies.append(b"".join(parts))
+                parts = []
+    if parts:
+        bodies.append(b"".join(parts))
+    ep.reset(index)
+    before = ep.docs(index)
+    pool = urllib3.HTTPConnectionPool("127.0.0.1", ep.port, maxsize=1)
+    t0 = time.perf_counter()
+    c0 = time.process_time()
+    for body in bodies:
+        r = pool.urlopen("POST", "/_bulk", body=body, headers={"Content-Type": "application/x-ndjson"})
+        if r.status != 200:
+            raise RuntimeError(f"server limit run: HTTP {r.status}")
+    wall = time.perf_counter() - t0
+    cpu = time.process_time() - c0
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"name": "server_limit", "wall": wall, "cpu": cpu, "rss": rss, "rc": 0, "docs": ep.docs(index) - before}
+
+
+# -- report ---------------------------------------------------------------------------------------
+def report(results: list[dict], lines: int, baselines: list[str]) -> None:
+    print(f"\n{lines:,} lines ({'documents/s counts what the endpoint received'})")
+    print(f"{'run':<14}{'docs':>10}{'wall s':>9}{'docs/s':>11}{'cpu s':>8}{'peak RSS MB':>13}{'rc':>4}", end="")
+    for b in baselines:
+        print(f"{'x ' + b:>18}", end="")
+    print()
+    rate = {r["name"]: r["docs"] / r["wall"] if r["wall"] else 0 for r in results}
+    for r in results:
+        print(f"{r['name']:<14}{r['docs']:>10,}{r['wall']:>9.2f}{rate[r['name']]:>11,.0f}{r['cpu']:>8.2f}"
+              f"{r['rss']:>13.1f}{r['rc']:>4}", end="")
+        for b in baselines:
+            ratio = rate[r["name"]] / rate[b] if rate.get(b) else float("nan")
+            print(f"{ratio:>18.2f}", end="")
+        print()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--lines", type=int, nargs="+", default=[200_000])
+    ap.add_argument("--es", help="a real Elasticsearch/OpenSearch URL instead of the fake endpoint")
+    ap.add_argument("--only", nargs="+", choices=list(PIPELINES), help="pipelines to run (default: all)")
+    ap.add_argument("--no-baselines", action="store_true")
+    args = ap.parse_args()
+    ep = Endpoint(args.es)
+    try:
+        for lines in args.lines:
+            data = data_file(lines)
+            results = []
+            baselines = [] if args.no_baselines else ["server_limit", "streaming_bulk", "parallel_bulk"]
+            if not args.no_baselines:
+                results.append(run_server_limit(data, ep))
+                for kind in ("streaming_bulk", "parallel_bulk"):
+                    results.append(run_helper(kind, data, ep))
+            for name in args.only or list(PIPELINES):
+                if name == "upstream" and not upstream_available():
+                    print("upstream: skipped (the public sources are not mirrored here)")
+                    continue
+                results.append(run_pipeline(name, data, lines, ep))
+            report(results, lines, baselines)
+    finally:
+        ep.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
