@@ -111,6 +111,17 @@ def dead_letter(reason: str, data: bytes | str = b"") -> None:
     _sandbox().dead_letter(reason, data)
 
 
+def count_delivery(indexed: int = 0, dead_lettered: int = 0, set_aside: int = 0, retried: int = 0) -> None:
+    """Outputs that ship documents themselves: add to the counts of the run summary
+    (documents indexed, dead-lettered, set aside as not documents; requests retried)."""
+    stats = getattr(_sandbox()._host, "stats", None)  # hosts without counters (tests) ignore this
+    if stats is not None:
+        stats.indexed += indexed
+        stats.dead_lettered += dead_lettered
+        stats.set_aside += set_aside
+        stats.retried += retried
+
+
 def log(level: int, text: str) -> None:
     """Log at a syslog level (3 error, 4 warning, 6 info, 7 debug) under the plugin's name."""
     _sandbox().log(level, text)
@@ -118,6 +129,7 @@ def log(level: int, text: str) -> None:
 
 __all__ = [
     "add_to_payload",
+    "count_delivery",
     "create_message_matcher",
     "current_message",
     "dead_letter",

@@ -32,6 +32,7 @@ from hindsight_py.sandbox import PluginError, Sandbox, create_sandbox
 STATUS_BITS = {"input": 2, "analysis": 4, "output": 8}
 
 CP_SEND_INTERVAL = 0.25  # seconds between checkpoint reports to the supervisor
+STATS_SEND_INTERVAL = 1.0  # seconds between ("stats", ...) reports (the supervisor's live status line)
 IDLE_SLEEP = 0.02  # seconds to wait for new queue data
 RETRY_DELAY = 1.0  # upstream re-offers a -3 message after one second
 
@@ -81,6 +82,9 @@ class _Channel:
         self._conn = conn
         self._pending: dict[str, Any] = {}
         self._last_send = 0.0
+        self._last_stats = 0.0
+        #: the (plugin name, stats) of this process's plugins, reported about once a second
+        self.stats_source: Callable[[], list[tuple[str, dict[str, int]]]] | None = None
         self.drain = False
         self.stop = False
 
@@ -97,6 +101,13 @@ class _Channel:
         self._last_send = time.monotonic()
 
     def poll(self) -> None:
+        now = time.monotonic()
+        if self._pending and now - self._last_send >= CP_SEND_INTERVAL:
+            self.send_checkpoints()  # a coalesced checkpoint must not wait for the next one while idle
+        if self.stats_source is not None and now - self._last_stats >= STATS_SEND_INTERVAL:
+            self._last_stats = now
+            for name, stats in self.stats_source():
+                self._conn.send(("stats", name, stats))
         while self._conn.poll():
             try:
                 msg = self._conn.recv()
@@ -216,6 +227,7 @@ class _Runner:
         self._input_writer: QueueWriter | None = None
         self.writer: QueueWriter  # where this process's plugins inject (outputs have none)
         self._commit_cb: Callable[[], None] = lambda: None
+        self.hosts: list[_Host] = []  # every plugin of this process, for the periodic stats
 
     def input_writer(self) -> QueueWriter:
         if self._input_writer is None:
@@ -227,6 +239,7 @@ class _Runner:
 
     def make_sandbox(self, plugin: PluginConfig) -> tuple[Sandbox, _Host]:
         host = _Host(self, plugin)
+        self.hosts.append(host)
         sandbox = create_sandbox(plugin, self.hs, host, log_level=self.spec.log_level, pid=self.spec.supervisor_pid)
         sandbox.load()
         return sandbox, host
@@ -340,6 +353,9 @@ class _PluginSlot:
         self.alive = True
         self.next_timer = time.monotonic() + plugin.ticker_interval if plugin.ticker_interval else None
         self.async_positions: dict[int, tuple[int, int]] = {}
+        # an output that returned -4 holds messages it has not delivered yet: until it commits, the
+        # read position must not pass them, not even over a batch its matcher skips entirely
+        self.holding = False
 
 
 def _data_time_ns(raw: bytes, current: int) -> int:
@@ -364,8 +380,14 @@ def _read_loop(r: _Runner, readers: list[_Reader], slots: list[_PluginSlot], *, 
         for reader in readers:
             if reader.key in last_pos:
                 commit(reader, last_pos[reader.key])
+        if out_slot is not None:
+            out_slot.holding = False  # update_checkpoint() from timer_event: everything is delivered
 
     r._commit_cb = commit_processed
+    # decode only what the matchers look at: most test headers alone
+    live_matchers = [s.matcher for s in slots if not s.matcher.always]
+    need_fields = any(not m.headers_only for m in live_matchers)
+    need_payload = any("Payload" in m.expression for m in live_matchers)
 
     def fire_timers(shutdown: bool) -> None:
         now = time.monotonic()
@@ -424,12 +446,14 @@ def _read_loop(r: _Runner, readers: list[_Reader], slots: list[_PluginSlot], *, 
                 subset = records
             else:
                 if decoded is None:
-                    decoded = [_safe_decode(raw) for raw in records]
+                    decoded = [_safe_decode(raw, need_fields, need_payload) for raw in records]
                 idx = [i for i, m in enumerate(decoded) if m is not None and slot.matcher(m)]
                 subset = [records[i] for i in idx]
             host = slot.host
             limit = slot.plugin.process_message_inject_limit if slot.plugin.type == "analysis" else -1
             start = 0
+            if is_output and not subset and slot.holding:
+                batch_commit = None
             while start < len(subset) or (not subset and start == 0):
                 if not subset:
                     break
@@ -438,6 +462,7 @@ def _read_loop(r: _Runner, readers: list[_Reader], slots: list[_PluginSlot], *, 
                 res = slot.sandbox.run_batch(part, limit)
                 host.stats.processed += res.processed
                 host.stats.failures += res.failures
+                slot.holding = res.batching
                 if is_output:
                     if slot.plugin.async_buffer_size:
                         for j in range(res.processed):
@@ -488,9 +513,9 @@ def _read_loop(r: _Runner, readers: list[_Reader], slots: list[_PluginSlot], *, 
     r.channel.send_checkpoints()
 
 
-def _safe_decode(raw: bytes) -> Any:
+def _safe_decode(raw: bytes, fields: bool = True, payload: bool = True) -> Any:
     try:
-        return hmsg.decode(raw)
+        return hmsg.decode(raw, fields=fields, payload=payload)
     except hmsg.DecodeError:
         return None
 
@@ -557,6 +582,7 @@ def run_process(spec: ProcessSpec, conn: Connection) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     channel = _Channel(conn)
     r = _Runner(spec, channel)
+    channel.stats_source = lambda: [(h.plugin.name, _stats_dict(h)) for h in r.hosts]
     try:
         if spec.kind == "input":
             _run_input(r)

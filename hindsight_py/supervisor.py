@@ -3,8 +3,12 @@ keeps `hindsight.cp`, runs hindsight_cli's staged shutdown and computes the exit
 
 Staged shutdown (as hindsight_cli): when every input has finished, analysis processes drain the
 input queue to its end and stop; then outputs drain both queues and stop. A first SIGINT/SIGTERM
-stops the inputs and lets the stages drain (bounded by `shutdown_timeout`); a second one stops at
-once, keeping the checkpoints of what was delivered, so nothing on disk is lost.
+stops the inputs and lets the stages drain (bounded by `shutdown_timeout`, then the outputs are
+told to stop, then killed); a second one stops at once, keeping the checkpoints of what was
+delivered, so nothing on disk is lost.
+
+Delivery is at-least-once (docs/delivery.md): a checkpoint is written to `hindsight.cp` only after
+what it covers is on disk (input and analysis queues, fsync()ed first) or accepted by the server.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
@@ -31,10 +36,19 @@ from hindsight_py.config import (
     write_runtime_cfg,
 )
 from hindsight_py.log import Logger
-from hindsight_py.queue import queue_head
+from hindsight_py.queue import list_ids, queue_head
 from hindsight_py.runner import STATUS_BITS, ProcessSpec, run_process
 
-CHECKPOINT_INTERVAL = 1.0
+#: seconds between writes of hindsight.cp; what a kill -9 can make the next run send again is about
+#: this much input (the input's checkpoint lags its queue by up to this, plus the children's 0.25 s)
+CHECKPOINT_INTERVAL = 0.5
+#: seconds between refreshes of the live status line (stderr on a terminal only)
+STATUS_INTERVAL = 1.0
+#: how long a first stop signal lets the queues drain before the outputs are told to stop
+DEFAULT_SHUTDOWN_TIMEOUT = 60.0
+SHUTDOWN_TIMEOUT_ENV = "HINDSIGHT_PY_SHUTDOWN_TIMEOUT"
+#: seconds the processes get to stop after being told to, before they are killed
+STOP_GRACE = 15.0
 #: exit status bit (hindsight-py): some messages could not be delivered and are in a dead-letter file
 STATUS_DEAD_LETTERS = 16
 STATUS_SYSTEM_ERROR = 1
@@ -74,8 +88,14 @@ class Supervisor:
         self.cp_dirty = False
         self.children: list[_Child] = []
         self.summary = Summary()
+        #: the latest ("stats", name, dict) of each plugin; an "exit" replaces it with the final one
+        self.live_stats: dict[str, dict[str, int]] = {}
+        self.status_line: StatusLine | None = StatusLine(sys.stderr.write) if _is_terminal(sys.stderr) else None
         self._signals = 0
         self._stop_deadline: float | None = None
+        self._kill_deadline: float | None = None
+        # per queue, the head up to which the queue files are known to be fsync()ed
+        self._synced_heads: dict[str, tuple[int, int]] = {}
 
     # -- start ------------------------------------------------------------------------------
     def prepare(self) -> None:
@@ -169,10 +189,15 @@ class Supervisor:
             for s, h in old.items():
                 signal.signal(s, h)
             self._write_checkpoints(force=True)
+            if self.status_line is not None:
+                self.status_line.clear()
+        # a plugin whose process died before it said goodbye still counts what it reported
+        for name, stats in self.live_stats.items():
+            self.summary.stats.setdefault(name, stats)
         return self.summary
 
     def _loop(self) -> None:
-        last_cp = time.monotonic()
+        last_cp = last_status = time.monotonic()
         handled_signals = 0
         while True:
             live = [c for c in self.children if not c.done]
@@ -187,9 +212,15 @@ class Supervisor:
                     self._force_stop()
                     return
             if self._stop_deadline is not None and time.monotonic() > self._stop_deadline:
-                self.log(4, f"shutdown did not finish within {self.shutdown_timeout:g}s: stopping the outputs")
+                self.log(4, f"shutdown did not finish within {self.shutdown_timeout:g}s: stopping the outputs "
+                            "(what they have not delivered stays queued for the next run)")
                 self._send(None, "stop")
                 self._stop_deadline = None
+                self._kill_deadline = time.monotonic() + STOP_GRACE
+            if self._kill_deadline is not None and time.monotonic() > self._kill_deadline:
+                self.log(4, f"processes still running {STOP_GRACE:g}s after being told to stop: killing them")
+                self._force_stop()
+                return
             try:
                 ready = wait([c.conn for c in live], timeout=0.2)
             except InterruptedError:
@@ -201,9 +232,22 @@ class Supervisor:
                 if not child.done and child.process.exitcode is not None and not child.conn.poll():
                     self._child_died(child)
             self._advance_stages()
-            if time.monotonic() - last_cp >= CHECKPOINT_INTERVAL:
+            now = time.monotonic()
+            if now - last_cp >= CHECKPOINT_INTERVAL:
                 self._write_checkpoints()
                 last_cp = time.monotonic()
+            if self.status_line is not None and now - last_status >= STATUS_INTERVAL:
+                self.status_line.show(self._totals(), now)
+                last_status = now
+
+    def _totals(self) -> dict[str, int]:
+        """The live counters over every plugin (the final ones for plugins that exited)."""
+        stats = {**self.live_stats, **self.summary.stats}
+        inputs = {p.name for p in self.plugins if p.type == "input"}
+        totals = {"read": sum(s.get("injected", 0) for name, s in stats.items() if name in inputs)}
+        for key in ("indexed", "dead_lettered", "set_aside", "retried"):
+            totals[key] = sum(s.get(key, 0) for s in stats.values())
+        return totals
 
     def _receive(self, child: _Child) -> None:
         while True:
@@ -217,7 +261,9 @@ class Supervisor:
                     self._child_died(child)
                 return
             kind = msg[0]
-            if kind == "cp":
+            if kind == "stats":
+                self.live_stats[msg[1]] = msg[2]
+            elif kind == "cp":
                 for k, v in msg[1].items():
                     if v is not None and self.checkpoints.get(k) != v:
                         self.checkpoints[k] = v
@@ -295,16 +341,101 @@ class Supervisor:
         self.summary.status |= STATUS_SYSTEM_ERROR
 
     def _write_checkpoints(self, force: bool = False) -> None:
+        heads = {}
         for queue in ("input", "analysis"):
             pos = queue_head(self.hs.output_dir / queue)
             if pos is not None:
+                heads[queue] = pos
                 value = f"{pos[0]}:{pos[1]}"
                 if self.checkpoints.get(queue) != value:
                     self.checkpoints[queue] = value
                     self.cp_dirty = True
         if self.cp_dirty or force:
+            # Every checkpoint received so far covers only queue bytes already written; once they
+            # are fsync()ed too, even a power cut cannot leave hindsight.cp ahead of the queues.
+            for queue, head in heads.items():
+                self._sync_queue(queue, head)
             save_checkpoints(self.cp_path, self.checkpoints)
             self.cp_dirty = False
+
+    def _sync_queue(self, queue: str, head: tuple[int, int]) -> None:
+        if self._synced_heads.get(queue) == head:
+            return
+        directory = self.hs.output_dir / queue
+        first = self._synced_heads.get(queue, (-1, 0))[0]
+        for file_id in list_ids(directory):
+            if first <= file_id <= head[0]:
+                try:
+                    fd = os.open(directory / f"{file_id}.log", os.O_RDONLY | os.O_CLOEXEC)
+                except FileNotFoundError:
+                    continue
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+        self._synced_heads[queue] = head
+
+
+class StatusLine:
+    """The live status line on a terminal: rewritten in place, cleared before the summary.
+
+    Log lines (log.Logger) start by erasing it, so they never end up glued to its text; it comes
+    back at the next refresh.
+    """
+
+    def __init__(self, write: Callable[[str], Any]) -> None:
+        self._write = write
+        self._last: tuple[float, int] | None = None  # (time, documents) of the previous refresh
+        self._rate = 0.0
+        self.shown = False
+
+    def render(self, totals: dict[str, int], now: float) -> str:
+        shipped = totals.get("indexed", 0)
+        if self._last is not None and now > self._last[0]:
+            self._rate = max(0.0, (shipped - self._last[1]) / (now - self._last[0]))
+        self._last = (now, shipped)
+        dead = totals.get("dead_lettered", 0) + totals.get("set_aside", 0)
+        return (f"read {totals.get('read', 0):,} lines | shipped {shipped:,} documents "
+                f"({self._rate:,.0f}/s) | dead-lettered {dead:,} | retried {totals.get('retried', 0):,}")
+
+    def show(self, totals: dict[str, int], now: float) -> None:
+        self._write("\r\x1b[K" + self.render(totals, now))
+        _flush_stderr()
+        self.shown = True
+
+    def clear(self) -> None:
+        if self.shown:
+            self._write("\r\x1b[K")
+            _flush_stderr()
+            self.shown = False
+
+
+def _flush_stderr() -> None:
+    try:
+        sys.stderr.flush()
+    except (OSError, ValueError):
+        pass
+
+
+def _is_terminal(stream: Any) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):
+        return False
+
+
+def _shutdown_timeout(log: Callable[[int, str], None]) -> float:
+    text = os.environ.get(SHUTDOWN_TIMEOUT_ENV)
+    if not text:
+        return DEFAULT_SHUTDOWN_TIMEOUT
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:
+        log(4, f"{SHUTDOWN_TIMEOUT_ENV}={text!r} is not a number of seconds: using {DEFAULT_SHUTDOWN_TIMEOUT:g}")
+        return DEFAULT_SHUTDOWN_TIMEOUT
+    return value
 
 
 def load_all(cfg_path: str, log_level: int) -> tuple[HindsightConfig, list[PluginConfig]]:
@@ -346,7 +477,7 @@ def run(cfg_path: str, log_level: int = 6) -> int:
     except OSError as e:
         log(3, f"loading {cfg_path} failed: {e}")
         return STATUS_SYSTEM_ERROR
-    sup = Supervisor(hs, plugins, log_level)
+    sup = Supervisor(hs, plugins, log_level, shutdown_timeout=_shutdown_timeout(log))
     try:
         sup.prepare()
     except Exception as e:  # a broken hindsight.cp or an unwritable output_path

@@ -73,7 +73,8 @@ if op_type not in ("index", "create"):
 
 _all_cfg = {k: read_config(k) for k in (
     "address", "port", "url", "urls", "timeout", "max_retry", "discard_on_error", "abort_on_error",
-    "username", "password", "api_key", "ca_certs", "verify_certs", "client_cert", "client_key", "gzip")}
+    "username", "password", "api_key", "ca_certs", "verify_certs", "client_cert", "client_key", "gzip",
+    "type_conflicts", "index_template")}
 _output_path = read_config("output_path")
 _logger = read_config("Logger")
 

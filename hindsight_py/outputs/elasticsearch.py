@@ -21,9 +21,10 @@ import json
 import logging
 import os
 import random
+import re
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -59,6 +60,9 @@ LOG_DEBUG = 7
 # dead-lettered: they mean the credentials are wrong, not the documents, and dumping the
 # whole stream to the dead-letter file because a password expired would help nobody.
 _RETRYABLE_REQUEST_STATUSES = frozenset({401, 403, 407, 408, 429})
+# ... and for the same reason they are waited out even past max_retries: giving up would
+# dead-letter everything that arrives until someone fixes the credentials.
+_AUTH_STATUSES = frozenset({401, 403, 407})
 # At most one retry warning per this many seconds per sender; the rest are summarised.
 _RETRY_LOG_INTERVAL = 10.0
 # How far into a response the top-level "errors" flag can be: after "took" and, on ES 8,
@@ -66,7 +70,11 @@ _RETRY_LOG_INTERVAL = 10.0
 _ERRORS_FLAG_WINDOW = 96
 # filter_path keeps the response to a status per item (~30 B instead of ~200 B); items
 # keep their order, which is what maps them back to documents.
-_BULK_QUERY = "?filter_path=took,errors,items.*.status,items.*.error"
+# Sent percent-encoded: AWS SigV4 signs the query in that form, and the server decodes it.
+_BULK_QUERY = "?filter_path=took%2Cerrors%2Citems.%2A.status%2Citems.%2A.error"
+
+#: Signs one request: (method, URL, headers, body) -> headers to add (outputs/sigv4.py).
+RequestSigner = Callable[[str, str, Mapping[str, str], bytes], Mapping[str, str]]
 
 
 @dataclass(frozen=True)
@@ -188,10 +196,14 @@ def _split_bulk_body(body: bytes) -> list[_Document]:
     return docs
 
 
+# A line that does not start with "{" (an empty line included); the final newline has no line after it.
+_LINE_NOT_AN_OBJECT = re.compile(rb"\n[^{]")
+
+
 def _every_line_is_an_object(body: bytes) -> bool:
-    # the common case, checked in C: every action and source line starts with "{"
-    lines = body.count(b"\n") + (0 if body.endswith(b"\n") else 1)
-    return body.count(b"\n{") + (1 if body.startswith(b"{") else 0) == lines
+    # the common case, checked in C: every action and source line starts with "{" (a regex with a
+    # literal prefix scans at memchr speed, five times faster than counting b"\n{")
+    return body.startswith(b"{") and _LINE_NOT_AN_OBJECT.search(body) is None
 
 
 def bulk_body_count(body: bytes) -> int:
@@ -228,6 +240,17 @@ class _Batch:
             # Level 1: most of gzip's gain on JSON at a fraction of the CPU.
             self._gzipped = gzip_module.compress(self.body, compresslevel=1)
         return self._gzipped
+
+
+def _transport_problem(exc: BaseException) -> str:
+    """A failed connection in words, with what to do when it is the certificate check."""
+    text = f"{type(exc).__name__}: {exc}"
+    if "CERTIFICATE_VERIFY_FAILED" in text:
+        text += (
+            " -- the server's TLS certificate could not be verified: give the CA bundle that signed it"
+            " (ca_certs), or check the host name in the URL against the certificate"
+        )
+    return text
 
 
 def _describe_error(error: Any) -> str:
@@ -281,6 +304,9 @@ class BulkSender:
         backoff_max: float = 30,
         log: Callable[[int, str], None] | None = None,
         stop_event: threading.Event | None = None,
+        conflict_resolver: Callable[[bytes, dict[str, Any]], bytes | None] | None = None,
+        prepare: Callable[[BulkSender], str | None] | None = None,
+        signer: RequestSigner | None = None,
     ) -> None:
         if isinstance(urls, str):
             urls = [urls]
@@ -292,6 +318,16 @@ class BulkSender:
         self.backoff_initial = backoff_initial
         self.backoff_max = backoff_max
         self.stop_event = stop_event
+        #: Given a rejected document's source and the server's error, returns a mended source to send
+        #: again, or None to dead-letter it (outputs/type_conflicts.py moves mistyped fields aside).
+        self.conflict_resolver = conflict_resolver
+        #: Runs before the first request until it returns None (e.g. installs an index template);
+        #: a reason returned instead is waited out like a failed request.
+        self.prepare = prepare
+        #: Adds per-request authentication headers (AWS SigV4); may be set after construction.
+        self.signer = signer
+        #: The HTTP status of the last failed detect() when a server answered, None when none did.
+        self.detect_failure_status: int | None = None
         self.stats = SenderStats()
         self._log = log if log is not None else _python_logging
         # Tests replace this to make the jitter deterministic.
@@ -345,13 +381,17 @@ class BulkSender:
             return self._server_info
         headers = {k: v for k, v in self._headers.items() if k not in ("Content-Type", "Content-Encoding")}
         problems = []
+        self.detect_failure_status = None
         for pool, prefix in self._targets:
             try:
-                response = pool.request("GET", prefix + "/", headers=headers, retries=False)
+                response = pool.request(
+                    "GET", prefix + "/", headers=self._signed(pool, "GET", prefix + "/", headers, b""), retries=False
+                )
             except (Urllib3Error, OSError) as exc:
-                problems.append(f"{pool.host}:{pool.port}: {exc}")
+                problems.append(f"{pool.host}:{pool.port}: {_transport_problem(exc)}")
                 continue
             if response.status != 200:
+                self.detect_failure_status = response.status
                 problems.append(
                     f"{pool.host}:{pool.port}: {_error_from_body(response.status, response.data)[0]}"
                 )
@@ -393,7 +433,7 @@ class BulkSender:
     def _deliver(self, batch: _Batch, result: SendResult) -> None:
         attempt = 0
         while True:
-            outcome = self._post(batch.payload(self.gzip))
+            outcome = self._prepared() or self._post(batch.payload(self.gzip))
             if isinstance(outcome, _Failure):
                 failure = outcome
             else:
@@ -433,7 +473,8 @@ class BulkSender:
                     failure = _Failure(reason, status, error)
 
             attempt += 1
-            if self.max_retries is not None and attempt > self.max_retries:
+            if (self.max_retries is not None and attempt > self.max_retries
+                    and failure.status not in _AUTH_STATUSES):
                 reason = f"gave up after {self.max_retries} retries: {failure.reason}"
                 self._dead_letter(batch.documents(), failure.status, reason, failure.error, result)
                 return
@@ -443,23 +484,62 @@ class BulkSender:
             result.retried += 1
             self.stats.retried_requests += 1
 
+    def _prepared(self) -> _Failure | None:
+        if self.prepare is None:
+            return None
+        reason = self.prepare(self)
+        if reason is None:
+            self.prepare = None
+            return None
+        self.stats.failed_requests += 1
+        return _Failure(reason)
+
+    def request(self, method: str, path: str, body: Any = None) -> tuple[int, bytes] | str:
+        """One JSON request (not a bulk) to the current URL: (status, body), or why there was no answer."""
+        pool, prefix = self._targets[self._current]
+        headers = {k: v for k, v in self._headers.items() if k != "Content-Encoding"}
+        headers["Content-Type"] = "application/json"
+        data = None if body is None else json.dumps(body).encode()
+        headers = self._signed(pool, method, prefix + path, headers, data or b"")
+        try:
+            response = pool.urlopen(method, prefix + path, body=data, headers=headers, retries=False,
+                                    redirect=False, preload_content=True)
+        except (Urllib3Error, OSError) as exc:
+            return f"{pool.scheme}://{pool.host}:{pool.port}: {_transport_problem(exc)}"
+        return response.status, response.data
+
     def _post(self, payload: bytes) -> tuple[int, bytes] | _Failure:
         pool, prefix = self._targets[self._current]
         self.stats.requests += 1
+        path = prefix + "/_bulk" + _BULK_QUERY
         try:
             response = pool.urlopen(
                 "POST",
-                prefix + "/_bulk" + _BULK_QUERY,
+                path,
                 body=payload,
-                headers=self._headers,
+                headers=self._signed(pool, "POST", path, self._headers, payload),
                 retries=False,
                 redirect=False,
                 preload_content=True,
             )
         except (Urllib3Error, OSError) as exc:
             self.stats.failed_requests += 1
-            return _Failure(f"{pool.scheme}://{pool.host}:{pool.port}: {type(exc).__name__}: {exc}")
+            return _Failure(f"{pool.scheme}://{pool.host}:{pool.port}: {_transport_problem(exc)}")
         return response.status, response.data
+
+    def _signed(
+        self, pool: urllib3.HTTPConnectionPool, method: str, path: str, headers: Mapping[str, str], body: bytes
+    ) -> Mapping[str, str]:
+        """`headers`, plus the signer's (SigV4) for this very request when there is a signer."""
+        if self.signer is None:
+            return headers
+        host = f"[{pool.host}]" if ":" in (pool.host or "") else str(pool.host)
+        if pool.port is not None and pool.port != {"http": 80, "https": 443}.get(pool.scheme):
+            host = f"{host}:{pool.port}"
+        signed = {k: v for k, v in headers.items() if k != "Authorization"}
+        signed["Host"] = host  # sent as signed: urllib3 keeps a Host header it is given
+        signed.update(self.signer(method, f"{pool.scheme}://{host}{path}", signed, body))
+        return signed
 
     def _settle_indexed(self, count: int, result: SendResult) -> None:
         result.indexed += count
@@ -488,6 +568,7 @@ class BulkSender:
                 "documents without an item are dead-lettered",
             )
         retry: list[_Document] = []
+        resend: list[_Document] = []  # rejected, then mended by the conflict resolver
         refusal: _Failure | None = None
         indexed = 0
         dead: dict[tuple[int, str], tuple[dict[str, Any], list[_Document]]] = {}
@@ -514,10 +595,17 @@ class BulkSender:
             else:
                 error = outcome.get("error")
                 error = error if isinstance(error, dict) else {"reason": str(error)}
+                mended = self._mend(document, error)
+                if mended is not None:
+                    resend.append(mended)
+                    continue
                 dead.setdefault((status, _describe_error(error)), (error, []))[1].append(document)
         self._settle_indexed(indexed, result)
         for (status, reason), (error, documents) in dead.items():
             self._dead_letter(documents, status, reason, error, result)
+        if resend:
+            self._log(LOG_INFO, f"{len(resend)} documents sent again with mistyped fields moved aside")
+            self._deliver(_Batch.of(resend), result)
         again = _Batch.of(retry)
         if refusal is not None:
             again.refusal = _Failure(
@@ -526,6 +614,12 @@ class BulkSender:
                 refusal.error if isinstance(refusal.error, dict) else {"reason": str(refusal.error)},
             )
         return again
+
+    def _mend(self, document: _Document, error: dict[str, Any]) -> _Document | None:
+        if self.conflict_resolver is None or document.source is None:
+            return None
+        source = self.conflict_resolver(document.source, error)
+        return None if source is None else _Document(document.action, source)
 
     def _wait_before_retry(self, attempt: int, reason: str, result: SendResult) -> None:
         # The exponent is bounded: retrying forever must not overflow a float.

@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from hindsight_py.outputs import type_conflicts
 from hindsight_py.outputs.elasticsearch import BulkSender, SendInterrupted, ServerInfo, bulk_body_count
 
 
@@ -54,7 +55,7 @@ def sender_from_config(cfg: dict[str, Any], *, dead_letter_path: Any, log: Calla
     `max_retry` times and then dead-letters the batch instead of discarding it.
     """
     gives_up = bool(cfg.get("discard_on_error") or cfg.get("abort_on_error"))
-    return BulkSender(
+    sender = BulkSender(
         urls_from_config(cfg),
         dead_letter_path=dead_letter_path,
         timeout=float(cfg.get("timeout") or 10),
@@ -70,11 +71,16 @@ def sender_from_config(cfg: dict[str, Any], *, dead_letter_path: Any, log: Calla
         log=log,
         stop_event=stop_event,
     )
+    # type_conflicts (default: rename mistyped fields and send again) and index_template
+    type_conflicts.configure(sender, cfg, log)
+    return sender
 
 
 def make_lua_sender(cfg: dict[str, Any], host: Any) -> tuple[Callable[..., Any], Callable[[], bool]]:
     """The two functions behind the Lua `sender` object: send(body, n) and accepts_types()."""
     output_dir = host.runner.output_path
+    # The Lua plugin forwards the keys it knows; these come from its cfg all the same.
+    cfg = {**{k: host.plugin.values.get(k) for k in type_conflicts.CONFIG_KEYS}, **cfg}
     sender = sender_from_config(
         cfg,
         dead_letter_path=output_dir / "dead_letter" / f"{host.plugin.name}.jsonl",

@@ -695,10 +695,10 @@ local function encode_checked(t, what, empty_reason, depth)
     local ok, s = pcall(pb.encode, t, penv)
     if not ok then
         if s == nil or s == "" then s = empty_reason end
-        error(what .. "() failed: " .. tostring(s), depth + 2)
+        error(what .. "() failed: " .. tostring(s), depth + 3)
     end
     if #s > max_message_size then
-        error(what .. "() failed: exceeded max_message_size", depth + 2)
+        error(what .. "() failed: exceeded max_message_size", depth + 3)
     end
     return s
 end
@@ -708,11 +708,11 @@ local IM_CHECKPOINT, IM_LIMIT = 2, 3
 
 local function callback_rejected(rv, depth)
     if rv == IM_LIMIT and plugin_type ~= "input" then
-        error("inject_message() failed: injection limit exceeded", depth + 2)
+        error("inject_message() failed: injection limit exceeded", depth + 3)
     elseif rv == IM_CHECKPOINT and plugin_type == "input" then
-        error("inject_message() failed: checkpoint update", depth + 2)
+        error("inject_message() failed: checkpoint update", depth + 3)
     end
-    error(sformat("inject_message() failed: rejected by the callback rv: %d", rv), depth + 2)
+    error(sformat("inject_message() failed: rejected by the callback rv: %d", rv), depth + 3)
 end
 
 local inject_budget = -1 -- analysis only; -1 = unlimited
@@ -969,7 +969,7 @@ elseif plugin_type == "analysis" then
 else -- output
     if inject_cb then
         env.inject_message = function(msg) inject_table_only(msg, 1) end -- lsb_heka_create_output_im
-    else
+    elseif host.inject_input then -- hindsight creates outputs with an inject callback (into the input queue)
         -- hindsight-py: an output may inject into the input queue (a table only)
         env.inject_message = function(msg)
             if type(msg) ~= "table" then typeerror(1, "table", 0, msg) end
@@ -1044,6 +1044,8 @@ end
 ----------------------------------------------------------------------------------------------------
 local control = {}
 
+local PM_NOT_FOUND = "process_message() function was not found"
+
 -- an error value as lua_tostring sees it
 local function error_text(e)
     local t = type(e)
@@ -1066,6 +1068,7 @@ end
 -- The upstream harness's lsb_heka_pm_*: one process_message call with the given message and
 -- arguments (outputs get no sequence id when none is passed). Returns check_rc's values.
 function control.pm_direct(raw, ...)
+    if type(rawget(env, "process_message")) ~= "function" then return false, PM_NOT_FOUND end
     current = raw
     reset_instructions()
     local ok, rc, msg = pcall(env.process_message, ...)
@@ -1086,12 +1089,10 @@ function control.load_plugin(source_path)
     setfenv(chunk, env)
     reset_instructions()
     local ok, e = pcall(chunk)
+    flush() -- what the top-level chunk injected is written, as upstream writes it at once
     if limit_tripped then return false, limit_tripped end
     if not ok then return false, error_text(e) end
-    if type(rawget(env, "process_message")) ~= "function" then
-        return false, "process_message() function was not found"
-    end
-    return true, nil
+    return true, nil -- as upstream, a missing process_message is found out when it is called
 end
 
 function control.set_instruction_limit(n)
@@ -1100,8 +1101,10 @@ end
 
 -- input: one call of process_message(checkpoint)
 function control.run_input(cp)
+    local pm = rawget(env, "process_message")
+    if type(pm) ~= "function" then return false, PM_NOT_FOUND end
     reset_instructions()
-    local ok, rc, msg = pcall(env.process_message, cp)
+    local ok, rc, msg = pcall(pm, cp)
     local good, a, b = check_rc("process_message", ok, rc, msg)
     if not good and a == "process_message() shutting down" then good, a, b = true, 0, nil end
     local flush_ok, flush_err = pcall(flush)
@@ -1113,7 +1116,8 @@ end
 -- Returns: processed, status, err, commit_index, failures, batching
 --   status "ok" | "retry" (the message at processed+1 asked for -3) | "terminate" (err set)
 function control.run_batch(msgs, n, inject_limit)
-    local pm = env.process_message
+    local pm = rawget(env, "process_message")
+    if type(pm) ~= "function" then return 0, "terminate", PM_NOT_FOUND, 0, 0, batching end
     commit_index = 0
     local fails_before = failures
     for i = 1, n do

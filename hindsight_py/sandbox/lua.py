@@ -130,7 +130,7 @@ class LuaSandbox:
                 "random_uuids": _random_uuids,
                 "flush": self._flush_from_lua,
                 "is_running": host.is_running,
-                "inject_input": host.inject_input,
+                "inject_input": getattr(host, "inject_input", None),  # None: an output without inject_message
                 "commit_now": host.commit_processed,
                 "create_matcher": self._create_matcher,
                 "path": path.encode(),
@@ -288,7 +288,7 @@ class LuaSandbox:
     def process_message_direct(self, raw: bytes | None, *args: Any) -> tuple[bool, Any, Any]:
         """One process_message call with `raw` as the current message, as lsb_heka_pm_* make it."""
         try:
-            good, a, b = self._control.pm_direct(raw, *args)
+            good, a, b = (*self._control.pm_direct(raw, *args), None)[:3]
         except LuaError as e:
             return False, f"process_message() {_text(e)}", None
         return bool(good), (_text(a) if isinstance(a, bytes) else a), (_text(b) if isinstance(b, bytes) else b)

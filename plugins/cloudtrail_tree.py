@@ -1,0 +1,343 @@
+"""Input: a CloudTrail tree as `aws s3 sync` leaves it, one message per record.
+
+The tree under `root` holds `AWSLogs/<account>/CloudTrail/<region>/YYYY/MM/DD/*.json.gz` (and plain
+`.json`) files, each `{"Records": [...]}`; a file holding a bare JSON array of records is read too.
+`CloudTrail-Digest` files are skipped, so are names starting with "." and the temporary files
+`aws s3 sync` writes before renaming (their names do not end in .json/.json.gz).
+
+Each record becomes one message: Payload = the record as compact JSON (so the document indexed
+is the record), Type = "cloudtrail", Timestamp = eventTime, Fields eventID, eventTime,
+eventSource, eventName, awsRegion, recipientAccountId (those that are strings). With
+`timestamp_field` (default "@timestamp") the record gets that key too, a copy of eventTime, for
+Kibana-style date fields; set it to false to leave records exactly as they are.
+
+Where it stands is kept in two places (docs/cloudtrail.md):
+- a ledger under output_path (`cloudtrail_tree/<plugin>.files`): one line per finished file,
+  appended and fsynced before any checkpoint counts it;
+- the checkpoint, one compact JSON string `{"v":1,"ledger":<bytes of the ledger>,"file":<path>,
+  "records":<n>}`: how much of the ledger is true, and how far into the file in progress it got.
+At start the ledger is cut back to the checkpoint's length, so after a kill -9 the files and
+records after the last saved checkpoint are read again (at most what was in flight, never fewer:
+nothing is skipped), and the `_id` an output derives from eventID makes the repeats harmless.
+
+A file that cannot be read whole (corrupt or truncated gzip, broken JSON, no Records) is reported
+in the dead-letter file with the reason and its path, after the records before the damage have
+been sent; it is counted and logged, and reading goes on with the next file. A finished file
+whose size changes later (re-synced) is read again.
+
+cfg:
+    filename        = "cloudtrail_tree.py"
+    root            = "/data/cloudtrail"   -- required: the directory `aws s3 sync` writes to
+    ticker_interval = 0                    -- 0: read what is there and stop; N > 0: look again every N s
+    timestamp_field = "@timestamp"         -- false: no extra key in the documents
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import zlib
+from collections.abc import Iterator
+from datetime import datetime
+from typing import Any
+
+from hindsight_py.plugin import dead_letter, inject_message, is_running, log, read_config
+
+LOG_WARNING, LOG_INFO = 4, 6
+CHECKPOINT_VERSION = 1
+_FIELDS = ("eventID", "eventTime", "eventSource", "eventName", "awsRegion", "recipientAccountId")
+_DIGEST_DIR = "CloudTrail-Digest"
+_DIGEST_NAME = "_CloudTrail-Digest_"
+_CHUNK = 256 * 1024  # gzip input per step: a corrupt spot loses at most this much of what precedes it
+_STOP_CHECK_EVERY = 500  # records between two looks at is_running()
+
+
+def _cfg_root() -> str:
+    root = read_config("root")
+    if not isinstance(root, str) or not root:
+        raise ValueError("root must name the directory that holds the CloudTrail tree")
+    return os.path.abspath(root)
+
+
+ROOT = _cfg_root()
+_stamp = read_config("timestamp_field")
+TIMESTAMP_FIELD: str | None = "@timestamp" if _stamp is None else (_stamp or None)
+if TIMESTAMP_FIELD is not None and not isinstance(TIMESTAMP_FIELD, str):
+    raise ValueError("timestamp_field must be a string or false")
+LEDGER_PATH = os.path.join(str(read_config("output_path")), "cloudtrail_tree", f"{read_config('Logger')}.files")
+
+
+# -- the ledger of finished files ----------------------------------------------------------------
+class Ledger:
+    """Finished files, one JSON line each: [relative path, size, "ok" | "damaged"]."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.size = 0
+        self.files: dict[str, int] = {}
+
+    def load(self, trusted: int) -> None:
+        """Read the first `trusted` bytes (what the checkpoint vouches for); cut the rest away."""
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        try:
+            with open(self.path, "rb") as fh:
+                data = fh.read(trusted)
+        except FileNotFoundError:
+            data = b""
+        if len(data) < trusted:
+            log(LOG_WARNING, f"{self.path} holds {len(data)} bytes where the checkpoint counts {trusted}: "
+                             "files it no longer lists are read again")
+        end = data.rfind(b"\n") + 1  # a torn last line is not trusted either
+        self.files = {}
+        for line in data[:end].splitlines():
+            try:
+                rel, size, _status = json.loads(line)
+            except (ValueError, TypeError):
+                continue
+            self.files[rel] = size
+        with open(self.path, "ab") as fh:
+            fh.truncate(end)
+            os.fsync(fh.fileno())
+        self.size = end
+
+    def add(self, rel: str, size: int, status: str) -> int:
+        """Append a finished file, durably; returns the ledger's new length for the checkpoint."""
+        line = (json.dumps([rel, size, status], ensure_ascii=False) + "\n").encode("utf-8", "surrogateescape")
+        with open(self.path, "ab") as fh:
+            fh.write(line)
+            fh.flush()
+            os.fsync(fh.fileno())
+        self.size += len(line)
+        self.files[rel] = size
+        return self.size
+
+
+def checkpoint_text(ledger_size: int, rel: str | None = None, records: int = 0) -> str:
+    state: dict[str, Any] = {"v": CHECKPOINT_VERSION, "ledger": ledger_size}
+    if rel is not None:
+        state["file"] = rel
+        state["records"] = records
+    return json.dumps(state, separators=(",", ":"), ensure_ascii=False)
+
+
+def parse_checkpoint(value: Any) -> tuple[int, str | None, int]:
+    """(ledger bytes, file in progress, records of it done); (0, None, 0) for none or a foreign one."""
+    if value is None:
+        return 0, None, 0
+    try:
+        state = json.loads(value) if isinstance(value, str) else None
+        if not isinstance(state, dict) or state.get("v") != CHECKPOINT_VERSION:
+            raise ValueError
+        ledger = int(state["ledger"])
+        rel = state.get("file")
+        records = int(state.get("records", 0))
+    except (ValueError, KeyError, TypeError):
+        log(LOG_WARNING, f"checkpoint {str(value)[:100]!r} is not this plugin's: reading the tree from the start")
+        return 0, None, 0
+    return ledger, rel if isinstance(rel, str) else None, records
+
+
+# -- finding files -------------------------------------------------------------------------------
+def _is_log_file(name: str) -> bool:
+    return (not name.startswith(".") and _DIGEST_NAME not in name
+            and (name.endswith(".json.gz") or name.endswith(".json")))
+
+
+def scan(root: str) -> Iterator[tuple[str, int]]:
+    """(relative path, size) of every CloudTrail log file under root, digests left out."""
+    stack = [root]
+    while stack:
+        directory = stack.pop()
+        try:
+            entries = list(os.scandir(directory))
+        except FileNotFoundError:
+            continue  # removed while we looked
+        for entry in entries:
+            if entry.is_dir(follow_symlinks=True):
+                if entry.name != _DIGEST_DIR and not entry.name.startswith("."):
+                    stack.append(entry.path)
+            elif _is_log_file(entry.name):
+                try:
+                    size = entry.stat().st_size
+                except FileNotFoundError:
+                    continue
+                yield os.path.relpath(entry.path, root).replace(os.sep, "/"), size
+
+
+# -- reading one file ----------------------------------------------------------------------------
+class _Damage(Exception):
+    pass
+
+
+def _gunzip(data: bytes) -> tuple[bytes, str | None]:
+    """What can be decompressed, and what went wrong (None: the whole file). Handles multi-member files."""
+    out: list[bytes] = []
+    rest = data
+    while rest:
+        d = zlib.decompressobj(47)  # gzip or zlib header
+        pos = 0
+        while pos < len(rest):
+            chunk = rest[pos:pos + _CHUNK]
+            pos += len(chunk)
+            try:
+                out.append(d.decompress(chunk))
+            except zlib.error as e:
+                return b"".join(out), f"corrupt gzip data: {e}"
+            if d.eof:
+                break
+        if not d.eof:
+            return b"".join(out) + d.flush(), "truncated gzip data: the file ends before its compressed stream does"
+        rest = d.unused_data + rest[pos:]
+        if not rest.strip(b"\0"):  # zero padding after the last member is harmless
+            break
+    return b"".join(out), None
+
+
+def _salvage(text: str) -> tuple[list[Any], str]:
+    """The records of a broken `{"Records": [...]}` text that parse whole, in order."""
+    decoder = json.JSONDecoder()
+    start = text.find('"Records"')
+    at = text.find("[", start) if start >= 0 else (0 if text.lstrip().startswith("[") else -1)
+    if at < 0:
+        return [], "no Records array"
+    records: list[Any] = []
+    pos = at + 1
+    while True:
+        while pos < len(text) and text[pos] in " \t\r\n,":
+            pos += 1
+        if pos >= len(text) or text[pos] == "]":
+            break
+        try:
+            value, pos = decoder.raw_decode(text, pos)
+        except ValueError:
+            break
+        records.append(value)
+    return records, f"{len(records)} records recovered before the damage"
+
+
+def read_records(path: str) -> tuple[list[Any], str | None]:
+    """The records of one file, and what was wrong with it (None when it was read whole)."""
+    with open(path, "rb") as fh:
+        data = fh.read()
+    problem = None
+    if path.endswith(".gz") and data[:2] == b"\x1f\x8b":
+        data, problem = _gunzip(data)
+    elif path.endswith(".gz") and data.lstrip()[:1] not in (b"{", b"["):
+        data, problem = b"", "not gzip data (and not plain JSON either)"
+    text = data.decode("utf-8", "surrogateescape")
+    if problem is None:
+        try:
+            doc = json.loads(text)
+        except ValueError as e:
+            problem = f"not valid JSON: {e}"
+        else:
+            if isinstance(doc, dict) and isinstance(doc.get("Records"), list):
+                return doc["Records"], None
+            if isinstance(doc, list):
+                return doc, None
+            return [], "not a CloudTrail log file: no Records array"
+    records, note = _salvage(text)
+    return records, f"{problem}; {note}"
+
+
+# -- messages ------------------------------------------------------------------------------------
+def _event_ns(value: Any) -> int | None:
+    if not isinstance(value, str):
+        return None
+    try:
+        when = datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    if when.tzinfo is None:
+        return None  # CloudTrail writes UTC with a Z; a local time would be a guess
+    return int(when.timestamp()) * 1_000_000_000 + when.microsecond * 1000
+
+
+def make_message(record: dict[str, Any]) -> dict[str, Any]:
+    event_ns = _event_ns(record.get("eventTime"))
+    if TIMESTAMP_FIELD is not None and event_ns is not None and TIMESTAMP_FIELD not in record:
+        record[TIMESTAMP_FIELD] = record["eventTime"]
+    msg: dict[str, Any] = {
+        "Type": "cloudtrail",
+        "Payload": json.dumps(record, separators=(",", ":"), ensure_ascii=False),
+        "Fields": {k: record[k] for k in _FIELDS if isinstance(record.get(k), str)},
+    }
+    if event_ns is not None:
+        msg["Timestamp"] = event_ns
+    return msg
+
+
+# -- the plugin ----------------------------------------------------------------------------------
+class _State:
+    ledger: Ledger | None = None
+    resume_file: str | None = None
+    resume_records = 0
+    damaged_files = 0
+
+
+S = _State()
+
+
+def _start(checkpoint: Any) -> Ledger:
+    trusted, rel, records = parse_checkpoint(checkpoint)
+    ledger = Ledger(LEDGER_PATH)
+    ledger.load(trusted)
+    S.resume_file, S.resume_records = rel, records
+    return ledger
+
+
+def _read_file(ledger: Ledger, rel: str, size: int) -> bool:
+    """Send one file's records; False when a stop was requested before it was finished."""
+    skip = S.resume_records if rel == S.resume_file else 0
+    S.resume_file, S.resume_records = None, 0
+    path = os.path.join(ROOT, rel)
+    try:
+        records, problem = read_records(path)
+    except FileNotFoundError:
+        log(LOG_WARNING, f"{rel} went away before it could be read")
+        return True
+    for number, record in enumerate(records[skip:], start=skip + 1):
+        checkpoint = checkpoint_text(ledger.size, rel, number)
+        if isinstance(record, dict):
+            message = make_message(record)
+            try:
+                inject_message(message, checkpoint)
+            except ValueError as e:  # larger than max_message_size, say: set aside, not lost
+                dead_letter(f"{rel}: record {number}: {e}", message["Payload"])
+                inject_message(None, checkpoint)
+        else:
+            dead_letter(f"{rel}: record {number} is not a JSON object",
+                        json.dumps(record, ensure_ascii=False))
+            inject_message(None, checkpoint)
+        if number % _STOP_CHECK_EVERY == 0 and not is_running():
+            return False
+    status = "ok"
+    if problem is not None:
+        status = "damaged"
+        S.damaged_files += 1
+        reason = f"{rel}: {problem}"
+        dead_letter(reason, json.dumps({"file": path, "size": size, "records_sent": len(records)},
+                                       ensure_ascii=False))
+        log(LOG_WARNING, f"damaged file: {reason} (in the dead-letter file; {S.damaged_files} so far)")
+    inject_message(None, checkpoint_text(ledger.add(rel, size, status)))
+    return True
+
+
+def process_message(checkpoint: Any = None) -> tuple[int, str]:
+    if S.ledger is None:
+        S.ledger = _start(checkpoint)
+    ledger = S.ledger
+    pending = sorted((rel, size) for rel, size in scan(ROOT) if ledger.files.get(rel) != size)
+    if S.resume_file is not None:
+        # the file in progress first, as it was when the run stopped
+        pending.sort(key=lambda item: item[0] != S.resume_file)
+    done = 0
+    for rel, size in pending:
+        if rel in ledger.files:
+            log(LOG_INFO, f"{rel} changed size since it was read ({ledger.files[rel]} -> {size}): reading it again")
+        if not _read_file(ledger, rel, size):
+            return 0, f"stopped after {done} files"
+        done += 1
+        if not is_running():
+            break
+    return 0, f"read {done} files ({S.damaged_files} damaged so far)"

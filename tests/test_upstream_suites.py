@@ -1,0 +1,389 @@
+"""Upstream's own tests, run against hindsight-py from the mirrored sources (never committed).
+
+(a) lua_sandbox's Heka sandbox tests: the plugins of src/heka/test/lua, driven the way
+    src/heka/test/test_heka_sandbox.c drives them (same cfg, same messages, same inject and
+    checkpoint callbacks, same expected values). The callbacks' expected bytes and the expected
+    error texts are read out of the C file at test time.
+(b) lua_sandbox_extensions' hindsight integration suites (<ext>/tests/integration/<case>/):
+    `hindsight_cli ../hindsight.cfg 7` in a tmp copy of the case, with the extension modules
+    installed where the (rewritten) hindsight.cfg paths point.
+(c) lua_sandbox_extensions' pure-Lua module tests (<ext>/tests/*.lua run as `lua test.lua`).
+
+Cost: (a) about 1 s; (b) about 2 s per case; (c) a few seconds.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import socket
+import subprocess
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from hindsight_py.sandbox.base import PluginError
+from tests.sandbox_fakes import FakeHost, lua_sandbox
+
+MIRROR = Path("/work/.mirror")
+LUA_SANDBOX = MIRROR / "mozilla-services+lua_sandbox" / "repo"
+EXTENSIONS = MIRROR / "mozilla-services+lua_sandbox_extensions" / "repo"
+
+pytestmark = pytest.mark.upstream
+
+
+def _git(repo: Path, *args: str) -> bytes:
+    return subprocess.run(["git", "-C", str(repo), *args], check=True, capture_output=True).stdout
+
+
+def _need(repo: Path) -> None:
+    if not repo.exists():
+        pytest.skip(f"upstream mirror {repo.name} not available")
+
+
+def materialize(repo: Path, prefix: str, dest: Path) -> list[str]:
+    """Write the files under `prefix` of the mirror's HEAD into dest (paths relative to prefix)."""
+    names = _git(repo, "ls-tree", "-r", "--name-only", "HEAD", prefix).decode().split("\n")
+    out = []
+    for name in filter(None, names):
+        rel = name[len(prefix) :].lstrip("/")
+        target = dest / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(_git(repo, "show", f"HEAD:{name}"))
+        out.append(rel)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# Reading the expectations out of test_heka_sandbox.c
+# ------------------------------------------------------------------------------------------------
+_C_ESCAPES = {"n": 10, "t": 9, "r": 13, "0": 0, "\\": 92, '"': 34, "'": 39, "a": 7, "b": 8, "f": 12, "v": 11}
+
+
+def c_string(literals: str) -> bytes:
+    """The bytes of adjacent C string literals ("..." "...")."""
+    out = bytearray()
+    for lit in re.findall(r'"((?:\\.|[^"\\])*)"', literals, re.S):
+        i = 0
+        while i < len(lit):
+            c = lit[i]
+            if c != "\\":
+                out += c.encode()
+                i += 1
+                continue
+            nxt = lit[i + 1]
+            if nxt == "x":
+                m = re.match(r"[0-9a-fA-F]+", lit[i + 2 :])
+                assert m
+                out.append(int(m.group(0), 16) & 0xFF)
+                i += 2 + len(m.group(0))
+            elif nxt in "01234567":
+                m = re.match(r"[0-7]{1,3}", lit[i + 1 :])
+                assert m
+                out.append(int(m.group(0), 8))
+                i += 1 + len(m.group(0))
+            else:
+                out.append(_C_ESCAPES[nxt])
+                i += 2
+    return bytes(out)
+
+
+def _function_body(source: str, signature: str) -> str:
+    start = source.index(signature)
+    return source[start : source.index("\n}\n", start)]
+
+
+_STR = r'((?:"(?:\\.|[^"\\])*"\s*)+)'
+
+
+def im_results(source: str, function: str) -> list[dict[str, Any]]:
+    """The `results[]` table of one of the C inject callbacks (iim, aim, oim)."""
+    body = _function_body(source, f"static int {function}(")
+    table = body[body.index("results[] = {") : body.index("};", body.index("results[] = {"))]
+    out = []
+    for entry in re.finditer(
+        r"\.pb = " + _STR + r",\s*\.pb_len = (\d+)(?:,\s*\.cp_numeric = (\w+),\s*\.cp_string = (NULL|" + _STR + "))?",
+        table,
+    ):
+        cp_num = entry.group(3)
+        cp_str = entry.group(4)
+        out.append(
+            {
+                "pb": c_string(entry.group(1)),
+                "pb_len": int(entry.group(2)),
+                "cp_numeric": None if cp_num in (None, "NAN") else float(cp_num),
+                "cp_string": None if cp_str in (None, "NULL") else c_string(cp_str),
+            }
+        )
+    assert out, f"no results in {function}"
+    return out
+
+
+def pm_results(source: str, test: str) -> list[dict[str, Any]]:
+    """The pm_result tables of test_pm_input / test_pm_error."""
+    body = _function_body(source, f"static char* {test}()")
+    out = []
+    for entry in re.finditer(
+        r"\{ \.ncp = (\w+), \.scp = (NULL|\"[^\"]*\"), \.rv = (-?\d+),\s*\.err = " + _STR + r"\s*\}", body
+    ):
+        ncp, scp = entry.group(1), entry.group(2)
+        out.append(
+            {
+                "cp": c_string(scp) if scp != "NULL" else (None if ncp == "NAN" else float(ncp)),
+                "rv": int(entry.group(3)),
+                "err": c_string(entry.group(4)).decode(),
+            }
+        )
+    assert out, f"no results in {test}"
+    return out
+
+
+class Callbacks:
+    """test_heka_sandbox.c's iim/aim/oim/ucp/aim1 callbacks: compare, count, answer like the C code."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+        # what the C callbacks print to stderr; several tests provoke mismatches on purpose, and the
+        # Lua scripts assert the resulting errors themselves
+        self.notes: list[str] = []
+        self.count = 0
+        self.bytes = 0
+
+    def _accept(self, pb: bytes) -> int:
+        self.count += 1
+        self.bytes += len(pb)
+        return 0
+
+    def iim(self) -> Callable[[bytes | None, Any], int]:
+        results = im_results(self.source, "iim")
+        cnt = 0
+
+        def cb(pb: bytes | None, cp: Any) -> int:
+            nonlocal cnt
+            if pb is None:
+                return 0
+            if cnt >= len(results):
+                return 1  # LSB_HEKA_IM_ERROR
+            r = results[cnt]
+            if len(pb) != r["pb_len"] or pb != r["pb"][: r["pb_len"]]:
+                self.notes.append(f"iim test {cnt}: {pb!r} != {r['pb'][: r['pb_len']]!r}")
+                return 1
+            num = cp if isinstance(cp, (int, float)) else None
+            if r["cp_numeric"] is None and num is not None or r["cp_numeric"] is not None and num != r["cp_numeric"]:
+                self.notes.append(f"iim test {cnt}: cp_numeric {num!r}")
+                return 2  # LSB_HEKA_IM_CHECKPOINT
+            text = cp if isinstance(cp, bytes) else None
+            if text != r["cp_string"]:
+                self.notes.append(f"iim test {cnt}: cp_string {text!r}")
+                return 2
+            cnt += 1
+            return self._accept(pb)
+
+        return cb
+
+    def analysis(self, function: str, offset: int) -> Callable[[bytes | None, Any], int]:
+        results = im_results(self.source, function)
+        cnt = 0
+
+        def cb(pb: bytes | None, cp: Any) -> int:
+            nonlocal cnt
+            assert pb is not None
+            if cnt >= len(results):
+                return 3  # LSB_HEKA_IM_LIMIT
+            r = results[cnt]
+            if len(pb) != r["pb_len"]:
+                cnt += 1
+                return 99
+            if pb[offset:] != r["pb"][offset : r["pb_len"]]:
+                self.notes.append(f"{function} test {cnt}: {pb[offset:]!r} != {r['pb'][offset:r['pb_len']]!r}")
+                return 1
+            cnt += 1
+            return self._accept(pb)
+
+        return cb
+
+    def aim1(self) -> Callable[[bytes | None, Any], int]:
+        body = _function_body(self.source, "static int aim1(")
+        expected = int(re.search(r"size_t expected = (\d+);", body).group(1))  # type: ignore[union-attr]
+
+        def cb(pb: bytes | None, cp: Any) -> int:
+            if pb is None or len(pb) != expected:
+                self.notes.append(f"aim1: pb_len {None if pb is None else len(pb)} != {expected}")
+                return 1
+            return self._accept(pb)
+
+        return cb
+
+    def ucp(self) -> Callable[[Any], int]:
+        body = _function_body(self.source, "static int ucp(")
+        raw = re.search(r"results\[\] = \{ (.*?) \};", body).group(1)  # type: ignore[union-attr]
+        results = [None if v.strip() == "NULL" else int(re.search(r"\d+", v).group(0)) for v in raw.split(",")]  # type: ignore[union-attr]
+        cnt = 0
+
+        def cb(seq: Any) -> int:
+            nonlocal cnt
+            if cnt >= len(results):
+                return 1
+            if results[cnt] != (None if seq is None else int(seq)):
+                self.notes.append(f"ucp: expected {results[cnt]} received {seq}")
+                return 1
+            cnt += 1
+            return 0
+
+        return cb
+
+
+# ------------------------------------------------------------------------------------------------
+# (a) lua_sandbox src/heka/test
+# ------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def heka_test_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    _need(LUA_SANDBOX)
+    d = tmp_path_factory.mktemp("heka_test")
+    materialize(LUA_SANDBOX, "src/heka/test/lua", d / "lua")
+    (d / "test_heka_sandbox.c").write_bytes(_git(LUA_SANDBOX, "show", "HEAD:src/heka/test/test_heka_sandbox.c"))
+    return d
+
+
+@pytest.fixture
+def heka(heka_test_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Callbacks]:
+    monkeypatch.chdir(heka_test_dir)  # the plugins name files relative to the test directory
+    cb = Callbacks((heka_test_dir / "test_heka_sandbox.c").read_text())
+    yield cb
+
+
+# test_heka_sandbox.c's pb[]: the message its analysis/output tests process
+def heka_message(heka: Callbacks) -> bytes:
+    m = re.search(r"static char pb\[\] = " + _STR + ";", heka.source)
+    assert m
+    return c_string(m.group(1))
+
+
+def sandbox(kind: str, lua: str, host: FakeHost | None = None, **kw: Any) -> Any:
+    if host is None:
+        host = FakeHost()
+    if kind == "output" and host.inject_callback is None:
+        host.inject_input = None  # type: ignore[assignment] # lsb_heka_create_output: no inject_message
+    kw.setdefault("hostname", socket.gethostname())
+    kw.setdefault("logger", None)
+    sb, _ = lua_sandbox(Path(lua), kind, host, **kw)
+    return sb
+
+
+def test_create_sandboxes(heka: Callbacks) -> None:
+    for kind in ("input", "analysis", "output"):
+        sandbox(kind, f"lua/{kind}.lua")
+        with pytest.raises(PluginError, match="cannot open notfound.lua"):
+            sandbox(kind, "notfound.lua")
+
+
+def test_timer_event(heka: Callbacks) -> None:
+    sb = sandbox("analysis", "lua/analysis.lua")
+    sb.run_timer(0, False)
+    sb.run_timer(1_000_000_000, True)
+    with pytest.raises(PluginError) as e:
+        sb.run_timer(2_000_000_000, False)
+    assert re.fullmatch(r"timer_event\(\) lua/analysis\.lua:\d+: boom", str(e.value))
+
+    sb = sandbox("analysis", "lua/pm_no_return.lua")
+    with pytest.raises(PluginError, match=r"^timer_event\(\) function was not found$"):
+        sb.run_timer(0, False)
+
+
+def test_clean_stop_input(heka: Callbacks) -> None:
+    host = FakeHost()
+    sb = sandbox("input", "lua/input.lua", host)
+    assert sb.run_input(8.0) == (0, "no cp")
+    host.running = False  # lsb_heka_stop_sandbox_clean
+    assert sb.run_input(9.0) == (0, "no cp")
+
+
+def test_pm_input(heka: Callbacks) -> None:
+    sb = sandbox("input", "lua/input.lua")
+    for r in pm_results(heka.source, "test_pm_input"):
+        assert sb.run_input(r["cp"]) == (r["rv"], r["err"])
+
+
+def test_pm_error(heka: Callbacks) -> None:
+    for r in pm_results(heka.source, "test_pm_error"):
+        sb = sandbox("input", "lua/input.lua")
+        with pytest.raises(PluginError) as e:
+            sb.run_input(r["cp"])
+        assert str(e.value) == r["err"]
+        assert r["rv"] == 1
+
+
+def test_pm_analysis(heka: Callbacks) -> None:
+    sb = sandbox("analysis", "lua/analysis.lua")
+    assert sb.process_message_direct(None) == (True, 0, None)
+
+
+def test_pm_no_return(heka: Callbacks) -> None:
+    sb = sandbox("analysis", "lua/pm_no_return.lua")
+    assert sb.process_message_direct(None) == (False, "process_message() must return a numeric status code", None)
+
+
+def test_pm_output(heka: Callbacks) -> None:
+    host = FakeHost()
+    host.update_checkpoint_callback = heka.ucp()  # type: ignore[attr-defined]
+    sb = sandbox("output", "lua/output.lua", host)
+    msg = heka_message(heka)
+    assert sb.process_message_direct(msg) == (True, 0, None)
+    assert sb.process_message_direct(msg, 99) == (True, -5, None)
+    assert sb.process_message_direct(msg, 100) == (True, -3, None)
+    sb.run_timer(0, False)
+
+
+def test_im_input(heka: Callbacks) -> None:
+    host = FakeHost()
+    host.inject_callback = heka.iim()
+    sandbox("input", "lua/iim.lua", host, hostname="hn", logger="iim")
+    assert (heka.count, heka.bytes) == (6, 338)
+    assert len(host.written) == 6 and sum(map(len, host.written)) == 338
+
+
+def test_im_analysis(heka: Callbacks) -> None:
+    host = FakeHost()
+    host.inject_callback = heka.analysis("aim", 28)  # skip Uuid and Timestamp
+    sandbox("analysis", "lua/aim.lua", host, hostname="foo.com", logger="aim")
+    assert (heka.count, heka.bytes) == (4, 290)
+
+
+def test_im_output(heka: Callbacks) -> None:
+    host = FakeHost()
+    host.inject_callback = heka.analysis("oim", 0)
+    sandbox("output", "lua/oim.lua", host, hostname="test", logger="oim")
+    assert (heka.count, heka.bytes) == (2, 70)
+
+
+def test_encode_message(heka: Callbacks) -> None:
+    sandbox("output", "lua/encode_message.lua", hostname="sh", logger="sl", pid=0)
+
+
+def test_decode_message(heka: Callbacks) -> None:
+    sb = sandbox("output", "lua/decode_message.lua")
+    assert sb.process_message_direct(heka_message(heka)) == (True, 0, None)
+
+
+def test_read_message(heka: Callbacks) -> None:
+    sb = sandbox("analysis", "lua/read_message.lua")
+    assert sb.process_message_direct(heka_message(heka)) == (True, 0, None)
+
+
+def test_read_message_zc(heka: Callbacks) -> None:
+    host = FakeHost()
+    host.inject_callback = heka.aim1()
+    sb = sandbox("analysis", "lua/read_message_zc.lua", host, hostname="ubuntu", load=False)
+    sb.globals_table()[b"read_message_zc"] = sb.zero_copy_value  # lsb_add_function(rm_zc)
+    sb.load()
+    assert sb.process_message_direct(heka_message(heka)) == (True, 0, None)
+    assert heka.count == 1
+
+
+def test_get_message_and_benchmark_plugin(heka: Callbacks) -> None:
+    sb = sandbox("output", "lua/decode_message_benchmark.lua")
+    for _ in range(100):
+        assert sb.process_message_direct(b"") == (True, 0, None)
