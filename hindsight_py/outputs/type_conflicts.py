@@ -71,6 +71,8 @@ _ERROR_PATTERNS: tuple[tuple[re.Pattern[str], str | int], ...] = (
     # too deep: the object is kept as its JSON text.
     (re.compile(r"Limit of mapping depth \[\d+\] has been exceeded due to object field \[([^\]]+)\]"), "depth"),
 )
+# OpenSearch names no field when a document is too deep; the objects at the limit are found here.
+_DEPTH_LIMIT = re.compile(r"The depth of the field has exceeded the allowed limit of \[(\d+)\]")
 
 _TEXT_TYPES = frozenset({"text", "keyword", "wildcard", "match_only_text", "constant_keyword",
                          "search_as_you_type", "version", "flat_object", "flattened"})
@@ -90,6 +92,9 @@ def _conflict_of(error: Any) -> _Conflict | None:
     while isinstance(error, dict) and seen < 8:
         reason = error.get("reason")
         if isinstance(reason, str):
+            m = _DEPTH_LIMIT.search(reason)
+            if m:
+                return _Conflict("", f"depth-limit:{m.group(1)}")
             for pattern, mapped in _ERROR_PATTERNS:
                 m = pattern.search(reason)
                 if m:
@@ -276,12 +281,37 @@ class ConflictResolver:
                 continue
             self._logged.add(key)
             how = {"object": "an object", "depth": "too deep", "unknown": "another type"}.get(
-                conflict.mapped, f"of type {conflict.mapped}")
+                conflict.mapped.split(":", 1)[0].replace("depth-limit", "depth"), f"of type {conflict.mapped}")
             self._log(_LOG_INFO, f"type conflict: the index maps {move['from']} as {how}; values that do not "
                                  f"fit go to {move['to']} (listed in {RENAMED_KEY} of each document)")
 
 
+def _objects_at_depth(node: Any, depth: int, prefix: str, out: list[str]) -> None:
+    """Paths of the objects `depth` fields down (dotted keys count each part), as the server counts."""
+    if isinstance(node, list):
+        for item in node:
+            _objects_at_depth(item, depth, prefix, out)
+        return
+    if not isinstance(node, dict):
+        return
+    for key, value in node.items():
+        path = f"{prefix}.{key}" if prefix else key
+        below = depth - (key.count(".") + 1)
+        if below == 0 and _kind(value) == "object" and path not in out:
+            out.append(path)
+        elif below > 0:
+            _objects_at_depth(value, below, path, out)
+
+
 def _move_aside(doc: dict[str, Any], conflict: _Conflict) -> list[dict[str, str]]:
+    if conflict.mapped.startswith("depth-limit:"):
+        limit = int(conflict.mapped.split(":", 1)[1])
+        paths: list[str] = []
+        _objects_at_depth(doc, limit, "", paths)
+        moves: list[dict[str, str]] = []
+        for path in paths:
+            moves += [m for m in _move_aside(doc, _Conflict(path, "depth")) if m not in moves]
+        return moves
     places: list[_Place] = []
     _locate(doc, conflict.path, places)
     places = [p for p in places if p.parent is not doc or p.key != RENAMED_KEY]
