@@ -135,6 +135,7 @@ class PythonSandbox:
         if self._batch_fn is not None:
             return self._run_whole_batch(raws, inject_limit)
         pm = self._module.process_message
+        is_output = self.plugin_type == "output"
         self._commit_index = 0
         fails_before = self._failures
         prev = api._current
@@ -147,7 +148,8 @@ class PythonSandbox:
                 self._inject_budget = inject_limit
                 self._seq += 1
                 try:
-                    rc, msg = _split_result(pm(self._seq))
+                    # analysis plugins take no argument; outputs get the sequence id (as upstream)
+                    rc, msg = _split_result(pm(self._seq) if is_output else pm())
                 except Exception as e:
                     self._flush()
                     return BatchResult(i - 1, "terminate", f"process_message() {type(e).__name__}: {e}",
