@@ -133,6 +133,7 @@ class _Host:
         self.checkpoint_value: Any = runner.spec.checkpoints.get(plugin.name)
         self.stats = _Stats()
         self._es_types: bool | None = None
+        self.pipelined_senders: list[Any] = []  # outputs/lua_binding.PipelinedSender
 
     # messages and checkpoints
     def write_messages(self, data: bytes, count: int) -> None:
@@ -372,9 +373,25 @@ def _read_loop(r: _Runner, readers: list[_Reader], slots: list[_PluginSlot], *, 
     which = 0
     out_slot = slots[0] if is_output else None
 
-    def commit(reader: _Reader, pos: tuple[int, int]) -> None:
+    senders = [p for slot in slots for p in slot.host.pipelined_senders]
+    deferred: list[tuple[list[int], _Reader, tuple[int, int]]] = []
+
+    def commit_now(reader: _Reader, pos: tuple[int, int]) -> None:
         reader.committed = format_position(pos)
         r.channel.checkpoint(reader.key, reader.committed)
+
+    def commit(reader: _Reader, pos: tuple[int, int]) -> None:
+        # A Lua output's bulk body may still be on its way (PipelinedSender): the position only
+        # becomes the checkpoint once everything handed over so far has been delivered.
+        if senders and any(p.busy for p in senders):
+            deferred.append(([p.ticket for p in senders], reader, pos))
+        else:
+            commit_now(reader, pos)
+
+    def apply_deferred() -> None:
+        while deferred and all(p.done >= t for p, t in zip(senders, deferred[0][0], strict=True)):
+            _, reader, pos = deferred.pop(0)
+            commit_now(reader, pos)
 
     def commit_processed() -> None:
         for reader in readers:
@@ -428,6 +445,8 @@ def _read_loop(r: _Runner, readers: list[_Reader], slots: list[_PluginSlot], *, 
                 r.logger.bind(r.spec.label)(4, f"{rd.queue} queue: skipped {d - rd.reported_discards} corrupt bytes")
                 rd.reported_discards = d
         if batch is None:
+            if deferred:
+                apply_deferred()
             if r.channel.drain and all(rd.reader.at_end() for rd in readers):
                 break
             fire_timers(False)
@@ -508,8 +527,17 @@ def _read_loop(r: _Runner, readers: list[_Reader], slots: list[_PluginSlot], *, 
         if out_slot is not None and not out_slot.alive:
             break
         fire_timers(False)
+        if deferred:
+            apply_deferred()
 
     fire_timers(True)
+    for slot in slots:
+        for pipe in slot.host.pipelined_senders:
+            err = pipe.wait()
+            if err and slot.alive:
+                slot.alive = False
+                r.terminated(slot.plugin, f"timer_event() {err}", slot.host)
+    apply_deferred()
     r.channel.send_checkpoints()
 
 

@@ -1,30 +1,14 @@
-"""Native Elasticsearch/OpenSearch output: the keys of elasticsearch_bulk_api.cfg, in Python.
+"""Native Elasticsearch/OpenSearch output: elasticsearch_bulk_api.cfg's keys, in Python, and faster.
 
-Every matched message's Payload becomes one document (the payload encoder of the Lua plugin).
-Documents are sent in bulk requests of at most `flush_count` documents or `flush_bytes` bytes,
-and the queue checkpoint only moves once the server has indexed (or we dead-lettered) them.
+Every matched message's Payload (a JSON object) becomes one document, as with the Lua plugin
+and encoders.elasticsearch.payload. Documents go out in bulk requests of at most `flush_count`
+documents and at most `flush_bytes` bytes; the queue checkpoint moves only once the server has
+indexed them, or they are in the dead-letter file with the reason. docs/outputs.md lists every
+key; the sample cfg is run/output/elasticsearch_bulk.cfg.off.
 
-Sample cfg (everything but filename and message_matcher is optional)::
-
-    filename        = "elasticsearch_bulk.py"
-    message_matcher = "Logger == 'input.file'"
-    ticker_interval = 10          -- seconds: send a partial batch at least this often
-    address         = "127.0.0.1" -- or url = "https://es.example.com:9200", or urls = {...}
-    port            = 9200
-    flush_count     = 5000
-    flush_bytes     = 8 * 1024 * 1024
-    timeout         = 30
-    username = "elastic"; password = "..."   -- or api_key = "..."
-    ca_certs = "/etc/ssl/my-ca.pem"; verify_certs = true
-    gzip            = false
-    op_type         = "index"     -- or "create"
-    pipeline        = nil         -- an ingest pipeline name
-    id_field        = "eventID"   -- `_id` from this top-level JSON key of the payload
-    encoders_elasticsearch_common = {
-        index = "cloudtrail",                   -- %{Header}, %{Fields[x]} and %{%Y.%m.%d} interpolate
-        type_name = "doc",                      -- sent only to servers that accept types
-        es_index_from_timestamp = true,
-    }
+The hot path (constant action line, the usual case) handles a whole batch of messages with a
+few C-level calls: payload extraction, two scans, one join per request. Nothing is parsed as
+JSON unless a payload needs repair or `id_field` cannot be found by a plain search.
 """
 
 from __future__ import annotations
@@ -32,14 +16,17 @@ from __future__ import annotations
 import json
 import re
 import time
+from pathlib import Path
 from typing import Any
 
 from hindsight_py import message as hmsg
-from hindsight_py.outputs.elasticsearch import SendInterrupted
-from hindsight_py.outputs.lua_binding import ChannelStopEvent, sender_from_config
+from hindsight_py.outputs.elasticsearch import BulkSender, SendInterrupted, SendResult
+from hindsight_py.outputs.lua_binding import ChannelStopEvent, sender_from_config, urls_from_config
+from hindsight_py.outputs.sigv4 import service_for, signer_from_config
 from hindsight_py.plugin import (
-    current_message,
+    count_delivery,
     dead_letter,
+    decode_message,
     is_running,
     log,
     read_config,
@@ -47,213 +34,411 @@ from hindsight_py.plugin import (
     update_checkpoint,
 )
 
-_INTERPOLATION = re.compile(r"%\{([^}]*)\}")
+LOG_ERR, LOG_WARNING, LOG_INFO = 3, 4, 6
+_NL = b"\n"
+# Statuses of GET / that mean "this endpoint does not tell" rather than "not reachable":
+# OpenSearch Serverless, proxies and restricted users. Such servers take no mapping types.
+_ROOT_HIDDEN = frozenset({403, 404, 405, 501})
+_HEADER_NAMES = frozenset({"Uuid", "Timestamp", "Type", "Logger", "Severity", "Payload", "EnvVersion", "Pid",
+                           "Hostname"})
+_PLACEHOLDER = re.compile(r"%\{(.*?)\}")
 
 
-def _cfg(key: str, default: Any) -> Any:
-    v = read_config(key)
-    return default if v is None else v
+# -- configuration ----------------------------------------------------------------------------
 
 
-encoder_cfg = read_config("encoders_elasticsearch_common") or {}
-index_template = str(encoder_cfg.get("index", "heka-%{%Y.%m.%d}"))
-type_name = encoder_cfg.get("type_name")
-index_from_timestamp = bool(encoder_cfg.get("es_index_from_timestamp", False))
-op_type = str(_cfg("op_type", "index"))
-pipeline = read_config("pipeline")
-id_field = read_config("id_field")
-id_template = encoder_cfg.get("id")
-flush_count = int(_cfg("flush_count", 5000))
-flush_bytes = int(_cfg("flush_bytes", 8 << 20))
-ticker_interval = int(_cfg("ticker_interval", 10))
-if flush_count <= 0:
-    raise ValueError("flush_count must be greater than zero")
+def _cfg(key: str, default: Any = None) -> Any:
+    value = read_config(key)
+    return default if value is None else value
+
+
+def _positive_int(key: str, default: int) -> int:
+    value = _cfg(key, default)
+    if isinstance(value, bool) or not isinstance(value, int | float) or value < 1 or value != int(value):
+        raise ValueError(f"{key} must be a whole number greater than zero, not {value!r}")
+    return int(value)
+
+
+def _optional_str(table: dict[str, Any], key: str, where: str) -> str | None:
+    value = table.get(key)
+    if value is not None and not isinstance(value, str):
+        raise ValueError(f"{where}{key} must be nil or a string")
+    return value
+
+
+_encoder = _cfg("encoders_elasticsearch_common", {})
+if not isinstance(_encoder, dict):
+    raise ValueError("encoders_elasticsearch_common must be a table")
+index_template: str = _optional_str(_encoder, "index", "encoders_elasticsearch_common.") or "heka-%{%Y.%m.%d}"
+# encoders.elasticsearch.common's default; only Elasticsearch 6 and older ever see it
+type_template: str | None = _optional_str(_encoder, "type_name", "encoders_elasticsearch_common.") or "message"
+id_template: str | None = _optional_str(_encoder, "id", "encoders_elasticsearch_common.")
+index_from_timestamp = _encoder.get("es_index_from_timestamp", False)
+if not isinstance(index_from_timestamp, bool):
+    raise ValueError("encoders_elasticsearch_common.es_index_from_timestamp must be nil or boolean")
+
+flush_count = _positive_int("flush_count", 5000)
+flush_bytes = _positive_int("flush_bytes", 8 << 20)
+op_type = _cfg("op_type", "index")
 if op_type not in ("index", "create"):
-    raise ValueError("op_type must be 'index' or 'create'")
+    raise ValueError(f"op_type must be 'index' or 'create', not {op_type!r}")
+pipeline: str | None = _optional_str({"pipeline": read_config("pipeline")}, "pipeline", "")
+id_field: str | None = _optional_str({"id_field": read_config("id_field")}, "id_field", "")
+abort_on_error = bool(_cfg("abort_on_error", False))
 
-_all_cfg = {k: read_config(k) for k in (
-    "address", "port", "url", "urls", "timeout", "max_retry", "discard_on_error", "abort_on_error",
-    "username", "password", "api_key", "ca_certs", "verify_certs", "client_cert", "client_key", "gzip",
-    "type_conflicts", "index_template")}
-_output_path = read_config("output_path")
-_logger = read_config("Logger")
+_SENDER_KEYS = (
+    "address", "port", "url", "urls", "timeout", "max_retry", "discard_on_error", "abort_on_error", "username",
+    "password", "api_key", "ca_certs", "verify_certs", "client_cert", "client_key", "gzip", "aws_sigv4",
+    "aws_region", "aws_service", "aws_profile",
+)
+_sender_cfg = {key: read_config(key) for key in _SENDER_KEYS}
+_urls = urls_from_config(_sender_cfg)
+_serverless = bool(_sender_cfg["aws_sigv4"]) and service_for(_urls[0], _sender_cfg["aws_service"]) == "aoss"
+
+
+# -- state ------------------------------------------------------------------------------------
 
 
 class _State:
-    sender: Any = None
-    accepts_types: bool | None = None
-    parts: list[bytes] = []
-    count = 0
-    size = 0
-    last_flush = time.monotonic()
-    constant_action: bytes | None = None
+    def __init__(self) -> None:
+        self.sender: BulkSender
+        self.accepts_types: bool | None = None  # None until the server said (or could not say)
+        self.constant_action: bytes | None = None  # the action line, when nothing in it depends on the message
+        self.payloads: list[bytes] = []  # pending sources, one line each, without their newline
+        self.actions: list[bytes] = []  # their action lines, when they differ per message
+        self.size = 0  # bytes the pending documents take in a bulk body
+        self.checked = True  # every pending source starts with "{" (else the sender sets the others aside)
+        self.stopped = False  # a stop request interrupted a send: nothing more is sent in this run
+        self.time_key: int | None = None  # the last action line of a template that only uses the time
+        self.time_line = b""
 
 
 S = _State()
+_action_is_constant = not any("%{" in t for t in (index_template, type_template or "", id_template or "")) \
+    and not id_field
 
 
-def _sender() -> Any:
-    if S.sender is None:
-        from pathlib import Path
-
-        S.sender = sender_from_config(
-            _all_cfg,
-            dead_letter_path=Path(_output_path) / "dead_letter" / f"{_logger}.jsonl",
-            log=log,
-            stop_event=ChannelStopEvent(is_running),
-        )
-    return S.sender
+def _make_sender() -> BulkSender:
+    sender = sender_from_config(
+        _sender_cfg,
+        dead_letter_path=Path(str(read_config("output_path"))) / "dead_letter" / f"{read_config('Logger')}.jsonl",
+        log=log,
+        stop_event=ChannelStopEvent(is_running),
+    )
+    sender.signer = signer_from_config(_sender_cfg, _urls[0])
+    return sender
 
 
-def _types_ok() -> bool:
-    if S.accepts_types is None:
-        info = _sender().detect()
-        if info is None:
-            return False
-        S.accepts_types = info.accepts_types
-    return S.accepts_types
+S.sender = _make_sender()
 
 
-def _interpolate(template: str) -> str:
-    if "%{" not in template:
-        return template
-    msg = current_message()
-
-    def sub(m: re.Match[str]) -> str:
-        key = m.group(1)
-        if key.startswith("%"):
-            secs = (msg.timestamp / 1e9) if (index_from_timestamp and msg is not None) else time.time()
-            return time.strftime(key, time.gmtime(secs))
-        if key.startswith("Fields[") and key.endswith("]"):
-            v = msg.field_value(key[7:-1]) if msg else None
-        else:
-            v = read_message(key)
-        return m.group(0) if v is None else str(v)
-
-    return _INTERPOLATION.sub(sub, template)
+# -- the server: detection, `_type` -----------------------------------------------------------
 
 
-_ID_KEY: bytes | None = None
-
-
-def _doc_id(payload: bytes) -> str | None:
-    if id_field:
-        key = f'"{id_field}":"'.encode()
-        at = payload.find(key)
-        if at >= 0 and payload.find(key, at + 1) < 0:
-            end = payload.find(b'"', at + len(key))
-            if end > 0 and b"\\" not in payload[at + len(key):end]:
-                return payload[at + len(key):end].decode("utf-8", "surrogateescape")
-        try:
-            v = json.loads(payload).get(id_field)
-        except (ValueError, AttributeError):
-            return None
-        return None if v is None else str(v)
-    if id_template:
-        return _interpolate(str(id_template))
-    return None
-
-
-def _action(payload: bytes) -> bytes:
-    if S.constant_action is not None:
-        return S.constant_action
-    meta: dict[str, Any] = {"_index": _interpolate(index_template).lower()}
-    if type_name and _types_ok():
-        meta["_type"] = _interpolate(str(type_name))
-    if pipeline:
-        meta["pipeline"] = pipeline
-    doc_id = _doc_id(payload)
-    if doc_id is not None:
-        meta["_id"] = doc_id
-    line = json.dumps({op_type: meta}, separators=(",", ":")).encode() + b"\n"
-    if "%{" not in index_template and not (type_name and "%{" in str(type_name)) and not id_field and not id_template:
-        S.constant_action = line
-    return line
-
-
-def _flush(checked: bool = False) -> bool:
-    """Send the batch; True once every document is indexed or dead-lettered."""
-    if S.count == 0:
+def _detect(quiet: bool = False) -> bool:
+    """Ask the server what it is; True once it is known whether it takes `_type`."""
+    if S.accepts_types is not None:
         return True
-    body = b"".join(S.parts)
-    try:
-        _sender().send(body, S.count, sources_checked=checked)
-    except SendInterrupted:
-        log(4, f"stopped with {S.count} documents undelivered; they stay queued for the next run")
-        raise
-    S.parts = []
-    S.count = 0
-    S.size = 0
-    S.last_flush = time.monotonic()
+    if _serverless:
+        S.accepts_types = False
+        log(LOG_INFO, f"{_urls[0]}: OpenSearch Serverless (no GET /): `_type` is left out")
+        return True
+    info = S.sender.detect()
+    if info is not None:
+        S.accepts_types = info.accepts_types
+        log(LOG_INFO, f"{', '.join(_urls)}: {info.distribution} {info.version}; `_type` "
+            + ("is sent" if info.accepts_types else "is left out (this server has no mapping types)"))
+        return True
+    status = S.sender.detect_failure_status
+    if status in _ROOT_HIDDEN:
+        S.accepts_types = False
+        log(LOG_WARNING, f"GET / answered HTTP {status}, so the server version is unknown: assuming "
+            "Elasticsearch 7+/OpenSearch (no `_type`)")
+        return True
+    return False
+
+
+def _wait_for_server() -> bool:
+    """Block until the server is identified; False if a stop was requested meanwhile.
+
+    Only needed when `_type` is configured: sending without knowing would have Elasticsearch 6
+    reject every document, or Elasticsearch 8 and OpenSearch 2 every document with one.
+    """
+    delay = 0.5
+    stop = S.sender.stop_event
+    while not _detect():
+        # detect() logged why (unreachable, TLS verification, 401 credentials ...); documents stay queued
+        if stop is not None and stop.wait(delay):
+            return False
+        delay = min(delay * 2, 30.0)
     return True
 
 
-def process_message(sequence_id: int) -> int:
-    raw = read_message("raw")
-    payload = hmsg.payload_of(raw)
-    if payload is None:
-        return -2
-    S.parts.append(_action(payload))
-    S.parts.append(payload if payload.endswith(b"\n") else payload + b"\n")
-    S.count += 1
-    S.size += len(payload)
-    if S.count >= flush_count or S.size >= flush_bytes:
-        _flush()
-        return 0
-    return -4
+# -- action lines -----------------------------------------------------------------------------
 
 
-_NL = b"\n"
-# Every document gets the same action line unless the index, type or id depend on the message.
-_CONSTANT_ACTION = not (
-    "%{" in index_template or id_field or id_template or (type_name and "%{" in str(type_name))
-)
+def _lua_number(value: float) -> str:
+    # tostring() of a Lua 5.1 number: %.14g
+    return str(int(value)) if value == int(value) and abs(value) < 1e15 else f"{value:.14g}"
 
 
-def _process_messages(raws: list[bytes]) -> int:
-    """The whole batch at once (the runner's fast path): the same documents as process_message."""
-    if S.constant_action is None:
-        _action(b"{}")  # builds and caches the constant action line
+def _header_text(msg: hmsg.Message, name: str) -> str | None:
+    if name == "Uuid":
+        u = msg.uuid.hex().upper()
+        return f"{u[:8]}-{u[8:12]}-{u[12:16]}-{u[16:20]}-{u[20:]}"
+    if name == "Timestamp":
+        secs, ns = divmod(msg.timestamp, 1_000_000_000)
+        return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(secs)) + f".{ns:09d}Z"
+    value = {"Type": msg.type, "Logger": msg.logger, "Severity": msg.effective_severity, "Payload": msg.payload,
+             "EnvVersion": msg.env_version, "Pid": msg.pid, "Hostname": msg.hostname}[name]
+    return None if value is None else str(value)
+
+
+def _field_text(msg: hmsg.Message, name: str) -> str | None:
+    value = msg.field_value(name)
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return _lua_number(value)
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "surrogateescape")
+    return str(value)
+
+
+def _interpolate(template: str, raw: bytes, secs: float) -> str:
+    """heka.msg_interpolate: headers, then Fields, then strftime of `secs`; unresolved ones stay."""
+    msg: list[hmsg.Message] = []
+
+    def message() -> hmsg.Message:
+        if not msg:
+            msg.append(decode_message(raw))
+        return msg[0]
+
+    def resolve(m: re.Match[str]) -> str:
+        name = m.group(1)
+        text: str | None = None
+        if name in _HEADER_NAMES:
+            text = _header_text(message(), name)
+        elif name.startswith("Fields[") and name.endswith("]"):
+            text = _field_text(message(), name[7:-1])
+        elif "%" in name:
+            # a strftime pattern (upstream would first look for a field of that name: none has one)
+            formatted = time.strftime(name, time.gmtime(secs))
+            text = formatted if formatted != name else None
+        else:
+            text = _field_text(message(), name)
+        return m.group(0) if text is None else text
+
+    return _PLACEHOLDER.sub(resolve, template)
+
+
+def _uses_message_only_for_time(template: str) -> bool:
+    return all("%" in name and name not in _HEADER_NAMES and not name.startswith("Fields[")
+               for name in _PLACEHOLDER.findall(template))
+
+
+# index/type/id lines that depend only on time are cached per second
+_time_only = not id_field and all(_uses_message_only_for_time(t) for t in (index_template, type_template or "",
+                                                                         id_template or ""))
+
+
+def _id_from_payload(payload: bytes) -> str | None:
+    assert id_field is not None
+    key = b'"' + id_field.encode() + b'":"'
+    at = payload.find(key)
+    # the plain search is right only for a single, unescaped occurrence
+    if at >= 0 and payload.find(key, at + 1) < 0:
+        start = at + len(key)
+        end = payload.find(b'"', start)
+        if end > 0 and b"\\" not in payload[start:end]:
+            return payload[start:end].decode("utf-8", "surrogateescape")
+    try:
+        value = json.loads(payload).get(id_field)
+    except (ValueError, AttributeError):
+        return None
+    return None if value is None or isinstance(value, dict | list) else str(value)
+
+
+def _action_line(raw: bytes, payload: bytes) -> bytes:
+    secs = time.time()
+    if index_from_timestamp and raw:
+        secs = hmsg.timestamp_of(raw) / 1e9
+    if _time_only and not _action_is_constant:
+        key = int(secs)
+        if key == S.time_key:
+            return S.time_line
+    meta: dict[str, str] = {"_index": _interpolate(index_template, raw, secs).lower()}
+    if type_template and S.accepts_types:
+        meta["_type"] = _interpolate(type_template, raw, secs)
+    doc_id = _id_from_payload(payload) if id_field else (
+        _interpolate(id_template, raw, secs) if id_template else None)
+    if doc_id is not None:
+        meta["_id"] = doc_id
+    if pipeline:
+        meta["pipeline"] = pipeline
+    line = json.dumps({op_type: meta}, separators=(",", ":"), ensure_ascii=False).encode()
+    if _time_only and not _action_is_constant:
+        S.time_key, S.time_line = int(secs), line
+    return line
+
+
+# -- taking messages in -----------------------------------------------------------------------
+
+
+def _repair(payload: bytes) -> bytes | None:
+    """A payload with line breaks as one line, or None when it is not JSON (then it is dead-lettered)."""
+    payload = payload.rstrip(b"\r\n")
+    if _NL not in payload:
+        return payload
+    try:
+        json.loads(payload)
+    except ValueError:
+        return None
+    # JSON strings cannot hold raw line breaks: every one is whitespace between tokens
+    return payload.replace(b"\r", b" ").replace(_NL, b" ")
+
+
+def _take_slowly(raws: list[bytes], payloads: list[bytes | None]) -> None:
+    """One message at a time: missing payloads, line breaks, actions that differ per message."""
+    for raw, payload in zip(raws, payloads, strict=True):
+        if payload is None:
+            try:
+                payload = hmsg.payload_of(raw)
+            except hmsg.DecodeError as exc:
+                dead_letter(f"the message cannot be decoded: {exc}", raw)
+                continue
+            if payload is None:
+                dead_letter("the message has no Payload, so there is no document to index", raw)
+                continue
+        if _NL in payload:
+            repaired = _repair(payload)
+            if repaired is None:
+                dead_letter("the payload spans several lines and is not JSON, so it cannot be a document", payload)
+                continue
+            payload = repaired
+        if payload[:1] != b"{":
+            S.checked = False  # the sender sets aside what is not a JSON object
+        action = S.constant_action if S.constant_action is not None else _action_line(raw, payload)
+        if S.constant_action is None:
+            S.actions.append(action)
+        S.payloads.append(payload)
+        S.size += len(payload) + len(action) + 2
+
+
+def _take(raws: list[bytes]) -> None:
     payloads = hmsg.payloads_of(raws)
-    if any(p is None or p[:1] != b"{" or p[-1:] == _NL for p in payloads):
-        rc = -4
-        for raw in raws:
-            rc = _add_one(raw)
-        return rc
-    action = S.constant_action
-    assert action is not None
-    # one C-level join per batch: action, payload, newline for every document
-    S.parts.append(action + (_NL + action).join(payloads) + _NL)  # type: ignore[arg-type]
-    S.count += len(payloads)
-    S.size += sum(map(len, payloads))  # type: ignore[arg-type]
-    if S.count >= flush_count or S.size >= flush_bytes:
-        _flush(checked=True)
-        return 0
-    return -4
+    if (
+        S.constant_action is not None
+        and None not in payloads
+        and not any(p[:1] != b"{" for p in payloads)  # type: ignore[index]
+        and not any(_NL in p for p in payloads)  # type: ignore[operator]
+    ):
+        S.payloads += payloads  # type: ignore[arg-type]
+        S.size += sum(map(len, payloads)) + len(payloads) * (len(S.constant_action) + 2)  # type: ignore[arg-type]
+        return
+    _take_slowly(raws, payloads)
 
 
-def _add_one(raw: bytes) -> int:
-    payload = hmsg.payload_of(raw)
-    if payload is None:
-        return 0 if S.count == 0 else -4
-    if payload[:1] != b"{":
-        dead_letter("not a JSON object, so it cannot be a document", payload)
-        return 0 if S.count == 0 else -4
-    S.parts.append(_action(payload))
-    S.parts.append(payload if payload.endswith(_NL) else payload + _NL)
-    S.count += 1
-    S.size += len(payload)
-    if S.count >= flush_count or S.size >= flush_bytes:
-        _flush(checked=True)
-        return 0
-    return -4
+# -- sending ----------------------------------------------------------------------------------
 
 
-if _CONSTANT_ACTION:
-    process_messages = _process_messages
+def _cut(start: int) -> int:
+    """The end of the request that starts at document `start`: at most flush_count documents and
+    flush_bytes bytes (a single larger document goes alone)."""
+    n = len(S.payloads)
+    end = min(n, start + flush_count)
+    constant = S.constant_action
+    per_doc = len(constant) + 2 if constant is not None else 2
+    size = sum(map(len, S.payloads[start:end])) + per_doc * (end - start)
+    if constant is None:
+        size += sum(map(len, S.actions[start:end]))
+    if size <= flush_bytes:
+        return end
+    size = 0
+    for i in range(start, end):
+        doc = len(S.payloads[i]) + per_doc + (0 if constant is not None else len(S.actions[i]))
+        if size + doc > flush_bytes and i > start:
+            return i
+        size += doc
+    return end
+
+
+def _body(start: int, end: int) -> bytes:
+    # action, source, action, source, ..., b"": one join, one copy of the body, final newline included
+    n = end - start
+    lines: list[bytes] = [S.constant_action or b""] * (2 * n) + [b""]
+    if S.constant_action is None:
+        lines[0:2 * n:2] = S.actions[start:end]
+    lines[1:2 * n:2] = S.payloads[start:end]
+    return _NL.join(lines)
+
+
+def _count(result: SendResult) -> None:
+    count_delivery(indexed=result.indexed, dead_lettered=result.dead_lettered - result.set_aside,
+                   set_aside=result.set_aside, retried=result.retried)
+
+
+def _flush() -> bool:
+    """Deliver every pending document; True when each is indexed or dead-lettered.
+
+    False if a stop request interrupted the retries: the documents stay pending and their
+    messages uncommitted, so the next run sends them again."""
+    if not S.payloads or S.stopped:
+        return not S.payloads
+    start = 0
+    while start < len(S.payloads):
+        end = _cut(start)
+        try:
+            result = S.sender.send(_body(start, end), end - start, sources_checked=S.checked)
+        except SendInterrupted as stop:
+            _count(stop.result)
+            S.stopped = True
+            del S.payloads[:start]
+            del S.actions[:start]
+            log(LOG_WARNING, f"stopped with {len(S.payloads)} documents not confirmed by the server; their "
+                "messages stay in the queue for the next run")
+            return False
+        _count(result)
+        if abort_on_error and result.dead_lettered > result.set_aside:
+            raise RuntimeError(f"abort_on_error: {result.dead_lettered - result.set_aside} documents were rejected "
+                               f"(see {S.sender.dead_letter_path})")
+        start = end
+    S.payloads = []
+    S.actions = []
+    S.size = 0
+    S.checked = True
+    return True
+
+
+# -- the plugin API ---------------------------------------------------------------------------
+
+
+def process_messages(raws: list[bytes]) -> int:
+    """A batch of messages: 0 once they are all delivered, -4 while some wait for a fuller request."""
+    if S.stopped:
+        return -4  # stopping: take nothing more, commit nothing
+    if S.accepts_types is None and not _wait_for_server():
+        return -3  # stop requested before the server answered: offer the batch again next run
+    if S.constant_action is None and _action_is_constant:
+        S.constant_action = _action_line(b"", b"")
+    _take(raws)
+    if len(S.payloads) >= flush_count or S.size >= flush_bytes:
+        return 0 if _flush() else -4
+    return -4 if S.payloads else 0
+
+
+def process_message(sequence_id: int) -> int:
+    """The same for runtimes that hand over one message at a time."""
+    return process_messages([read_message("raw")])
 
 
 def timer_event(ns: int, shutdown: bool) -> None:
-    if S.count and (shutdown or time.monotonic() - S.last_flush >= ticker_interval):
-        _flush()
-        update_checkpoint()
+    if S.stopped:
+        return
+    if _flush():
+        update_checkpoint()  # everything read so far is delivered
+
+
+_detect()  # at start: log what the server is, or why it cannot be reached yet

@@ -6,6 +6,7 @@ so the Lua plugin and the native Python output share one path to the server.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -85,28 +86,84 @@ def make_lua_sender(cfg: dict[str, Any], host: Any) -> tuple[Callable[..., Any],
         cfg,
         dead_letter_path=output_dir / "dead_letter" / f"{host.plugin.name}.jsonl",
         log=host.log_fn,
-        stop_event=ChannelStopEvent(host.is_running),
+        # the sender runs in a thread of its own (PipelinedSender): it reads the stop flag, while
+        # the pipe itself is only ever read by the main thread
+        stop_event=ChannelStopEvent(lambda: not host.runner.channel.stop),
     )
     abort = bool(cfg.get("abort_on_error"))
     stats = host.stats
+    pipe = PipelinedSender(sender, stats, abort, host)
+    host.pipelined_senders.append(pipe)
 
     def send(body: bytes, count: float) -> tuple[Any, ...]:
-        try:
-            result = sender.send(body, int(count))
-        except SendInterrupted as e:
-            stats.indexed += e.result.indexed
-            stats.dead_lettered += e.result.dead_lettered
-            return (False, b"stopped before the batch was delivered; it stays queued for the next run")
-        _count(stats, result)
-        if abort and result.dead_lettered:
-            return (False, f"abort_on_error: {result.dead_lettered} documents were dead-lettered".encode())
-        return (True, result.indexed, result.dead_lettered)
+        err = pipe.submit(body, int(count))
+        if err:
+            return (False, err.encode())
+        return (True, 0, 0)  # the counts arrive with the delivery (stats), not now
 
     def accepts_types() -> bool:
         info = sender.detect()
         return bool(info and info.accepts_types)
 
     return send, accepts_types
+
+
+class PipelinedSender:
+    """Delivers one bulk body in a background thread while the plugin encodes the next one.
+
+    The Lua plugin commits its checkpoint as soon as `send` returns; the runner holds such commits
+    back until the delivery they depend on has finished (`ticket` / `done`), so a crash still
+    re-sends instead of losing. At most one body is in flight: the next `submit` waits for it.
+    """
+
+    def __init__(self, sender: BulkSender, stats: Any, abort: bool, host: Any) -> None:
+        self._sender = sender
+        self._stats = stats
+        self._abort = abort
+        self._host = host
+        self._thread: threading.Thread | None = None
+        self._error: str | None = None
+        self.ticket = 0  # the last body handed over
+        self.done = 0  # the last body delivered (indexed or dead-lettered)
+
+    def _deliver(self, body: bytes, count: int, ticket: int) -> None:
+        try:
+            result = self._sender.send(body, count)
+        except SendInterrupted as e:
+            self._stats.indexed += e.result.indexed
+            self._stats.dead_lettered += e.result.dead_lettered
+            self._error = "stopped before the batch was delivered; it stays queued for the next run"
+            return
+        except Exception as e:  # reported to the plugin at its next send: never lost silently
+            self._error = f"bulk delivery failed: {type(e).__name__}: {e}"
+            return
+        _count(self._stats, result)
+        if self._abort and result.dead_lettered:
+            self._error = f"abort_on_error: {result.dead_lettered} documents were dead-lettered"
+            return
+        self.done = ticket
+
+    def wait(self) -> str | None:
+        """Wait for the body in flight (watching for a stop meanwhile); its error, if any."""
+        t = self._thread
+        while t is not None and t.is_alive():
+            t.join(0.05)
+            self._host.is_running()  # reads the supervisor pipe, so a stop reaches the sender
+        self._thread = None
+        return self._error
+
+    def submit(self, body: bytes, count: int) -> str | None:
+        err = self.wait()
+        if err:
+            return err
+        self.ticket += 1
+        self._thread = threading.Thread(target=self._deliver, args=(body, count, self.ticket), daemon=True)
+        self._thread.start()
+        return None
+
+    @property
+    def busy(self) -> bool:
+        return self.done != self.ticket
 
 
 def server_accepts_types(cfg: dict[str, Any], log: Callable[[int, str], None]) -> bool | None:

@@ -569,6 +569,34 @@ local function userdata_output(ud)
     return nil
 end
 
+-- Outputs: io.write and file:write also take zero-copy references (lua_sandbox's zc_luaopen_io).
+if plugin_type == "output" then
+    local function zc_args(depth, first, ...)
+        local n = select("#", ...)
+        local args = { ... }
+        for i = 1, n do
+            if type(args[i]) == "userdata" then
+                local s = userdata_output(args[i])
+                if s == nil then argerror(first + i - 1, "no zero copy support", depth + 1) end
+                args[i] = s
+            end
+        end
+        return unpack(args, 1, n)
+    end
+    local file_mt = getmetatable(io.stdout)
+    local f_write = file_mt.write
+    file_mt.write = function(fh, ...)
+        return f_write(fh, zc_args(0, 2, ...))
+    end
+    local io_write = io.write
+    local base_io = builtin_libs.io
+    builtin_libs.io = function()
+        local t = base_io()
+        t.write = function(...) return io_write(zc_args(0, 1, ...)) end
+        return t
+    end
+end
+
 local function add_to_payload_from(first, depth, ...)
     for i = first, select("#", ...) do
         local v = select(i, ...)
@@ -1265,7 +1293,7 @@ function control.serialize_state()
     walk("_G", env)
     set_instruction_limit(host.instruction_limit)
     if failure then return nil, failure end
-    return tconcat(lines, "\n") .. "\n"
+    return tconcat(lines, "\n") .. "\n", nil
 end
 
 function control.restore_state(path)
