@@ -13,7 +13,7 @@ Baselines:
   streaming_bulk / parallel_bulk   elasticsearch-py's helpers reading the same file
   server_limit                     pre-built bulk bodies posted as fast as the server takes them
 
-Printed: docs/s, CPU seconds (user+sys of the whole process tree), peak RSS (sum over the tree),
+Printed: docs/s, CPU seconds (user+sys of the whole process tree), peak memory (PSS summed over the tree),
 and each pipeline's ratio to each baseline. Timings vary run to run (about +-20% here): compare
 ratios from the same invocation, not absolute numbers across machines.
 """
@@ -108,7 +108,10 @@ class Endpoint:
 
 # -- measuring a process tree ------------------------------------------------------------------
 class TreeSampler(threading.Thread):
-    """Peak of the summed RSS of a process and its descendants, sampled every 20 ms."""
+    """Peak memory of a process and its descendants, sampled every 20 ms.
+
+    Summed as PSS (proportional set size): forked plugin processes share the supervisor's pages
+    copy-on-write, and summing their RSS would count those pages once per process."""
 
     def __init__(self, pid: int) -> None:
         super().__init__(daemon=True)
@@ -138,9 +141,9 @@ class TreeSampler(threading.Thread):
             total = 0
             for p in self._tree():
                 try:
-                    with open(f"/proc/{p}/status") as f:
+                    with open(f"/proc/{p}/smaps_rollup") as f:
                         for line in f:
-                            if line.startswith("VmRSS:"):
+                            if line.startswith("Pss:"):
                                 total += int(line.split()[1])
                                 break
                 except OSError:
@@ -150,7 +153,7 @@ class TreeSampler(threading.Thread):
 
 
 def measure(cmd: list[str], cwd: Path, env: dict[str, str] | None = None) -> tuple[float, float, float, int]:
-    """(wall s, cpu s, peak RSS MB, exit status) of a command and all its descendants."""
+    """(wall s, cpu s, peak PSS MB, exit status) of a command and all its descendants."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -367,7 +370,7 @@ def run_server_limit(data: Path, ep: Endpoint) -> dict:
 # -- report ---------------------------------------------------------------------------------------
 def report(results: list[dict], lines: int, baselines: list[str]) -> None:
     print(f"\n{lines:,} lines ({'documents/s counts what the endpoint received'})")
-    print(f"{'run':<14}{'docs':>10}{'wall s':>9}{'docs/s':>11}{'cpu s':>8}{'peak RSS MB':>13}{'rc':>4}", end="")
+    print(f"{'run':<14}{'docs':>10}{'wall s':>9}{'docs/s':>11}{'cpu s':>8}{'peak PSS MB':>13}{'rc':>4}", end="")
     for b in baselines:
         print(f"{'x ' + b:>18}", end="")
     print()
