@@ -48,14 +48,19 @@ Scalar = int | float | str | bool
 DefaultValue = int | bool | str
 
 
+# Control characters as escapes (tab stays): a cfg value with a newline in it, quoted in an
+# error, must not split the error over several log lines.
+_LINE_ESCAPES = {c: f"\\x{c:02x}" for c in (*range(32), 127) if c != 9} | {10: "\\n", 13: "\\r"}
+
+
 class ConfigError(Exception):
     """A cfg that cannot be used. `str()` is the single log line Hindsight prints."""
 
     def __init__(self, file: str | os.PathLike[str], reason: str, key: str | None = None) -> None:
-        self.file = os.fspath(file)
+        self.file = os.fspath(file).translate(_LINE_ESCAPES)
         self.key = key
-        self.reason = reason
-        super().__init__(f"loading {self.file} failed: {reason}")
+        self.reason = reason.translate(_LINE_ESCAPES)
+        super().__init__(f"loading {self.file} failed: {self.reason}")
 
 
 # --------------------------------------------------------------------------- bare Lua evaluation

@@ -320,6 +320,11 @@ def _run_input(r: _Runner) -> None:
             time.sleep(min(0.1, max(0.0, deadline - time.monotonic())))
         if r.channel.stop:
             break
+    if plugin.preserve_data:  # inputs keep state across clean restarts too (lsb_heka_destroy_sandbox)
+        try:
+            sandbox.save_state()
+        except Exception as e:
+            log(3, f"preserve_data failed: {e}")
     r.channel.send_checkpoints()
     r.channel.send("exit", plugin.name, 0, None, _stats_dict(host))
 

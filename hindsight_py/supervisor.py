@@ -41,7 +41,7 @@ from hindsight_py.runner import STATUS_BITS, ProcessSpec, run_process
 
 #: seconds between writes of hindsight.cp; what a kill -9 can make the next run send again is about
 #: this much input (the input's checkpoint lags its queue by up to this, plus the children's 0.25 s)
-CHECKPOINT_INTERVAL = 0.5
+CHECKPOINT_INTERVAL = 0.25
 #: seconds between refreshes of the live status line (stderr on a terminal only)
 STATUS_INTERVAL = 1.0
 #: how long a first stop signal lets the queues drain before the outputs are told to stop

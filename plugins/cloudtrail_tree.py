@@ -38,10 +38,15 @@ import json
 import os
 import zlib
 from collections.abc import Iterator
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from hindsight_py.plugin import dead_letter, inject_message, is_running, log, read_config
+
+try:  # several times faster; what it cannot read (an integer past 64 bits) goes to json
+    from orjson import loads as _fast_loads
+except ImportError:  # pragma: no cover - orjson is optional
+    _fast_loads = json.loads
 
 LOG_WARNING, LOG_INFO = 4, 6
 CHECKPOINT_VERSION = 1
@@ -50,6 +55,7 @@ _DIGEST_DIR = "CloudTrail-Digest"
 _DIGEST_NAME = "_CloudTrail-Digest_"
 _CHUNK = 256 * 1024  # gzip input per step: a corrupt spot loses at most this much of what precedes it
 _STOP_CHECK_EVERY = 500  # records between two looks at is_running()
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 def _cfg_root() -> str:
@@ -146,12 +152,17 @@ def _is_log_file(name: str) -> bool:
 def scan(root: str) -> Iterator[tuple[str, int]]:
     """(relative path, size) of every CloudTrail log file under root, digests left out."""
     stack = [root]
+    seen: set[tuple[int, int]] = set()  # directories by identity: a symlink loop is walked once
     while stack:
         directory = stack.pop()
         try:
+            info = os.stat(directory)
             entries = list(os.scandir(directory))
         except FileNotFoundError:
             continue  # removed while we looked
+        if (info.st_dev, info.st_ino) in seen:
+            continue
+        seen.add((info.st_dev, info.st_ino))
         for entry in entries:
             if entry.is_dir(follow_symlinks=True):
                 if entry.name != _DIGEST_DIR and not entry.name.startswith("."):
@@ -224,6 +235,13 @@ def read_records(path: str) -> tuple[list[Any], str | None]:
         data, problem = _gunzip(data)
     elif path.endswith(".gz") and data.lstrip()[:1] not in (b"{", b"["):
         data, problem = b"", "not gzip data (and not plain JSON either)"
+    if problem is None:
+        try:
+            doc = _fast_loads(data)
+        except ValueError:
+            doc = None
+        if isinstance(doc, dict) and isinstance(doc.get("Records"), list):
+            return doc["Records"], None
     text = data.decode("utf-8", "surrogateescape")
     if problem is None:
         try:
@@ -250,7 +268,8 @@ def _event_ns(value: Any) -> int | None:
         return None
     if when.tzinfo is None:
         return None  # CloudTrail writes UTC with a Z; a local time would be a guess
-    return int(when.timestamp()) * 1_000_000_000 + when.microsecond * 1000
+    since = when - _EPOCH  # exact, where a float timestamp would round
+    return (since.days * 86400 + since.seconds) * 1_000_000_000 + since.microseconds * 1000
 
 
 def make_message(record: dict[str, Any]) -> dict[str, Any]:
@@ -296,8 +315,10 @@ def _read_file(ledger: Ledger, rel: str, size: int) -> bool:
     except FileNotFoundError:
         log(LOG_WARNING, f"{rel} went away before it could be read")
         return True
+    # the checkpoint of record n is this prefix, n, "}" (what checkpoint_text gives, built once)
+    prefix = checkpoint_text(ledger.size, rel, 0)[:-2]
     for number, record in enumerate(records[skip:], start=skip + 1):
-        checkpoint = checkpoint_text(ledger.size, rel, number)
+        checkpoint = f"{prefix}{number}}}"
         if isinstance(record, dict):
             message = make_message(record)
             try:
@@ -327,6 +348,8 @@ def process_message(checkpoint: Any = None) -> tuple[int, str]:
     if S.ledger is None:
         S.ledger = _start(checkpoint)
     ledger = S.ledger
+    if not os.path.isdir(ROOT):
+        log(LOG_WARNING, f"root {ROOT} is not a directory (yet): nothing to read")
     pending = sorted((rel, size) for rel, size in scan(ROOT) if ledger.files.get(rel) != size)
     if S.resume_file is not None:
         # the file in progress first, as it was when the run stopped

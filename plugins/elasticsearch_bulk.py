@@ -90,6 +90,7 @@ _SENDER_KEYS = (
     "address", "port", "url", "urls", "timeout", "max_retry", "discard_on_error", "abort_on_error", "username",
     "password", "api_key", "ca_certs", "verify_certs", "client_cert", "client_key", "gzip", "aws_sigv4",
     "aws_region", "aws_service", "aws_profile",
+    "type_conflicts", "index_template",  # outputs/type_conflicts.py: renames on mapping conflicts, index template
 )
 _sender_cfg = {key: read_config(key) for key in _SENDER_KEYS}
 _urls = urls_from_config(_sender_cfg)
@@ -135,7 +136,7 @@ S.sender = _make_sender()
 # -- the server: detection, `_type` -----------------------------------------------------------
 
 
-def _detect(quiet: bool = False) -> bool:
+def _detect() -> bool:
     """Ask the server what it is; True once it is known whether it takes `_type`."""
     if S.accepts_types is not None:
         return True
@@ -150,6 +151,9 @@ def _detect(quiet: bool = False) -> bool:
             + ("is sent" if info.accepts_types else "is left out (this server has no mapping types)"))
         return True
     status = S.sender.detect_failure_status
+    if status in (401, 407):
+        log(LOG_ERR, f"the server refused the credentials (HTTP {status}): check username/password, api_key or "
+            "the AWS credentials; documents stay queued until it accepts them")
     if status in _ROOT_HIDDEN:
         S.accepts_types = False
         log(LOG_WARNING, f"GET / answered HTTP {status}, so the server version is unknown: assuming "

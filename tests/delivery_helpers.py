@@ -49,11 +49,11 @@ def record_line(seq: int) -> bytes:
     Smaller than real CloudTrail records (about 1.2 KB) so that 200,000 of them index in seconds:
     the delivery guarantees do not depend on the size, the server's time does.
     """
+    time_of_day = f"{(seq // 3600) % 24:02d}:{(seq // 60) % 60:02d}:{seq % 60:02d}"
     return (
-        '{"eventVersion":"1.08","eventTime":"2024-01-01T%02d:%02d:%02dZ","eventSource":"s3.amazonaws.com",'
-        '"eventName":"%s","awsRegion":"us-east-1","sourceIPAddress":"10.0.%d.%d","eventID":"%s","seq":%d}'
-        % ((seq // 3600) % 24, (seq // 60) % 60, seq % 60, EVENT_NAMES[seq % 5], (seq >> 8) & 255, seq & 255,
-           event_id(seq), seq)
+        f'{{"eventVersion":"1.08","eventTime":"2024-01-01T{time_of_day}Z","eventSource":"s3.amazonaws.com",'
+        f'"eventName":"{EVENT_NAMES[seq % 5]}","awsRegion":"us-east-1",'
+        f'"sourceIPAddress":"10.0.{(seq >> 8) & 255}.{seq & 255}","eventID":"{event_id(seq)}","seq":{seq}}}'
     ).encode()
 
 
@@ -151,9 +151,9 @@ def project_workdir(path: Path, input_file: Path, base_url: str, index: str, *, 
     wd.edit(wd.input_cfg, input_filename=lua_string(str(input_file)))
     port = base_url.rsplit(":", 1)[1].rstrip("/")
     wd.edit(wd.es_cfg, port=port, **output_keys)
-    common = "encoders_elasticsearch_common = {\n    es_index_from_timestamp = true,\n    index = %s,\n" \
-             "    type_name = \"doc\",\n%s}" % (
-                 lua_string(index), f"    id_from_json = {lua_string(id_from_json)},\n" if id_from_json else "")
+    id_line = f"    id_from_json = {lua_string(id_from_json)},\n" if id_from_json else ""
+    common = (f"encoders_elasticsearch_common = {{\n    es_index_from_timestamp = true,\n"
+              f"    index = {lua_string(index)},\n    type_name = \"doc\",\n{id_line}}}")
     text, n = re.subn(r"^encoders_elasticsearch_common\s*=\s*\{.*?^\}", lambda _: common, wd.es_cfg.read_text(),
                       flags=re.M | re.S)
     assert n == 1, "run/output/elasticsearch_bulk_api.cfg has no encoders_elasticsearch_common table"

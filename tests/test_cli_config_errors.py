@@ -31,7 +31,12 @@ def hindsight_cli() -> str:
 
 def run_cli(workdir: Path, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [hindsight_cli(), *args], cwd=workdir, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120
+        [hindsight_cli(), *args],
+        cwd=workdir,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
 
 
@@ -72,7 +77,11 @@ class Broken:
 
 CASES = {
     "hindsight.cfg syntax error": Broken(
-        "hindsight.cfg", r"^output_size\s*=.*$", "output_size = 64 * * 1024", "", r"hindsight\.cfg:\d+: unexpected symbol"
+        "hindsight.cfg",
+        r"^output_size\s*=.*$",
+        "output_size = 64 * * 1024",
+        "",
+        r"hindsight\.cfg:\d+: unexpected symbol",
     ),
     "plugin cfg syntax error": Broken(
         "run/output/elasticsearch_bulk_api.cfg",
@@ -111,7 +120,7 @@ CASES = {
         r"output_size must be set to a number",
     ),
     "plugin cfg missing filename": Broken(
-        "run/analysis/counter.cfg", r'^filename\s*=.*$', "", "filename", r"filename must be set to a string"
+        "run/analysis/counter.cfg", r"^filename\s*=.*$", "", "filename", r"filename must be set to a string"
     ),
     "plugin cfg bad message_matcher": Broken(
         "run/output/elasticsearch_bulk_api.cfg",
@@ -119,6 +128,14 @@ CASES = {
         "message_matcher = \"Logger == 'input.file' &&\"",
         "message_matcher",
         r"invalid message_matcher: Logger == 'input\.file' &&",
+    ),
+    "plugin cfg value with a newline": Broken(
+        # quoted back in the error, escaped: still one line
+        "run/output/elasticsearch_bulk_api.cfg",
+        r"^message_matcher\s*=.*$",
+        'message_matcher = "TRUE &&\\n"',
+        "message_matcher",
+        r"invalid message_matcher: TRUE &&\\n ",
     ),
 }
 
@@ -147,7 +164,9 @@ def test_bad_config_is_one_error_line_and_exit_1(case: str, workdir: Path) -> No
     assert match["file"] == broken.file
     assert re.search(broken.reason, match["reason"]), match["reason"]
     if broken.key:
-        assert re.search(rf"\b{re.escape(broken.key)}\b", match["reason"]), f"the key is not named: {lines[0]}"
+        assert re.search(rf"\b{re.escape(broken.key)}\b", match["reason"]), (
+            f"the key is not named: {lines[0]}"
+        )
     else:
         # a syntax error has no key to name: Lua names the line, which is the one we broke
         assert f"{broken.file}:{line_number}:" in match["reason"], lines[0]

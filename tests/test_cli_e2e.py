@@ -118,13 +118,17 @@ class Index:
         self.http = requests.Session()
 
     def _ok(self, response: requests.Response) -> Any:
-        assert response.status_code == 200, f"{response.request.method} {response.url}: {response.text[:2000]}"
+        assert response.status_code == 200, (
+            f"{response.request.method} {response.url}: {response.text[:2000]}"
+        )
         return response.json()
 
     def count(self, query: dict[str, Any] | None = None) -> int:
         self._ok(self.http.post(f"{self.base_url}/{self.name}/_refresh", timeout=120))
         body = {"query": query} if query else None
-        return int(self._ok(self.http.post(f"{self.base_url}/{self.name}/_count", json=body, timeout=120))["count"])
+        return int(
+            self._ok(self.http.post(f"{self.base_url}/{self.name}/_count", json=body, timeout=120))["count"]
+        )
 
     def documents(self) -> Iterator[dict[str, Any]]:
         """Every hit, PAGE_SIZE at a time, through a scroll (ES and OpenSearch alike)."""
@@ -162,7 +166,8 @@ class Index:
 
 def assert_documents_are_the_lines(index: Index, lines: LineFile) -> None:
     """Exactly one document per line, whose _source equals json.loads of the line."""
-    assert index.count() == lines.count
+    count = index.count()
+    assert count == lines.count, f"the index holds {count} documents for {lines.count} lines"
     seen: set[str] = set()
     strangers: list[str] = []
     duplicates: list[str] = []
@@ -325,7 +330,9 @@ def project_shipped(
 ) -> Iterator[Shipped]:
     server = request.param
     workdir = tmp_path_factory.mktemp(f"project-{server}")
-    yield from ship_twice(server, search_server(server), cloudtrail_lines, workdir, project_workdir, "project run/")
+    yield from ship_twice(
+        server, search_server(server), cloudtrail_lines, workdir, project_workdir, "project run/"
+    )
 
 
 def test_project_run_ships_every_line(project_shipped: Shipped, cloudtrail_lines: LineFile) -> None:
@@ -353,7 +360,9 @@ def test_project_run_second_run_ships_nothing(project_shipped: Shipped, cloudtra
     assert project_shipped.index.count() == cloudtrail_lines.count
 
 
-def test_project_run_counter_is_logged_not_indexed(project_shipped: Shipped, cloudtrail_lines: LineFile) -> None:
+def test_project_run_counter_is_logged_not_indexed(
+    project_shipped: Shipped, cloudtrail_lines: LineFile
+) -> None:
     """The counter's report reaches the log through output.counter_log, and the index holds input
     lines only (every CloudTrail record has an eventID; a counter payload would not)."""
     first = project_shipped.first
@@ -379,7 +388,9 @@ def upstream_shipped(
 ) -> Iterator[Shipped]:
     server = request.param
     workdir = tmp_path_factory.mktemp(f"upstream-{server}")
-    yield from ship_twice(server, search_server(server), cloudtrail_head, workdir, upstream_workdir, "upstream run/")
+    yield from ship_twice(
+        server, search_server(server), cloudtrail_head, workdir, upstream_workdir, "upstream run/"
+    )
 
 
 def counter_dead_letters(shipped: Shipped) -> list[dict[str, Any]]:
@@ -421,7 +432,10 @@ def test_upstream_run_second_run_ships_nothing(upstream_shipped: Shipped, cloudt
     assert "read 0 messages" in second.stderr
     assert upstream_shipped.index.count() == cloudtrail_head.count
     # the second run's counter report ("0 message analysed") is set aside like the first's
-    assert len(counter_dead_letters(upstream_shipped)) == upstream_shipped.first.summary()["aside"] + summary["aside"]
+    assert (
+        len(counter_dead_letters(upstream_shipped))
+        == upstream_shipped.first.summary()["aside"] + summary["aside"]
+    )
 
 
 # --------------------------------------------------------------------------- `_type` on the wire
@@ -479,7 +493,10 @@ class FakeCluster:
 
 SERVER_ROOTS = {
     "es8": {"version": {"number": "8.19.21", "build_flavor": "default"}, "tagline": "You Know, for Search"},
-    "os2": {"version": {"distribution": "opensearch", "number": "2.19.6"}, "tagline": "The OpenSearch Project"},
+    "os2": {
+        "version": {"distribution": "opensearch", "number": "2.19.6"},
+        "tagline": "The OpenSearch Project",
+    },
     # the control: a server that still takes mapping types gets CloudTracker's type_name
     "es6": {"version": {"number": "6.8.23"}, "tagline": "You Know, for Search"},
 }

@@ -184,10 +184,12 @@ def test_a_document_is_mended_a_bounded_number_of_times():
 def test_template_config_forms_and_mistakes():
     short = tc.IndexTemplate.from_config("cloudtrail-*")
     assert (short.name, short.index_patterns) == ("hindsight-cloudtrail", ("cloudtrail-*",))
-    full = tc.IndexTemplate.from_config({"name": "t", "index_patterns": ["a-*", "b"], "total_fields_limit": 5000})
+    full = tc.IndexTemplate.from_config({"name": "t", "index_patterns": ["a-*", "b"], "total_fields_limit": 5000,
+                                         "aliases": "all"})
     assert (full.name, full.index_patterns, full.total_fields_limit) == ("t", ("a-*", "b"), 5000)
     body = full.composable_body()
     assert body["template"]["settings"] == {"index.mapping.total_fields.limit": 5000}
+    assert body["template"]["aliases"] == {"all": {}}
     assert body["template"]["mappings"]["date_detection"] is False
     with pytest.raises(ValueError, match="unknown keys"):
         tc.IndexTemplate.from_config({"index_patterns": "a", "shards": 3})

@@ -275,7 +275,8 @@ def _error_from_body(status: int, data: bytes) -> tuple[str, dict[str, Any]]:
             error = {"reason": str(error)}
         return f"HTTP {status}: {_describe_error(error)}", error
     text = data[:2000].decode("utf-8", "replace")
-    return f"HTTP {status}: {text.strip()[:300]}", {"body": text}
+    # one line in the log, even for a proxy's HTML page
+    return f"HTTP {status}: {' '.join(text.split())[:300]}", {"body": text}
 
 
 class BulkSender:

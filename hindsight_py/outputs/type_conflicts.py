@@ -280,10 +280,18 @@ class ConflictResolver:
             if key in self._logged or len(self._logged) >= _LOGGED_PATHS_CAP:
                 continue
             self._logged.add(key)
-            how = {"object": "an object", "depth": "too deep", "unknown": "another type"}.get(
-                conflict.mapped.split(":", 1)[0].replace("depth-limit", "depth"), f"of type {conflict.mapped}")
-            self._log(_LOG_INFO, f"type conflict: the index maps {move['from']} as {how}; values that do not "
-                                 f"fit go to {move['to']} (listed in {RENAMED_KEY} of each document)")
+            self._log(_LOG_INFO, f"type conflict at {move['from']}: {_describe(conflict.mapped)}; such values go to "
+                                 f"{move['to']} (listed in {RENAMED_KEY} of each document)")
+
+
+def _describe(mapped: str) -> str:
+    if mapped == _OBJECT:
+        return "the index maps an object there"
+    if mapped == "depth" or mapped.startswith("depth-limit:"):
+        return "nested deeper than the index allows, kept as JSON text"
+    if mapped == "unknown":
+        return "the index maps another type there"
+    return f"the index maps it as {mapped}"
 
 
 def _objects_at_depth(node: Any, depth: int, prefix: str, out: list[str]) -> None:
@@ -400,6 +408,9 @@ class IndexTemplate:
     total_fields_limit: int = 10000
     ignore_above: int = 1024
     priority: int = 200
+    #: every index made from the template joins these aliases: CloudTracker's default index name
+    #: "cloudtrail" can then stand for all the daily indices
+    aliases: tuple[str, ...] = ()
 
     @classmethod
     def from_config(cls, value: Any) -> IndexTemplate:
@@ -413,7 +424,7 @@ class IndexTemplate:
             patterns = [patterns]
         if not isinstance(patterns, list) or not patterns or not all(isinstance(p, str) for p in patterns):
             raise ValueError("index_template.index_patterns must be a pattern or a list of patterns")
-        known = {"name", "index_patterns", "total_fields_limit", "ignore_above", "priority"}
+        known = {"name", "index_patterns", "total_fields_limit", "ignore_above", "priority", "aliases"}
         unknown = set(value) - known
         if unknown:
             raise ValueError(f"index_template: unknown keys {sorted(unknown)} (known: {sorted(known)})")
@@ -423,6 +434,7 @@ class IndexTemplate:
             total_fields_limit=int(value.get("total_fields_limit", 10000)),
             ignore_above=int(value.get("ignore_above", 1024)),
             priority=int(value.get("priority", 200)),
+            aliases=_names(value.get("aliases"), "index_template.aliases"),
         )
 
     def mappings(self) -> dict[str, Any]:
@@ -451,14 +463,26 @@ class IndexTemplate:
         return {
             "index_patterns": list(self.index_patterns),
             "priority": self.priority,
-            "template": {"settings": self.settings(), "mappings": self.mappings()},
+            "template": {"settings": self.settings(), "mappings": self.mappings(),
+                         "aliases": {alias: {} for alias in self.aliases}},
             "_meta": {"managed_by": "hindsight-py", "policy": "docs/cloudtrail.md"},
         }
 
     def legacy_body(self) -> dict[str, Any]:
         """For `PUT _template/<name>` (Elasticsearch 7.0 to 7.7)."""
         return {"index_patterns": list(self.index_patterns), "order": self.priority,
-                "settings": self.settings(), "mappings": self.mappings()}
+                "settings": self.settings(), "mappings": self.mappings(),
+                "aliases": {alias: {} for alias in self.aliases}}
+
+
+def _names(value: Any, what: str) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        return (value,)
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return tuple(value)
+    raise ValueError(f"{what} must be a name or a list of names")
 
 
 def _template_name(pattern: str) -> str:
@@ -496,8 +520,9 @@ class TemplateInstaller:
             return f"installing index template {self.template.name}: {answer}"
         status, data = answer
         if 200 <= status < 300:
+            aliases = f" (aliases: {', '.join(self.template.aliases)})" if self.template.aliases else ""
             self._log(_LOG_INFO, f"index template {self.template.name} installed for "
-                                 f"{', '.join(self.template.index_patterns)}")
+                                 f"{', '.join(self.template.index_patterns)}{aliases}")
             return None
         text = data[:300].decode("utf-8", "replace")
         if status in (408, 429) or status >= 500:
