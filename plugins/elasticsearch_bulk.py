@@ -59,11 +59,15 @@ def _positive_int(key: str, default: int) -> int:
     return int(value)
 
 
-def _optional_str(table: dict[str, Any], key: str, where: str) -> str | None:
+def _optional_str(table: dict[str, Any], key: str, where: str = "") -> str | None:
     value = table.get(key)
     if value is not None and not isinstance(value, str):
         raise ValueError(f"{where}{key} must be nil or a string")
     return value
+
+
+def _optional_str_cfg(key: str) -> str | None:
+    return _optional_str({key: read_config(key)}, key)
 
 
 _encoder = _cfg("encoders_elasticsearch_common", {})
@@ -82,8 +86,8 @@ flush_bytes = _positive_int("flush_bytes", 8 << 20)
 op_type = _cfg("op_type", "index")
 if op_type not in ("index", "create"):
     raise ValueError(f"op_type must be 'index' or 'create', not {op_type!r}")
-pipeline: str | None = _optional_str({"pipeline": read_config("pipeline")}, "pipeline", "")
-id_field: str | None = _optional_str({"id_field": read_config("id_field")}, "id_field", "")
+pipeline = _optional_str_cfg("pipeline")
+id_field = _optional_str_cfg("id_field")
 abort_on_error = bool(_cfg("abort_on_error", False))
 
 _SENDER_KEYS = (
@@ -115,8 +119,8 @@ class _State:
 
 
 S = _State()
-_action_is_constant = not any("%{" in t for t in (index_template, type_template or "", id_template or "")) \
-    and not id_field
+_action_is_constant = not id_field and not any(
+    "%{" in t for t in (index_template, type_template or "", id_template or ""))
 
 
 def _make_sender() -> BulkSender:
@@ -165,8 +169,9 @@ def _detect() -> bool:
 def _wait_for_server() -> bool:
     """Block until the server is identified; False if a stop was requested meanwhile.
 
-    Only needed when `_type` is configured: sending without knowing would have Elasticsearch 6
-    reject every document, or Elasticsearch 8 and OpenSearch 2 every document with one.
+    Sending without knowing would be a guess: Elasticsearch 6 rejects every document without
+    `_type`, Elasticsearch 8 and OpenSearch 2 every document with one. A server that cannot be
+    reached could not take the documents anyway.
     """
     delay = 0.5
     stop = S.sender.stop_event
@@ -282,7 +287,7 @@ def _action_line(raw: bytes, payload: bytes) -> bytes:
         meta["_id"] = doc_id
     if pipeline:
         meta["pipeline"] = pipeline
-    line = json.dumps({op_type: meta}, separators=(",", ":"), ensure_ascii=False).encode()
+    line = json.dumps({op_type: meta}, separators=(",", ":")).encode()  # ASCII: any byte survives
     if _time_only and not _action_is_constant:
         S.time_key, S.time_line = int(secs), line
     return line
@@ -331,8 +336,83 @@ def _take_slowly(raws: list[bytes], payloads: list[bytes | None]) -> None:
         S.size += len(payload) + len(action) + 2
 
 
+_HIGH_BITS = 0x8080808080808080
+_UUID_KEY = b"\x0a\x10"  # field 1 (Uuid), 16 bytes: how every Heka message starts
+
+
+class _Shape:
+    """Where the Payload sits in messages whose headers are all alike but Uuid and Timestamp (one
+    input's messages): the bytes between the Timestamp and the Payload, and those after it.
+
+    Learned by walking one message; a message whose bytes there are the same parses the same way,
+    so its Payload is cut out with a few C-level comparisons instead of a walk (about 1 us instead
+    of 2.5 us). Anything else takes the full walk (message.payloads_of)."""
+
+    def __init__(self, middle: bytes, length_at: int, tail: bytes) -> None:
+        self.middle = middle  # from the end of the Timestamp (byte 28) to the Payload key, included
+        self.length_at = length_at
+        self.tail = tail
+
+    @classmethod
+    def learn(cls, raw: bytes) -> _Shape | None:
+        # Uuid, then a Timestamp of nine varint bytes (every time since 1972) end at byte 28
+        if not (raw[:2] == _UUID_KEY and len(raw) > 28 and raw[18] == 0x10 and raw[27] < 0x80
+                and int.from_bytes(raw[19:27], "little") & _HIGH_BITS == _HIGH_BITS):
+            return None
+        pos, n, payload_key, payload_end = 28, len(raw), -1, -1
+        try:
+            while pos < n:
+                key = raw[pos]
+                if key & 7 == 2:
+                    length, start = hmsg._read_varint(raw, pos + 1, n)
+                    if key == 0x32:
+                        payload_key, payload_end = pos, start + length  # the last one counts
+                    pos = start + length
+                elif key & 7 == 0:
+                    pos = hmsg._read_varint(raw, pos + 1, n)[1]
+                else:
+                    return None
+        except Exception:  # malformed: no shape to learn from it (the full walk reports it)
+            return None
+        if payload_key < 0 or pos != n:
+            return None
+        return cls(raw[28:payload_key + 1], payload_key + 1, raw[payload_end:])
+
+
+def _payloads(raws: list[bytes]) -> list[bytes | None]:
+    """message.payloads_of(raws), faster for messages of one shape (see _Shape)."""
+    out: list[bytes | None] = []
+    add = out.append
+    shape: _Shape | None = None
+    from_bytes = int.from_bytes
+    for raw in raws:
+        if (shape is not None and raw.startswith(shape.middle, 28) and len(raw) > shape.length_at + 1
+                and raw[18] == 0x10 and raw[27] < 0x80 and raw[:2] == _UUID_KEY
+                and from_bytes(raw[19:27], "little") & _HIGH_BITS == _HIGH_BITS):
+            pos = shape.length_at
+            length = raw[pos]
+            if length < 0x80:
+                pos += 1
+            elif raw[pos + 1] < 0x80:
+                length = (length & 0x7F) | (raw[pos + 1] << 7)
+                pos += 2
+            else:
+                length = -1
+            end = pos + length
+            if length >= 0 and len(raw) - end == len(shape.tail) and raw.endswith(shape.tail):
+                add(raw[pos:end])
+                continue
+        try:
+            add(hmsg.payloads_of([raw])[0])
+        except Exception:  # malformed framing inside the message: _take_slowly dead-letters it with the reason
+            add(None)
+        if shape is None:
+            shape = _Shape.learn(raw)
+    return out
+
+
 def _take(raws: list[bytes]) -> None:
-    payloads = hmsg.payloads_of(raws)
+    payloads = _payloads(raws)
     if (
         S.constant_action is not None
         and None not in payloads

@@ -22,6 +22,9 @@ from typing import Any
 
 import requests
 from conftest import REPO_ROOT
+from sandbox_fakes import lua_sandbox
+
+from hindsight_py import message as hmsg
 
 PROJECT_RUN = REPO_ROOT / "run"
 # a hung run must fail its test, not the CI job
@@ -159,6 +162,32 @@ def project_workdir(path: Path, input_file: Path, base_url: str, index: str, *, 
     assert n == 1, "run/output/elasticsearch_bulk_api.cfg has no encoders_elasticsearch_common table"
     wd.es_cfg.write_text(text)
     return wd
+
+
+# --------------------------------------------------------------------------- the encoder, unit level
+
+# An output that reports what encoders.elasticsearch.payload makes of each message through the
+# dead-letter callback (the fake host records those): ("ok", bulk entry) or ("error: ...", Payload).
+ENCODER_PROBE = """
+local encode = require("encoders.elasticsearch.payload").encode
+function process_message()
+    local ok, out = pcall(encode)
+    if ok then dead_letter("ok", out or "nil") else dead_letter("error: " .. tostring(out), "") end
+    return 0
+end
+function timer_event() end
+"""
+
+
+def encode_payloads(tmp_path: Path, payloads: list[str], common: str) -> list[tuple[str, bytes]]:
+    plugin = tmp_path / "probe.lua"
+    plugin.write_text(ENCODER_PROBE)
+    sandbox, host = lua_sandbox(plugin, "output", cfg=f"encoders_elasticsearch_common = {common}\n",
+                                path=str(tmp_path / "?.lua"))
+    raws = [hmsg.encode(hmsg.Message(payload=p, logger="input.file")) for p in payloads]
+    result = sandbox.run_batch(raws)
+    assert result.status == "ok", result.error
+    return host.dead_letters
 
 
 # --------------------------------------------------------------------------- running the CLI

@@ -17,6 +17,7 @@ other tests a few seconds each.
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import re
@@ -30,6 +31,7 @@ from delivery_helpers import (
     Index,
     LineFile,
     Workdir,
+    encode_payloads,
     event_id,
     figures,
     gone,
@@ -43,6 +45,7 @@ from delivery_helpers import (
 
 from hindsight_py import message as hmsg
 from hindsight_py.queue import list_ids, parse_position, queue_head
+from hindsight_py.sandbox import PluginError
 
 LINE_COUNT = 200_000
 KILLS = 20
@@ -247,3 +250,35 @@ def test_the_supervisor_writes_its_checkpoints_while_running(es8_url: str, scrat
                    "hindsight.cp to be rewritten")
     finally:
         run.kill()
+
+
+# --------------------------------------------------------------------------- `_id` from the record
+
+
+def test_id_from_json_takes_the_id_from_the_document(tmp_path: Path) -> None:
+    payloads = [
+        '{"eventID":"e-1","x":1}',
+        '{"userIdentity":{"accessKeyId":"AKIA1"},"eventID":"e-2"}',
+        '{"eventID":12345678901234}',  # numbers: integral ones without an exponent
+        '{"eventID":"has \\"quotes\\" and %{Type}"}',  # escaped as JSON, never interpolated
+        '{"no":"id here"}',  # no member: no _id
+        '{"eventID":{"nested":1}}',  # not a scalar: no _id
+        'not json',  # not JSON: no _id (the sender sets it aside)
+        '{"eventID":""}',  # empty: no _id
+    ]
+    out = encode_payloads(tmp_path, payloads, '{ index = "i", type_name = "doc", id_from_json = "eventID" }')
+    actions = [json.loads(entry.split(b"\n", 1)[0]) for _, entry in out]
+    assert [a["index"].get("_id") for a in actions] == [
+        "e-1", "e-2", "12345678901234", 'has "quotes" and %{Type}', None, None, None, None]
+    assert all(a["index"]["_index"] == "i" for a in actions)
+    # the document itself is untouched
+    assert out[0][1].split(b"\n", 1)[1] == b'{"eventID":"e-1","x":1}\n'
+
+    dotted = encode_payloads(tmp_path, [payloads[1]],
+                             '{ index = "i", id_from_json = "userIdentity.accessKeyId" }')
+    assert json.loads(dotted[0][1].split(b"\n", 1)[0]) == {"index": {"_index": "i", "_id": "AKIA1"}}
+
+
+def test_id_and_id_from_json_are_exclusive(tmp_path: Path) -> None:
+    with pytest.raises(PluginError, match="id and id_from_json are mutually exclusive"):
+        encode_payloads(tmp_path, [], '{ index = "i", id = "%{Uuid}", id_from_json = "eventID" }')

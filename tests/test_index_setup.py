@@ -73,8 +73,10 @@ def test_the_field_limit_is_the_option_else_the_files_else_the_default():
         "index.number_of_shards": 2, key: 3000}
     assert create_index_body(with_settings, {key: 4000}, None, keep_types=False)["settings"][key] == 4000
     assert create_index_body(with_settings, {key: 4000}, 6000, keep_types=False)["settings"][key] == 6000
-    # servers that take types get the mapping as written
+    # servers that take types get a typed mapping as written, an untyped one under the outputs' type
     assert create_index_body(TYPED_BODY, None, None, keep_types=True)["mappings"] == TYPED_BODY["mappings"]
+    assert create_index_body({"properties": {}}, None, None, keep_types=True, type_name="message")["mappings"] == {
+        "message": {"properties": {}}}
     # a bare mapping (no "mappings" wrapper) is a mapping
     assert create_index_body({"doc": {"properties": {}}}, None, None, keep_types=False)["mappings"] == {
         "properties": {}}

@@ -10,15 +10,20 @@ takes 3,000 lines in about 3-6 s, plus its start-up the first time (es7, os3, es
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import random
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from types import ModuleType
 
 import pytest
-from conftest import SHARED_DIR
+from conftest import REPO_ROOT, SHARED_DIR
 from native_pipeline import FakeCluster, NativePipeline, count, documents
+
+from hindsight_py import message as hmsg
 
 GENERATOR = SHARED_DIR / "tools" / "gen_cloudtrail.py"
 LINES = 3000
@@ -111,6 +116,18 @@ def test_op_type_pipeline_id_gzip_and_index_from_the_message_time(tmp_path, fake
         assert meta["_index"] in months
 
 
+@pytest.mark.parametrize(
+    ("keys", "header"),
+    [({"api_key": "aWQ6c2VjcmV0"}, "ApiKey aWQ6c2VjcmV0"),
+     ({"username": "hindsight", "password": "pa:ss"}, "Basic aGluZHNpZ2h0OnBhOnNz")],
+)
+def test_credentials_go_with_every_request(tmp_path, fake, keys, header):
+    pipeline = NativePipeline(tmp_path, [b'{"a":1}'], {"url": fake.url, **keys, **encoder()})
+    assert pipeline.run().returncode == 0, pipeline.stderr
+    assert len(fake.requests) == 2  # GET / and one bulk request
+    assert all(r.headers.get("Authorization") == header for r in fake.requests)
+
+
 # Messages a line-based input cannot make: a Python input plugin injects them as they are.
 ODD_MESSAGES = '''
 from hindsight_py.plugin import inject_message
@@ -144,6 +161,102 @@ def test_payloads_are_repaired_or_dead_lettered_never_lost(tmp_path, fake):
     assert "12 messages analysed" in texts and "not json\\nacross lines" in texts
 
 
+# Messages whose headers change from one to the next: the payload must be found in each.
+MIXED_SHAPES = '''
+from hindsight_py.plugin import inject_message
+
+def process_message(checkpoint):
+    for i in range(600):
+        doc = '{"i": %d, "pad": "%s"}' % (i, "x" * ((i * 7919) % 40000 if i % 50 == 0 else i % 300))
+        msg = {"Payload": doc}
+        if i % 3 == 0:
+            msg["Type"] = "t%d" % (i % 7)
+        if i % 5 == 0:
+            msg["Fields"] = {"n": i, "s": "y" * (i % 200)}
+        if i % 11 == 0:
+            msg["Severity"] = i % 8
+        if i % 13 == 0:
+            msg["Hostname"] = "host-%d" % i
+        inject_message(msg)
+    return 0
+'''
+
+
+def test_payloads_are_found_whatever_the_headers_around_them(tmp_path, fake):
+    pipeline = NativePipeline(tmp_path, [], {"url": fake.url, **encoder()}, input_plugin=MIXED_SHAPES)
+    assert pipeline.run().returncode == 0, pipeline.stderr
+    expected = [b'{"i": %d, "pad": "%s"}' % (i, b"x" * ((i * 7919) % 40000 if i % 50 == 0 else i % 300))
+                for i in range(600)]
+    assert fake.sources() == expected
+    assert max(map(len, expected)) > 16384  # three-byte payload lengths were among them
+
+
+def load_plugin(tmp_path, monkeypatch, **cfg: object) -> ModuleType:
+    """plugins/elasticsearch_bulk.py loaded in this process, with a stub sandbox behind hindsight_py.plugin."""
+    from hindsight_py import plugin as api
+
+    class Stub:
+        config = {"Logger": "output.es", "output_path": str(tmp_path), "url": "http://127.0.0.1:9", "timeout": 1,
+                  **cfg}
+        logs: list[str] = []
+
+        def log(self, level: int, text: str) -> None:
+            self.logs.append(text)
+
+        def is_running(self) -> bool:
+            return True
+
+    monkeypatch.setattr(api, "_current", Stub())
+    spec = importlib.util.spec_from_file_location("elasticsearch_bulk_under_test",
+                                                  REPO_ROOT / "plugins" / "elasticsearch_bulk.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_payload_shortcut_agrees_with_the_full_walk_on_damaged_messages(tmp_path, monkeypatch):
+    plugin = load_plugin(tmp_path, monkeypatch)
+    rng = random.Random(20240101)
+    base = [hmsg.encode(hmsg.from_dict(d, restricted=False, logger="input.file", hostname="vm", pid=4242,
+                                       now_ns=1_700_000_000_000_000_000 + i))
+            for i, d in enumerate([{"Payload": '{"a": 1}'}, {"Payload": "x" * 300, "Type": "t"},
+                                   {"Payload": "{}", "Fields": {"n": 1}}, {"Payload": "y" * 20000}])]
+
+    payloads_of = hmsg.payloads_of
+
+    def full_walk(raw: bytes) -> bytes | None:
+        try:
+            return payloads_of([raw])[0]
+        except Exception:  # any failure means "no payload" to the output
+            return None
+
+    walks = 0
+
+    def counted(raws: list[bytes]) -> list[bytes | None]:
+        nonlocal walks
+        walks += len(raws)
+        return payloads_of(raws)
+
+    monkeypatch.setattr(hmsg, "payloads_of", counted)
+    for _ in range(2000):
+        first = rng.choice(base)
+        batch = [first]  # the shape is learned from an intact message
+        for _ in range(15):
+            raw = bytearray(first if rng.random() < 0.7 else rng.choice(base))
+            damage = rng.random()
+            if damage < 0.2:
+                raw[rng.randrange(len(raw))] = rng.randrange(256)
+            elif damage < 0.3:
+                del raw[rng.randrange(len(raw)):]
+            elif damage < 0.4:
+                raw += b"\x32\x03abc"  # a second Payload: the last one counts
+            batch.append(bytes(raw))
+        got = plugin._payloads(batch)
+        assert got == [full_walk(raw) for raw in batch]
+    assert walks < 2000 * 16 * 0.8  # the shortcut took a good share of them
+
+
 def test_a_rejected_document_is_dead_lettered_with_the_reason_and_the_rest_indexed(tmp_path, cloudtrail):
     lines = cloudtrail[:20]
     bad = json.loads(lines[7])["eventID"].encode()
@@ -158,6 +271,28 @@ def test_a_rejected_document_is_dead_lettered_with_the_reason_and_the_rest_index
     assert [letter["source"].encode() for letter in letters] == [lines[7]]
     assert letters[0]["status"] == 400 and "rejected by the test" in letters[0]["reason"]
     assert pipeline.summary() == {"read": 20, "delivered": 19, "dead": 1}
+
+
+def test_a_url_that_is_no_bulk_endpoint_is_waited_out_not_dead_lettered(tmp_path, cloudtrail):
+    refusals = []
+
+    def wrong_endpoint_three_times(request):
+        if "/_bulk" in request.path and len(refusals) < 3:
+            refusals.append(request.path)
+            return 404, b'{"error":"no handler found for uri [/_bulk] and method [POST]","status":404}'
+        return None
+
+    cluster = FakeCluster(gate=wrong_endpoint_three_times)
+    try:
+        # discard_on_error with max_retry = 0 gives up on documents at once: not on a configuration error
+        pipeline = NativePipeline(tmp_path, cloudtrail[:10], {"url": cluster.url, "discard_on_error": True,
+                                                              "max_retry": 0, **encoder()})
+        assert pipeline.run().returncode == 0, pipeline.stderr
+    finally:
+        cluster.close()
+    assert len(refusals) == 3
+    assert cluster.sources()[-10:] == cloudtrail[:10]
+    assert pipeline.dead_letters() == []
 
 
 def test_the_next_url_takes_over_when_one_is_down(tmp_path, fake, cloudtrail, unused_port):

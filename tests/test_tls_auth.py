@@ -154,6 +154,7 @@ def test_a_client_certificate_opens_a_server_that_requires_one(tmp_path, mtls_pr
     without.close()
 
 
+@pytest.mark.filterwarnings("ignore::urllib3.exceptions.InsecureRequestWarning")
 def test_verify_certs_false_accepts_an_unknown_certificate(tmp_path, proxy):
     insecure = BulkSender([proxy.url], dead_letter_path=tmp_path / "d.jsonl", verify=False, username=USER,
                           password=PASSWORD, log=lambda level, text: None)

@@ -56,13 +56,13 @@ LOG_WARNING = 4
 LOG_INFO = 6
 LOG_DEBUG = 7
 
-# Whole-request statuses worth waiting out. 401/403/407 are retried rather than
-# dead-lettered: they mean the credentials are wrong, not the documents, and dumping the
+# Whole-request statuses that say the configuration is wrong, not the documents: credentials
+# (401/403/407), or a URL that is no bulk endpoint (404 for the whole request, 405 from a proxy;
+# a missing index is a per-item 404). They are waited out, even past max_retries: dumping the
 # whole stream to the dead-letter file because a password expired would help nobody.
-_RETRYABLE_REQUEST_STATUSES = frozenset({401, 403, 407, 408, 429})
-# ... and for the same reason they are waited out even past max_retries: giving up would
-# dead-letter everything that arrives until someone fixes the credentials.
-_AUTH_STATUSES = frozenset({401, 403, 407})
+_CONFIGURATION_STATUSES = frozenset({401, 403, 404, 405, 407})
+# Whole-request statuses worth waiting out.
+_RETRYABLE_REQUEST_STATUSES = _CONFIGURATION_STATUSES | {408, 429}
 # At most one retry warning per this many seconds per sender; the rest are summarised.
 _RETRY_LOG_INTERVAL = 10.0
 # How far into a response the top-level "errors" flag can be: after "took" and, on ES 8,
@@ -475,7 +475,7 @@ class BulkSender:
 
             attempt += 1
             if (self.max_retries is not None and attempt > self.max_retries
-                    and failure.status not in _AUTH_STATUSES):
+                    and failure.status not in _CONFIGURATION_STATUSES):
                 reason = f"gave up after {self.max_retries} retries: {failure.reason}"
                 self._dead_letter(batch.documents(), failure.status, reason, failure.error, result)
                 return

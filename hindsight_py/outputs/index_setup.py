@@ -119,11 +119,13 @@ def create_index_body(
     *,
     keep_types: bool,
     mapping_source: str = "the mapping",
+    type_name: str = "doc",
 ) -> dict[str, Any]:
     """The create-index request body.
 
     `mapping_doc` is a create-index body ({"mappings": ..., "settings": ..., "aliases": ...}) or a
-    bare mapping, typed or not. Settings: the mapping body's, then the settings file's, then the
+    bare mapping, typed or not; servers with mapping types (`keep_types`) get an untyped one under
+    `type_name`. Settings: the mapping body's, then the settings file's, then the
     field limit (given, or kept from those files, or the default).
     """
     body: dict[str, Any] = {}
@@ -142,7 +144,12 @@ def create_index_body(
         settings.setdefault(TOTAL_FIELDS_KEY, DEFAULT_TOTAL_FIELDS_LIMIT)
     body["settings"] = settings
     if mappings is not None:
-        body["mappings"] = mappings if keep_types else typeless_mappings(mappings, mapping_source)
+        if not keep_types:
+            body["mappings"] = typeless_mappings(mappings, mapping_source)
+        elif mapping_types(mappings):
+            body["mappings"] = mappings
+        else:  # Elasticsearch 6 and older need a type: the one the outputs send
+            body["mappings"] = {type_name: mappings}
     return body
 
 
@@ -160,6 +167,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--total-fields-limit", type=int, metavar="N",
                    help=f"index.mapping.total_fields.limit (default: the files' value, else {DEFAULT_TOTAL_FIELDS_LIMIT})")
     p.add_argument("--exists-ok", action="store_true", help="exit 0 when the index already exists")
+    p.add_argument("--type-name", default="doc",
+                   help="Elasticsearch 6 and older: the mapping type for an untyped mapping (default doc, "
+                   "the outputs' type_name)")
     p.add_argument("--timeout", type=float, default=30, help="seconds per request (default 30)")
     auth = p.add_argument_group("authentication and TLS")
     auth.add_argument("--username")
@@ -243,7 +253,7 @@ def _create(args: argparse.Namespace) -> int:
         info = _server(sender, args.url)
         keep_types = bool(info and info.accepts_types)
         body = create_index_body(mapping_doc, settings_doc, args.total_fields_limit, keep_types=keep_types,
-                                 mapping_source=f"mapping file {args.mapping}")
+                                 mapping_source=f"mapping file {args.mapping}", type_name=args.type_name)
         what = f"{info.distribution} {info.version}" if info else "a server that does not tell its version"
         answer = sender.request("PUT", "/" + args.index, body)
     finally:

@@ -132,6 +132,7 @@ class PipelinedSender:
         except SendInterrupted as e:
             self._stats.indexed += e.result.indexed
             self._stats.dead_lettered += e.result.dead_lettered
+            self._stats.retried += e.result.retried
             self._error = "stopped before the batch was delivered; it stays queued for the next run"
             return
         except Exception as e:  # reported to the plugin at its next send: never lost silently
@@ -199,6 +200,7 @@ def takeover_send(host: Any, address: str, port: int, body: bytes) -> tuple[bool
     except SendInterrupted as e:
         host.stats.indexed += e.result.indexed
         host.stats.dead_lettered += e.result.dead_lettered
+        host.stats.retried += e.result.retried
         return False, "stopped before the batch was delivered"
     _count(host.stats, result)
     return True, None

@@ -74,8 +74,12 @@ local HOOK_STEP = 1000
 local hook_budget = 0 -- steps allowed per call; 0 = unlimited
 local hook_used = 0
 local limit_tripped = nil -- set once the limit fires; the call is then failed even if the plugin pcall'ed it
+-- true while the sandbox's own machinery runs (encoding, flushing): upstream does that in C, where it
+-- costs the plugin no instructions, and an error in the middle of it would corrupt the flush buffer
+local internal = false
 
 local function instruction_hook()
+    if internal then return end
     hook_used = hook_used + 1
     if hook_used > hook_budget then
         limit_tripped = "instruction_limit exceeded"
@@ -95,6 +99,7 @@ end
 
 local function reset_instructions()
     hook_used = 0
+    internal = false
 end
 
 local output_limit = host.output_limit or 65536
@@ -665,6 +670,7 @@ local max_message_size = host.max_message_size or 65536
 
 local function flush()
     if out_msgs == 0 and not have_cp then return end
+    internal = true
     local data = out_n > 0 and tconcat(out, "", 1, out_n) or ""
     local n = out_msgs
     for i = 1, out_n do out[i] = nil end
@@ -677,6 +683,7 @@ local function flush()
     running = keep_running
     penv.now_ns = now_ns
     last_flush_sec = os_time()
+    internal = false
 end
 
 local function queue_framed(framed)
@@ -696,20 +703,24 @@ local encode_into = pb.encode_into
 -- Encode a table straight into the flush buffer: no intermediate message string, no extra copy.
 -- Errors are raised at the caller of the API function (depth: frames between it and queue_table).
 local function queue_table(t, what, depth)
+    internal = true
     local ok, n2, size = pcall(encode_into, out, out_n, t, penv)
     if not ok then
         for i = out_n + 1, #out do out[i] = nil end
+        internal = false
         local e = n2
         if e == nil or e == "" then e = "exceeded output_limit" end
         error(what .. "() failed: " .. tostring(e), 3 + (depth or 0))
     end
     if size > max_message_size then
         for i = out_n + 1, n2 do out[i] = nil end
+        internal = false
         error(what .. "() failed: exceeded max_message_size", 3 + (depth or 0))
     end
     for i = out_n + 1, n2 do out_bytes = out_bytes + #out[i] end
     out_n = n2
     out_msgs = out_msgs + 1
+    internal = false
     if out_msgs >= FLUSH_COUNT or out_bytes >= FLUSH_BYTES then
         flush()
     elseif out_msgs % 64 == 0 and os_time() ~= last_flush_sec then

@@ -15,7 +15,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Protocol
 
-from hindsight_py._lupa import SYSTEM_LUA_CPATH, SYSTEM_LUA_PATH, LuaError, LuaRuntime
+from hindsight_py._lupa import SYSTEM_LUA_CPATH, SYSTEM_LUA_PATH, LuaError, LuaMemoryError, LuaRuntime
 from hindsight_py.sandbox.base import BatchResult, PluginError
 
 _HERE = Path(__file__).resolve().parent
@@ -231,7 +231,7 @@ class LuaSandbox:
 
     def run_input(self, checkpoint: Any) -> tuple[int, str | None]:
         try:
-            good, rc, msg = self._run_input(checkpoint)
+            good, rc, msg = (*self._run_input(checkpoint), None)[:3]
         except LuaError as e:
             raise PluginError(f"process_message() {_text(e)}") from None
         if not good:
@@ -365,6 +365,9 @@ def lua_to_python(v: Any) -> Any:
 
 
 def _text(v: Any) -> str:
+    if isinstance(v, LuaMemoryError):
+        # raised when even the error report needed memory the plugin had used up (upstream's text)
+        return "not enough memory"
     if isinstance(v, bytes):
         s = v.decode("utf-8", "replace")
     else:
