@@ -435,14 +435,14 @@ def test_400_for_the_request_dead_letters_every_document_with_the_reason(serve, 
     server = serve(script((400, json.dumps({"error": error, "status": 400}).encode())))
     sender, log, delays = make_sender(server.url, tmp_path)
     action = b'{"index":{"_index":"t","_type":"doc"}}'
-    body = body_of({"a": 1}, "not json at all", action=action)
+    body = body_of({"a": 1}, {"b": 2}, action=action)
 
     result = sender.send(body, 2)
 
     assert (result.indexed, result.dead_lettered, result.retried) == (0, 2, 0)
     assert len(server.requests) == 1 and delays == []
     letters = dead_letters(sender)
-    assert [d["source"] for d in letters] == ['{"a": 1}', "not json at all"]
+    assert [d["source"] for d in letters] == ['{"a": 1}', '{"b": 2}']
     assert letters[0]["status"] == 400
     assert letters[0]["error"] == error
     assert letters[0]["action"] == {"index": {"_index": "t", "_type": "doc"}}
@@ -711,3 +711,18 @@ def test_real_server_rejects_type_and_nothing_is_silent(cluster, tmp_path):
     assert [d["status"] for d in letters] == [400, 400]
     assert "_type" in letters[0]["reason"]
     assert letters[0]["action"]["index"]["_type"] == "doc"
+
+
+def test_sources_that_are_not_json_objects_are_set_aside_without_being_sent(serve, tmp_path):
+    server = serve(script((200, b'{"took":1,"errors":false,"items":[{"index":{"status":201}}]}')))
+    sender, log, delays = make_sender(server.url, tmp_path)
+    body = body_of({"a": 1}, "1000 message analysed")
+
+    result = sender.send(body, 2)
+
+    assert (result.indexed, result.dead_lettered, result.set_aside) == (1, 1, 1)
+    assert len(server.requests) == 1
+    assert b"message analysed" not in server.requests[0].body
+    letters = dead_letters(sender)
+    assert [d["source"] for d in letters] == ["1000 message analysed"]
+    assert "not a JSON object" in letters[0]["reason"]
