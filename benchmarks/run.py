@@ -117,7 +117,9 @@ class TreeSampler(threading.Thread):
         super().__init__(daemon=True)
         self.pid = pid
         self.peak_kb = 0
+        self.cpu: dict[str, float] = {}  # CPU seconds by process name, as last seen
         self.stop = threading.Event()
+        self._tick = os.sysconf("SC_CLK_TCK")
 
     def _tree(self) -> list[int]:
         children: dict[int, list[int]] = {}
@@ -141,6 +143,13 @@ class TreeSampler(threading.Thread):
             total = 0
             for p in self._tree():
                 try:
+                    with open(f"/proc/{p}/stat") as f:
+                        name, rest = f.read().rsplit(")", 1)
+                        fields = rest.split()
+                        label = name.split("(", 1)[1]
+                        if p == self.pid:
+                            label = "supervisor"
+                        self.cpu[f"{label}:{p}"] = (int(fields[11]) + int(fields[12])) / self._tick
                     with open(f"/proc/{p}/smaps_rollup") as f:
                         for line in f:
                             if line.startswith("Pss:"):
@@ -167,6 +176,12 @@ def measure(cmd: list[str], cwd: Path, env: dict[str, str] | None = None) -> tup
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     if proc.returncode != 0:
         sys.stderr.write(err.decode(errors="replace")[-3000:])
+    if os.environ.get("BENCH_CPU_BREAKDOWN"):
+        by_name: dict[str, float] = {}
+        for key, secs in sampler.cpu.items():
+            name = key.rsplit(":", 1)[0]
+            by_name[name] = by_name.get(name, 0.0) + secs
+        print("   cpu by process:", ", ".join(f"{k} {v:.2f}s" for k, v in sorted(by_name.items())))
     return wall, cpu, sampler.peak_kb / 1024, proc.returncode
 
 

@@ -3,12 +3,18 @@
 The plugin calls the API in hindsight_py.plugin; this module is what those calls reach. Lua's
 memory and instruction limits have no Python equivalent and are not enforced here; an exception
 terminates the plugin exactly as a Lua error does.
+
+preserve_data: a plugin that defines `save_state()` has its return value (anything JSON can hold)
+written to `<output_path>/<name>.data` at a clean stop, and handed to its `restore_state(value)`
+after the module is loaded on the next start.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -61,6 +67,7 @@ def _format_number(x: float) -> str:
 class PythonSandbox:
     def __init__(self, plugin: Any, hs: Any, host: Any, *, log_level: int, pid: int) -> None:
         self.plugin = plugin
+        self._hs = hs
         self.name = plugin.name
         self.plugin_type = plugin.type
         self._host = host
@@ -110,6 +117,14 @@ class PythonSandbox:
             raise PluginError("process_message() function was not found")
         self._module = module
         self._batch_fn = batch_fn if callable(batch_fn) and self.plugin_type != "input" else None
+        state = self._state_path()
+        restore = getattr(module, "restore_state", None)
+        if state is not None and state.exists() and callable(restore):
+            try:
+                self._call(restore, json.loads(state.read_text()))
+            except Exception as e:  # upstream: the state is removed and the plugin starts without it
+                self.log(3, f"restore_global_data {type(e).__name__}: {e}; {state.name} removed")
+                state.unlink(missing_ok=True)
 
     def _call(self, fn: Any, *args: Any) -> Any:
         prev = api._current
@@ -223,9 +238,7 @@ class PythonSandbox:
     def run_timer(self, ns: int, shutdown: bool, inject_limit: int = -1) -> None:
         te = getattr(self._module, "timer_event", None)
         if te is None:
-            if shutdown and self.plugin_type != "input":
-                raise PluginError("timer_event() function was not found")
-            return
+            raise PluginError("timer_event() function was not found")
         self._inject_budget = inject_limit
         try:
             self._call(te, ns, shutdown)
@@ -241,10 +254,25 @@ class PythonSandbox:
     def seq_counter(self) -> int:
         return self._seq
 
+    def _state_path(self) -> Any:
+        if not getattr(self.plugin, "preserve_data", False):
+            return None
+        return self._hs.output_dir / f"{self.name}.data"
+
     def save_state(self) -> None:
+        """preserve_data: the plugin's save_state() value, as JSON (removed when it cannot be written)."""
+        state = self._state_path()
         save = getattr(self._module, "save_state", None)
-        if callable(save):
-            self._call(save)
+        if state is None or not callable(save):
+            return
+        try:
+            text = json.dumps(self._call(save))
+        except Exception as e:
+            state.unlink(missing_ok=True)
+            raise PluginError(f"save_state() {type(e).__name__}: {e}") from None
+        tmp = state.with_suffix(".data.tmp")
+        tmp.write_text(text)
+        os.replace(tmp, state)
 
     # -- the API (hindsight_py.plugin) --------------------------------------------------------
     def inject(self, msg: Any, checkpoint: Any) -> None:
@@ -270,8 +298,10 @@ class PythonSandbox:
         if checkpoint is not None:
             if self.plugin_type != "input":
                 raise ValueError("inject_message() checkpoints are for input plugins")
-            if not isinstance(checkpoint, (int, float, str)):
-                raise TypeError("inject_message() unsupported checkpoint type")
+            if not isinstance(checkpoint, (int, float, str)) or isinstance(checkpoint, bool):
+                raise TypeError(f"inject_message() unsupported checkpoint type: {type(checkpoint).__name__}")
+            if isinstance(checkpoint, str) and len(checkpoint.encode()) >= 8192:
+                raise ValueError("inject_message() failed: checkpoint update")
             self._cp = checkpoint
             self._has_cp = True
         if self._out_count >= FLUSH_COUNT or self._out_bytes >= FLUSH_BYTES:
@@ -395,7 +425,7 @@ class PythonSandbox:
             return msg.field_value(name[7:-1], fi, ai)
         attr = _HEADERS.get(name)
         if attr is None:
-            raise ValueError(f"read_message() field: '{name}' not supported/recognized")
+            raise ValueError(f"heka_read_message() field: '{name}' not supported/recognized")
         if attr == "severity":
             return msg.effective_severity
         return getattr(msg, attr)
