@@ -14,8 +14,6 @@ Cost: (a) about 1 s; (b) about 2 s per case; (c) a few seconds.
 
 from __future__ import annotations
 
-import math
-import os
 import re
 import socket
 import subprocess
@@ -24,9 +22,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from sandbox_fakes import FakeHost, lua_sandbox
 
 from hindsight_py.sandbox.base import PluginError
-from sandbox_fakes import FakeHost, lua_sandbox
 
 MIRROR = Path("/work/.mirror")
 LUA_SANDBOX = MIRROR / "mozilla-services+lua_sandbox" / "repo"

@@ -911,8 +911,9 @@ local function inject_input(msg, cp)
         if ct == "string" and #cp >= 8192 then error("inject_message() failed: checkpoint update", 2) end
         pending_cp = cp
         have_cp = true
-        if msg == nil and not running then
-            error("shutting down", 0) -- a clean stop requested at this sync point
+        if msg == nil then -- a shutdown sync point (upstream asks its host at every one)
+            if out_msgs == 0 then running = host.is_running() end
+            if not running then error("shutting down", 0) end -- a clean stop requested here
         end
     end
     -- hindsight-py: the instruction budget restarts at every inject, so a run-once input that reads a

@@ -167,8 +167,9 @@ class PythonSandbox:
                     rc, msg = _split_result(pm(self._seq) if is_output else pm())
                 except Exception as e:
                     self._flush()
-                    return BatchResult(i - 1, "terminate", f"process_message() {type(e).__name__}: {e}",
-                                       self._commit_index, self._failures - fails_before, self._batching)
+                    err = str(e) if isinstance(e, PluginError) else f"process_message() {type(e).__name__}: {e}"
+                    return BatchResult(i - 1, "terminate", err, self._commit_index, self._failures - fails_before,
+                                       self._batching)
                 if rc == 0:
                     self._batching = False
                     self._commit_index = i
@@ -214,7 +215,8 @@ class PythonSandbox:
             rc, msg = _split_result(self._call(self._batch_fn, raws))
         except Exception as e:
             self._flush()
-            return BatchResult(0, "terminate", f"process_messages() {type(e).__name__}: {e}", 0, 0, self._batching)
+            err = str(e) if isinstance(e, PluginError) else f"process_messages() {type(e).__name__}: {e}"
+            return BatchResult(0, "terminate", err, 0, 0, self._batching)
         self._flush()
         n = len(raws)
         if rc == 0:
@@ -276,6 +278,13 @@ class PythonSandbox:
 
     # -- the API (hindsight_py.plugin) --------------------------------------------------------
     def inject(self, msg: Any, checkpoint: Any) -> None:
+        if checkpoint is not None:
+            if self.plugin_type != "input":
+                raise ValueError("inject_message() checkpoints are for input plugins")
+            if not isinstance(checkpoint, (int, float, str)) or isinstance(checkpoint, bool):
+                raise TypeError(f"inject_message() unsupported checkpoint type: {type(checkpoint).__name__}")
+            if isinstance(checkpoint, str) and len(checkpoint.encode()) >= 8192:
+                raise ValueError("inject_message() failed: checkpoint update")
         if msg is None:
             if checkpoint is None or self.plugin_type != "input":
                 raise ValueError("inject_message() message cannot be nil without a checkpoint update")
@@ -296,20 +305,17 @@ class PythonSandbox:
                 self._out_bytes += len(framed)
                 self._out_count += 1
         if checkpoint is not None:
-            if self.plugin_type != "input":
-                raise ValueError("inject_message() checkpoints are for input plugins")
-            if not isinstance(checkpoint, (int, float, str)) or isinstance(checkpoint, bool):
-                raise TypeError(f"inject_message() unsupported checkpoint type: {type(checkpoint).__name__}")
-            if isinstance(checkpoint, str) and len(checkpoint.encode()) >= 8192:
-                raise ValueError("inject_message() failed: checkpoint update")
             self._cp = checkpoint
             self._has_cp = True
         if self._out_count >= FLUSH_COUNT or self._out_bytes >= FLUSH_BYTES:
             self._flush()
         elif self._has_cp and time.monotonic() - self._out_time >= 1.0:
             self._flush()
-        if msg is None and not self._running:
-            raise _ShuttingDown()
+        if msg is None:  # a shutdown sync point, as upstream's inject_message(nil, cp)
+            if not self._out:
+                self._running = self._host.is_running()
+            if not self._running:
+                raise _ShuttingDown()
 
     def inject_payloads(self, payloads: list[bytes], checkpoint: Any, type_: str | None) -> None:
         if self.plugin_type != "input":
