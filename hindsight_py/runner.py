@@ -366,16 +366,7 @@ class _PluginSlot:
         self.holding = False
 
 
-def _data_time_ns(raw: bytes, current: int) -> int:
-    try:
-        ts = hmsg.timestamp_of(raw)
-    except Exception:
-        return current
-    return ts if ts > current else current
-
-
 def _read_loop(r: _Runner, readers: list[_Reader], slots: list[_PluginSlot], *, is_output: bool) -> None:
-    data_ns = 0
     last_pos: dict[str, tuple[int, int]] = {}
     which = 0
     out_slot = slots[0] if is_output else None
@@ -413,6 +404,20 @@ def _read_loop(r: _Runner, readers: list[_Reader], slots: list[_PluginSlot], *, 
     need_fields = any(not m.headers_only for m in live_matchers)
     need_payload = any("Payload" in m.expression for m in live_matchers)
 
+    # Timers run on data time inside batches (the sandboxes do it, as hindsight_cli does). When no
+    # message arrives for ticker_interval seconds, they fire on the wall clock instead, so that a
+    # partly filled batch still leaves while the input is idle.
+    for slot in slots:
+        if slot.plugin.ticker_interval:
+            limit = slot.plugin.timer_event_inject_limit if slot.plugin.type == "analysis" else -1
+            slot.sandbox.set_ticker(slot.plugin.ticker_interval, limit)
+
+    def postpone_timers() -> None:
+        now = time.monotonic()
+        for slot in slots:
+            if slot.next_timer is not None:
+                slot.next_timer = now + slot.plugin.ticker_interval
+
     def fire_timers(shutdown: bool) -> None:
         now = time.monotonic()
         for slot in slots:
@@ -420,7 +425,11 @@ def _read_loop(r: _Runner, readers: list[_Reader], slots: list[_PluginSlot], *, 
                 continue
             if not shutdown and (slot.next_timer is None or now < slot.next_timer):
                 continue
-            ns = (data_ns // 1_000_000_000) * 1_000_000_000 if data_ns else time.time_ns() // 10**9 * 10**9
+            data_secs = slot.sandbox.data_now()
+            if shutdown and data_secs:
+                ns = data_secs * 1_000_000_000
+            else:
+                ns = time.time_ns() // 1_000_000_000 * 1_000_000_000
             limit = slot.plugin.timer_event_inject_limit if slot.plugin.type == "analysis" else -1
             try:
                 slot.sandbox.run_timer(ns, shutdown, limit)
@@ -461,7 +470,6 @@ def _read_loop(r: _Runner, readers: list[_Reader], slots: list[_PluginSlot], *, 
             continue
         assert reader is not None
         records = batch.records
-        data_ns = _data_time_ns(records[-1], data_ns)
         decoded: list[Any] | None = None
         batch_commit: int | None = len(records)  # index (exclusive) up to which this batch is committable
         for slot in slots:
@@ -533,7 +541,7 @@ def _read_loop(r: _Runner, readers: list[_Reader], slots: list[_PluginSlot], *, 
             commit(reader, end)
         if out_slot is not None and not out_slot.alive:
             break
-        fire_timers(False)
+        postpone_timers()
         if deferred:
             apply_deferred()
 

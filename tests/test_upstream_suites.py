@@ -449,8 +449,6 @@ BLOCKED = {
     "taskcluster/worker_metrics": "needs the third-party `date` module (luadate)",
     "hindsight/plugin_monitor": "needs hindsight's plugin statistics messages and dynamic loading (.off files in "
     "sandbox_load_path), which hindsight-py's supervisor does not provide",
-    "moz_telemetry/new_doctype_monitor": "needs timer_event driven by data time after every message (hindsight_cli); "
-    "hindsight-py's runner fires timers between batches",
 }
 
 

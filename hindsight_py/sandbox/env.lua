@@ -1155,6 +1155,54 @@ end
 -- analysis and output: process a batch of raw messages handed over in one crossing.
 -- Returns: processed, status, err, commit_index, failures, batching
 --   status "ok" | "retry" (the message at processed+1 asked for -3) | "terminate" (err set)
+-- index: the message of the current batch the timer runs after (0: between batches), so that an
+-- update_checkpoint() inside timer_event commits exactly what was processed before it.
+local function fire_timer(ns, shutdown, inject_limit, index)
+    local te = rawget(env, "timer_event")
+    if type(te) ~= "function" then return false, "timer_event() function was not found" end
+    reset_instructions()
+    inject_budget = inject_limit
+    cur_index = index
+    local ok, err = pcall(te, ns, shutdown)
+    flush()
+    if limit_tripped then return false, "timer_event() " .. limit_tripped end
+    if not ok then return false, "timer_event() " .. tostring(err) end
+    return true, nil
+end
+
+function control.run_timer(ns, shutdown, inject_limit)
+    return fire_timer(ns, shutdown, inject_limit, 0)
+end
+
+-- hindsight_cli's timers run on data time: "now" is the newest message Timestamp seen (whole
+-- seconds), the first timer is due at the first message, and the check follows every message.
+local ticker = 0
+local timer_inject_limit = -1
+local next_due = nil
+local data_now = 0
+
+function control.set_ticker(seconds, inject_limit)
+    ticker = seconds or 0
+    timer_inject_limit = inject_limit or -1
+end
+
+function control.data_now()
+    return data_now
+end
+
+local function data_timer(raw, i)
+    local ts = pb.read(raw, "Timestamp", 0, 0)
+    if ts then
+        local secs = floor(ts / 1e9)
+        if secs > data_now then data_now = secs end
+    end
+    if next_due == nil or data_now >= next_due then
+        next_due = data_now + ticker
+        return fire_timer(data_now * 1e9, false, timer_inject_limit, i)
+    end
+    return true, nil
+end
+
 function control.run_batch(msgs, n, inject_limit)
     local pm = rawget(env, "process_message")
     if type(pm) ~= "function" then return 0, "terminate", PM_NOT_FOUND, 0, 0, batching end
@@ -1203,6 +1251,13 @@ function control.run_batch(msgs, n, inject_limit)
         else
             if b then log(4, sformat("received: %d msg: %s", rc, b)) end
         end
+        if ticker > 0 then
+            local tok, terr = data_timer(msgs[i], i)
+            if not tok then
+                current = nil
+                return i, "terminate", terr, commit_index, failures - fails_before, batching
+            end
+        end
     end
     current = nil
     flush()
@@ -1219,19 +1274,6 @@ end
 
 function control.seq_counter()
     return seq_counter
-end
-
-function control.run_timer(ns, shutdown, inject_limit)
-    local te = rawget(env, "timer_event")
-    if type(te) ~= "function" then return false, "timer_event() function was not found" end
-    reset_instructions()
-    inject_budget = inject_limit
-    cur_index = 0
-    local ok, err = pcall(te, ns, shutdown)
-    flush()
-    if limit_tripped then return false, "timer_event() " .. limit_tripped end
-    if not ok then return false, "timer_event() " .. tostring(err) end
-    return true, nil
 end
 
 function control.has_timer()

@@ -300,6 +300,14 @@ class LuaSandbox:
         acks = self._control.take_acks()
         return [] if acks is None else [int(v) for v in acks.values()]
 
+    def set_ticker(self, seconds: int, inject_limit: int = -1) -> None:
+        """Fire timer_event on data time inside batches (hindsight_cli's semantics)."""
+        self._control.set_ticker(seconds, inject_limit)
+
+    def data_now(self) -> int:
+        """The newest message time seen by the data-time timer, in whole seconds (0: none yet)."""
+        return int(self._control.data_now())
+
     def has_timer(self) -> bool:
         return bool(self._control.has_timer())
 

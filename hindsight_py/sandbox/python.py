@@ -75,6 +75,10 @@ class PythonSandbox:
         self.config = _runtime_values(plugin)
         self._module: Any = None
         self._batch_fn: Any = None
+        self._ticker = 0
+        self._timer_limit = -1
+        self._next_due: int | None = None
+        self._data_now = 0
         self._out: list[bytes] = []
         self._out_bytes = 0
         self._out_count = 0  # messages in _out (one entry may hold many)
@@ -195,6 +199,11 @@ class PythonSandbox:
                     self._flush()
                     return BatchResult(i - 1, "terminate", "process_message() received a termination status code",
                                        self._commit_index, self._failures - fails_before, self._batching)
+                if self._ticker:
+                    err = self._data_timer(raw, i)
+                    if err:
+                        return BatchResult(i, "terminate", err, self._commit_index, self._failures - fails_before,
+                                           self._batching)
         finally:
             api._current = prev
             self._current = None
@@ -219,6 +228,10 @@ class PythonSandbox:
             return BatchResult(0, "terminate", err, 0, 0, self._batching)
         self._flush()
         n = len(raws)
+        if self._ticker and rc <= 0 and raws:
+            err = self._data_timer(raws[-1], n)
+            if err:
+                return BatchResult(n, "terminate", err, 0, 0, self._batching)
         if rc == 0:
             self._batching = False
             return BatchResult(n, "ok", None, n, 0, False)
@@ -248,6 +261,34 @@ class PythonSandbox:
             raise PluginError(f"timer_event() {type(e).__name__}: {e}") from None
         finally:
             self._flush()
+
+    def set_ticker(self, seconds: int, inject_limit: int = -1) -> None:
+        """Fire timer_event on data time inside batches (hindsight_cli's semantics)."""
+        self._ticker = seconds
+        self._timer_limit = inject_limit
+
+    def data_now(self) -> int:
+        return self._data_now
+
+    def _data_timer(self, raw: bytes, index: int) -> str | None:
+        """After a message: the timer, if due on data time. An error text terminates the plugin."""
+        try:
+            secs = hmsg.timestamp_of(raw) // 1_000_000_000
+        except hmsg.DecodeError:
+            secs = self._data_now
+        if secs > self._data_now:
+            self._data_now = secs
+        if self._next_due is None or self._data_now >= self._next_due:
+            self._next_due = self._data_now + self._ticker
+            saved = self._cur_index
+            self._cur_index = index
+            try:
+                self.run_timer(self._data_now * 1_000_000_000, False, self._timer_limit)
+            except PluginError as e:
+                return str(e)
+            finally:
+                self._cur_index = saved
+        return None
 
     def take_acks(self) -> list[int]:
         acks, self._acks = self._acks, []
