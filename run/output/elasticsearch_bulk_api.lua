@@ -76,8 +76,20 @@ function process_message()
     return -4
 end
 
+-- Timers run on data time (the newest message's timestamp) and the first one comes with the first
+-- message: a batch leaves once ticker_interval has passed since the previous timer, as upstream.
+local ticker_ns = (read_config("ticker_interval") or 0) * 1e9
+local last_timer_ns = nil
+
 function timer_event(ns, shutdown)
-    if batch_count == 0 or (shutdown and not flush_on_shutdown) then return end
+    local due = last_timer_ns ~= nil and ns - last_timer_ns >= ticker_ns
+    if last_timer_ns == nil or due then last_timer_ns = ns end
+    if batch_count == 0 then return end
+    if shutdown then
+        if not flush_on_shutdown then return end
+    elseif not due then
+        return
+    end
     send_batch()
     update_checkpoint()
 end
