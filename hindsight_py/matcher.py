@@ -853,3 +853,15 @@ def compile_matcher(expression: str | bytes) -> Matcher:
     exec(compile(code, f"<message_matcher {text[:60]!r}>", "exec"), namespace)
     match = namespace["_factory"](*constants)
     return Matcher(text, match, always=tree is True, headers_only=not _uses_fields(tree))
+
+
+def compile_raw_matcher(expression: str) -> Callable[[bytes], bool] | None:
+    """A matcher over a message's protobuf bytes (create_message_matcher's); None if the expression is invalid."""
+    from hindsight_py.message import decode
+
+    try:
+        m = compile_matcher(expression)
+    except MatcherError:
+        return None
+    match = m.match
+    return lambda raw: match(decode(raw))

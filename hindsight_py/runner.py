@@ -24,7 +24,7 @@ from typing import Any
 from hindsight_py import message as hmsg
 from hindsight_py.config import HindsightConfig, PluginConfig
 from hindsight_py.log import Logger
-from hindsight_py.matcher import MatcherError, compile_matcher
+from hindsight_py.matcher import compile_matcher, compile_raw_matcher
 from hindsight_py.queue import LOCK_NAME, QueueReader, QueueWriter, format_position, parse_position
 from hindsight_py.sandbox import PluginError, Sandbox, create_sandbox
 
@@ -161,11 +161,7 @@ class _Host:
         self.runner.commit_processed()
 
     def create_matcher(self, expr: str) -> Callable[[bytes], bool] | None:
-        try:
-            m = compile_matcher(expr)
-        except MatcherError:
-            return None
-        return lambda raw: m(hmsg.decode(raw))
+        return compile_raw_matcher(expr)
 
     def dead_letter(self, reason: str, data: bytes) -> None:
         self.runner.dead_letters.write(self.plugin.name, reason, data)

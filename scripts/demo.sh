@@ -9,17 +9,8 @@ repo=$PWD
 PYTHON=${PYTHON:-$(command -v python || command -v python3)}
 export DEBIAN_FRONTEND=noninteractive PIP_DISABLE_PIP_VERSION_CHECK=1
 
-packages=(lua-lpeg lua-cjson lua-socket maven openjdk-17-jdk-headless)
-missing=()
-for package in "${packages[@]}"; do
-    dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q 'install ok installed' || missing+=("$package")
-done
-if ((${#missing[@]})); then
-    sudo=()
-    [[ $(id -u) -eq 0 ]] || sudo=(sudo)
-    "${sudo[@]}" apt-get update -q
-    "${sudo[@]}" apt-get install -y -q --no-install-recommends "${missing[@]}"
-fi
+# javac builds the small GET / module of the Elasticsearch test distribution (search_servers.py)
+bash scripts/install_debian_packages.sh lua-lpeg lua-cjson lua-socket maven openjdk-17-jdk-headless
 "$PYTHON" -m pip install -q -e .
 
 url=$("$PYTHON" scripts/search_servers.py start es8 | tail -n 1)

@@ -12,18 +12,7 @@ step() { printf '\n== %s (%ss)\n' "$*" "$SECONDS"; }
 
 step "system packages"
 # javac builds the GET / module of the Elasticsearch 8+ test servers.
-packages=(lua-lpeg lua-cjson lua-socket nginx-light maven openjdk-17-jdk-headless)
-missing=()
-for package in "${packages[@]}"; do
-    dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q 'install ok installed' || missing+=("$package")
-done
-if ((${#missing[@]})); then
-    sudo=()
-    [[ $(id -u) -eq 0 ]] || sudo=(sudo)
-    echo "installing ${missing[*]}"
-    "${sudo[@]}" apt-get update -q
-    "${sudo[@]}" apt-get install -y -q --no-install-recommends "${missing[@]}"
-fi
+bash scripts/install_debian_packages.sh lua-lpeg lua-cjson lua-socket nginx-light maven openjdk-17-jdk-headless
 
 step "python packages"
 "$PYTHON" -m pip install -q -e '.[test]'

@@ -89,3 +89,13 @@ def scratch_index() -> Iterator[Callable[[str], str]]:
             timeout=60,
         )
         assert response.status_code == 200, f"cleanup of {name} on {base_url}: {response.text}"
+
+
+@pytest.fixture
+def unused_port() -> int:
+    """A loopback port nothing listens on (for connection-refused cases)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from hindsight_py import message as hmsg
-from hindsight_py.matcher import MatcherError, compile_matcher
+from hindsight_py.matcher import compile_raw_matcher
 from hindsight_py.sandbox.lua import LuaSandbox
 
 
@@ -75,11 +75,7 @@ class FakeHost:
         self.commits += 1
 
     def create_matcher(self, expr: str) -> Callable[[bytes], bool] | None:
-        try:
-            m = compile_matcher(expr)
-        except MatcherError:
-            return None
-        return lambda raw: m(hmsg.decode(raw))
+        return compile_raw_matcher(expr)
 
     def new_es_sender(self, cfg: dict) -> Any:
         raise NotImplementedError

@@ -112,14 +112,6 @@ def test_usage_errors_exit_2():
     assert result.returncode == 2 and "--url" in result.stderr
 
 
-@pytest.fixture
-def unused_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
 
 # -- real servers -----------------------------------------------------------------------------
 

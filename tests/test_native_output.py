@@ -327,14 +327,6 @@ def test_bad_configuration_stops_the_plugin_with_the_reason(tmp_path, fake):
     assert "op_type must be 'index' or 'create'" in pipeline.stderr
 
 
-@pytest.fixture
-def unused_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
 
 # -- real servers -----------------------------------------------------------------------------
 
