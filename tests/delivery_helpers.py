@@ -204,6 +204,7 @@ def hindsight_cli() -> str:
 class CliRun:
     returncode: int
     stderr: str
+    seconds: float = 0.0
 
     def summary(self) -> dict[str, int]:
         found = SUMMARY.findall(self.stderr)

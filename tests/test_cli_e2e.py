@@ -34,6 +34,7 @@ from urllib.parse import urlsplit
 import pytest
 import requests
 from conftest import REPO_ROOT, SHARED_DIR
+from delivery_helpers import CliRun, hindsight_cli
 from upstream_files import cloudtracker_run, extension_modules, lua_string, point_output_at, replace_once
 
 GENERATOR = SHARED_DIR / "tools" / "gen_cloudtrail.py"
@@ -44,12 +45,6 @@ UPSTREAM_LINE_COUNT = 50_000
 PAGE_SIZE = 10_000
 # A generous bound: a hung run must fail the test, not the CI job.
 RUN_TIMEOUT = 900
-
-SUMMARY = re.compile(
-    r"hindsight summary: read (?P<read>\d+) messages, delivered (?P<delivered>\d+) documents, "
-    r"dead-lettered (?P<dead>\d+), retried \d+ requests, (?:set aside (?P<aside>\d+) non-JSON payloads, )?"
-    r"[\d.]+s, exit status (?P<status>\d+)"
-)
 
 
 # --------------------------------------------------------------------------- input files
@@ -193,28 +188,6 @@ def assert_documents_are_the_lines(index: Index, lines: LineFile) -> None:
 
 
 # --------------------------------------------------------------------------- running the CLI
-
-
-@dataclass(frozen=True)
-class CliRun:
-    returncode: int
-    stderr: str
-    seconds: float
-
-    def summary(self) -> dict[str, int]:
-        found = SUMMARY.findall(self.stderr)
-        assert len(found) == 1, f"expected one summary line, stderr:\n{self.stderr[-4000:]}"
-        match = SUMMARY.search(self.stderr)
-        assert match is not None
-        return {k: int(v) for k, v in match.groupdict(default="0").items()}
-
-
-def hindsight_cli() -> str:
-    # The console script of the interpreter running the tests, so a venv's copy wins over PATH.
-    beside = Path(sys.executable).parent / "hindsight_cli"
-    found = str(beside) if beside.exists() else shutil.which("hindsight_cli")
-    assert found, "hindsight_cli is not installed (pip install -e .)"
-    return found
 
 
 def run_cli(workdir: Path, *args: str) -> CliRun:
