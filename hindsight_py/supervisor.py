@@ -190,6 +190,8 @@ class Supervisor:
                 signal.signal(s, h)
             self._write_checkpoints(force=True)
             if self.status_line is not None:
+                # the final figures, even for a run shorter than one status interval
+                self.status_line.show(self._totals(), time.monotonic())
                 self.status_line.clear()
         # a plugin whose process died before it said goodbye still counts what it reported
         for name, stats in self.live_stats.items():

@@ -1110,7 +1110,9 @@ def test_es_output_batches_and_commits_only_after_sending() -> None:
     assert sb.env.commits == 0
 
     sb.set_message(None)
-    sb.env.timer_event(10e9, False)  # the remaining document goes, then the checkpoint is committed
+    sb.env.timer_event(0, False)  # the first timer (the first message's, on data time) starts the clock
+    assert len(_to_py(sb.env.fake_es.sent)) == 1
+    sb.env.timer_event(10e9, False)  # ticker_interval later: the remaining document goes, then the commit
     assert _to_py(sb.env.fake_es.sent)[1] == {"body": f'{ACTION}{{"i":3}}\n', "n": 1}
     assert sb.env.commits == 1
     sb.env.timer_event(20e9, False)  # nothing buffered: no request, no commit
