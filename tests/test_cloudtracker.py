@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import urllib3
 from test_cloudtrail_tree import delete_template, example_config, pack_sample_tree, pack_tree, run_hindsight
 
 CLOUDTRACKER = "cloudtracker==2.1.5"
@@ -162,6 +163,9 @@ def test_cloudtracker_finds_the_users_roles_and_actions_in_the_index(es8_url, sc
     try:
         loaded = run_hindsight(work)
         assert loaded.returncode == 16, loaded.stderr  # the corrupt archive of the sample tree
+        # the documents are indexed; make them searchable before CloudTracker asks (refresh is ~1 s lazy)
+        refreshed = urllib3.request("POST", f"{es8_url}/{index}-*/_refresh")
+        assert refreshed.status == 200, refreshed.data
         expected = expected_answers(records)
         assert expected["by_user_in_role"][f"{USER} {ROLE}"] == ["ec2:describeinstances", "ec2:getpassworddata"]
         job = tmp_path / "job.json"
