@@ -304,6 +304,15 @@ def _client(ep: Endpoint):
     import elasticsearch
     from elasticsearch import Elasticsearch
 
+    if ep.real:
+        # the installed client may be a major ahead of the server: ask for the server's own API
+        # version (compatible-with=<server major>), which servers accept one major back
+        import elasticsearch._sync.client._base as base
+
+        major = json.loads(urllib3.request("GET", ep.url + "/").data)["version"]["number"].split(".")[0]
+        base._COMPAT_MIMETYPE_TEMPLATE = "application/vnd.elasticsearch+%s; compatible-with=" + major
+        base._COMPAT_MIMETYPE_SUB = base._COMPAT_MIMETYPE_TEMPLATE % (r"\g<1>",)
+
     client = Elasticsearch(ep.url, request_timeout=60)
     if not ep.real or elasticsearch.__versionstr__.split(".")[0] != "8":
         # the fake endpoint (and servers of another major version) would fail the client's product
