@@ -73,30 +73,29 @@ end
 
 local vbuf = {}
 
--- Varint of a 64-bit pattern given as lo (< 2^28, bits 0..27) and rest (< 2^36, bits 28..63).
-local function varint_split(lo, rest)
-    local n = 0
-    if rest == 0 then
-        while lo >= 128 do
-            local g = lo % 128
-            n = n + 1; vbuf[n] = g + 128
-            lo = (lo - g) / 128
-        end
-        n = n + 1; vbuf[n] = lo
-        return char(unpack(vbuf, 1, n))
-    end
-    for _ = 1, 4 do
-        local g = lo % 128
+-- Appends v's remaining base-128 groups to vbuf after position n (the last one without the
+-- continuation bit) and returns the varint.
+local function finish_varint(n, v)
+    while v >= 128 do
+        local g = v % 128
         n = n + 1; vbuf[n] = g + 128
+        v = (v - g) / 128
+    end
+    n = n + 1; vbuf[n] = v
+    return char(unpack(vbuf, 1, n))
+end
+
+-- Varint of a 64-bit pattern given as lo (< 2^28, bits 0..27) and rest (< 2^36, bits 28..63).
+-- Doubles are exact only up to 2^53, so the two halves are emitted separately: lo always
+-- fills exactly four 7-bit groups when rest is not zero.
+local function varint_split(lo, rest)
+    if rest == 0 then return finish_varint(0, lo) end
+    for n = 1, 4 do
+        local g = lo % 128
+        vbuf[n] = g + 128
         lo = (lo - g) / 128
     end
-    while rest >= 128 do
-        local g = rest % 128
-        n = n + 1; vbuf[n] = g + 128
-        rest = (rest - g) / 128
-    end
-    n = n + 1; vbuf[n] = rest
-    return char(unpack(vbuf, 1, n))
+    return finish_varint(4, rest)
 end
 
 -- Varint of an integer-valued double: [0, 2^64) as unsigned, [-2^63, 0) as int64 two's complement.
