@@ -357,6 +357,10 @@ class _PluginSlot:
         self.alive = True
         self.next_timer = time.monotonic() + plugin.ticker_interval if plugin.ticker_interval else None
         self.async_positions: dict[int, tuple[int, int]] = {}
+        # injection budgets per call: analysis plugins have upstream's limits, outputs none (-1)
+        analysis = plugin.type == "analysis"
+        self.message_inject_limit = plugin.process_message_inject_limit if analysis else -1
+        self.timer_inject_limit = plugin.timer_event_inject_limit if analysis else -1
         # an output that returned -4 holds messages it has not delivered yet: until it commits, the
         # read position must not pass them, not even over a batch its matcher skips entirely
         self.holding = False
@@ -405,8 +409,7 @@ def _read_loop(r: _Runner, readers: list[_Reader], slots: list[_PluginSlot], *, 
     # partly filled batch still leaves while the input is idle.
     for slot in slots:
         if slot.plugin.ticker_interval:
-            limit = slot.plugin.timer_event_inject_limit if slot.plugin.type == "analysis" else -1
-            slot.sandbox.set_ticker(slot.plugin.ticker_interval, limit)
+            slot.sandbox.set_ticker(slot.plugin.ticker_interval, slot.timer_inject_limit)
 
     def postpone_timers() -> None:
         now = time.monotonic()
@@ -426,9 +429,8 @@ def _read_loop(r: _Runner, readers: list[_Reader], slots: list[_PluginSlot], *, 
                 ns = data_secs * 1_000_000_000
             else:
                 ns = time.time_ns() // 1_000_000_000 * 1_000_000_000
-            limit = slot.plugin.timer_event_inject_limit if slot.plugin.type == "analysis" else -1
             try:
-                slot.sandbox.run_timer(ns, shutdown, limit)
+                slot.sandbox.run_timer(ns, shutdown, slot.timer_inject_limit)
             except PluginError as e:
                 slot.alive = False
                 r.terminated(slot.plugin, str(e), slot.host)
@@ -480,7 +482,6 @@ def _read_loop(r: _Runner, readers: list[_Reader], slots: list[_PluginSlot], *, 
                 idx = [i for i, m in enumerate(decoded) if m is not None and slot.matcher(m)]
                 subset = [records[i] for i in idx]
             host = slot.host
-            limit = slot.plugin.process_message_inject_limit if slot.plugin.type == "analysis" else -1
             start = 0
             if is_output and not subset and slot.holding:
                 batch_commit = None
@@ -489,7 +490,7 @@ def _read_loop(r: _Runner, readers: list[_Reader], slots: list[_PluginSlot], *, 
                     break
                 part = subset[start:]
                 seq0 = slot.sandbox.seq_counter() if slot.plugin.async_buffer_size else 0
-                res = slot.sandbox.run_batch(part, limit)
+                res = slot.sandbox.run_batch(part, slot.message_inject_limit)
                 host.stats.processed += res.processed
                 host.stats.failures += res.failures
                 slot.holding = res.batching
