@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from hindsight_py._lupa import SYSTEM_LUA_CPATH, SYSTEM_LUA_PATH, LuaError, LuaMemoryError, LuaRuntime
+from hindsight_py.message import random_uuids
 from hindsight_py.sandbox.base import BatchResult, PluginError
 
 _HERE = Path(__file__).resolve().parent
@@ -127,7 +128,7 @@ class LuaSandbox:
                 "hostname": hostname.encode(),
                 "pid": pid,
                 "now_ns": time.time_ns,
-                "random_uuids": _random_uuids,
+                "random_uuids": lambda n: random_uuids(int(n)),
                 "flush": self._flush_from_lua,
                 "is_running": host.is_running,
                 "inject_input": getattr(host, "inject_input", None),  # None: an output without inject_message
@@ -341,18 +342,6 @@ return function(new_sender)
     return M
 end
 """
-
-
-_V4 = bytes((b & 0x0F) | 0x40 for b in range(256))
-_VARIANT = bytes((b & 0x0F) | 0xA0 for b in range(256))
-
-
-def _random_uuids(n: int) -> bytes:
-    """n random version-4 UUIDs back to back (byte 6 gets 0x4_, byte 8 gets 0xA_, as lua_sandbox)."""
-    b = bytearray(os.urandom(16 * int(n)))
-    b[6::16] = b[6::16].translate(_V4)
-    b[8::16] = b[8::16].translate(_VARIANT)
-    return bytes(b)
 
 
 def _bytes_table(rt: LuaRuntime, d: dict[str, Any]) -> Any:
