@@ -11,7 +11,7 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
-from hindsight_py._lupa import LuaError, LuaRuntime
+from hindsight_py._lupa import LuaError, interpreted_runtime
 
 __all__ = ["CheckpointError", "load_checkpoints", "render_checkpoints", "save_checkpoints"]
 
@@ -67,7 +67,8 @@ def load_checkpoints(path: str | os.PathLike[str]) -> dict[str, str | float]:
     except OSError as e:
         raise CheckpointError(path, e.strerror or str(e)) from None
 
-    runtime = LuaRuntime(encoding=None, register_eval=False, register_builtins=False, max_memory=_MEMORY_CAP)
+    runtime = interpreted_runtime(encoding=None, register_eval=False, register_builtins=False,
+                                  max_memory=_MEMORY_CAP)
     try:
         ok, result = runtime.execute(_RUNNER)(text, b"=" + _CHUNK, _INSTRUCTION_CAP)
     except LuaError as e:  # out of memory

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hindsight_py._lupa import LuaError, LuaRuntime, lua
+from hindsight_py._lupa import LuaError, interpreted_runtime, lua
 
 __all__ = [
     "PLUGIN_TYPES",
@@ -99,9 +99,8 @@ class _BareLua:
     """One private Lua state used to run one cfg chunk with an empty global table."""
 
     def __init__(self) -> None:
-        self.runtime = LuaRuntime(
-            encoding=None, register_eval=False, register_builtins=False, max_memory=_MEMORY_CAP
-        )
+        self.runtime = interpreted_runtime(encoding=None, register_eval=False, register_builtins=False,
+                                           max_memory=_MEMORY_CAP)
         self._run = self.runtime.execute(_RUNNER)
 
     def run(self, text: str, chunkname: str) -> Any:

@@ -26,6 +26,8 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from hindsight_py.message import Message
+    from hindsight_py.outputs.delivery import PipelinedSender
+    from hindsight_py.outputs.elasticsearch import BulkSender
     from hindsight_py.sandbox.python import PythonSandbox
 
 _current: PythonSandbox | None = None
@@ -122,6 +124,17 @@ def count_delivery(indexed: int = 0, dead_lettered: int = 0, set_aside: int = 0,
         stats.retried += retried
 
 
+def deliver_in_background(sender: BulkSender, *, abort_on_error: bool = False) -> PipelinedSender:
+    """Outputs: a handle that delivers bulk bodies through `sender` in a background thread.
+
+    ``handle.submit(body, count)`` returns at once (after the previous body is delivered) with
+    None, or the error of an earlier delivery. The plugin may then report its messages done:
+    the host holds their checkpoint back until the body is delivered, and counts the outcome.
+    With ``abort_on_error`` a delivery that dead-lettered documents is an error.
+    """
+    return _sandbox()._host.background_delivery(sender, abort=abort_on_error)
+
+
 def log(level: int, text: str) -> None:
     """Log at a syslog level (3 error, 4 warning, 6 info, 7 debug) under the plugin's name."""
     _sandbox().log(level, text)
@@ -134,6 +147,7 @@ __all__ = [
     "current_message",
     "dead_letter",
     "decode_message",
+    "deliver_in_background",
     "encode_message",
     "inject_message",
     "inject_payload",

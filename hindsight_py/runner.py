@@ -135,7 +135,7 @@ class _Host:
         self.checkpoint_value: Any = runner.spec.checkpoints.get(plugin.name)
         self.stats = _Stats()
         self._es_types: bool | None = None
-        self.pipelined_senders: list[Any] = []  # outputs/lua_binding.PipelinedSender
+        self.pipelined_senders: list[Any] = []  # outputs/delivery.PipelinedSender
 
     # messages and checkpoints
     def write_messages(self, data: bytes, count: int) -> None:
@@ -172,6 +172,14 @@ class _Host:
         from hindsight_py.outputs.lua_binding import make_lua_sender
 
         return make_lua_sender(cfg, self)
+
+    def background_delivery(self, sender: Any, *, abort: bool = False) -> Any:
+        """A PipelinedSender for `sender`: the read loop commits nothing past a body in flight."""
+        from hindsight_py.outputs.delivery import PipelinedSender
+
+        pipe = PipelinedSender(sender, self.stats, abort=abort, is_running=self.is_running)
+        self.pipelined_senders.append(pipe)
+        return pipe
 
     def bulk_takeover(self, host: str, port: int, body: bytes) -> tuple[bool, str | None]:
         from hindsight_py.outputs.lua_binding import takeover_send
@@ -371,8 +379,12 @@ def _read_loop(r: _Runner, readers: list[_Reader], slots: list[_PluginSlot], *, 
     which = 0
     out_slot = slots[0] if is_output else None
 
-    senders = [p for slot in slots for p in slot.host.pipelined_senders]
-    deferred: list[tuple[list[int], _Reader, tuple[int, int]]] = []
+    # Lua outputs' background deliveries; an upstream plugin's LuaSocket takeover adds its own
+    # sender on its first request, so the list is looked at anew each time
+    def senders() -> list[Any]:
+        return [p for slot in slots for p in slot.host.pipelined_senders]
+
+    deferred: list[tuple[list[tuple[Any, int]], _Reader, tuple[int, int]]] = []
 
     def commit_now(reader: _Reader, pos: tuple[int, int]) -> None:
         reader.committed = format_position(pos)
@@ -381,13 +393,14 @@ def _read_loop(r: _Runner, readers: list[_Reader], slots: list[_PluginSlot], *, 
     def commit(reader: _Reader, pos: tuple[int, int]) -> None:
         # A Lua output's bulk body may still be on its way (PipelinedSender): the position only
         # becomes the checkpoint once everything handed over so far has been delivered.
-        if senders and any(p.busy for p in senders):
-            deferred.append(([p.ticket for p in senders], reader, pos))
+        busy = [(p, p.ticket) for p in senders() if p.busy]
+        if busy or deferred:  # commits stay in order behind the ones already waiting
+            deferred.append((busy, reader, pos))
         else:
             commit_now(reader, pos)
 
     def apply_deferred() -> None:
-        while deferred and all(p.done >= t for p, t in zip(senders, deferred[0][0], strict=True)):
+        while deferred and all(p.done >= t for p, t in deferred[0][0]):
             _, reader, pos = deferred.pop(0)
             commit_now(reader, pos)
 
@@ -546,7 +559,10 @@ def _read_loop(r: _Runner, readers: list[_Reader], slots: list[_PluginSlot], *, 
     for slot in slots:
         for pipe in slot.host.pipelined_senders:
             err = pipe.wait()
-            if err and slot.alive:
+            if err and pipe.interrupted:
+                # a stop request cut the retries short: not a failure, the messages stay queued
+                slot.host.log(4, f"stopped with documents not confirmed by the server: {err}")
+            elif err and slot.alive:
                 slot.alive = False
                 r.terminated(slot.plugin, f"timer_event() {err}", slot.host)
     apply_deferred()
@@ -623,6 +639,14 @@ def run_process(spec: ProcessSpec, conn: Connection) -> None:
     channel = _Channel(conn)
     r = _Runner(spec, channel)
     channel.stats_source = lambda: [(h.plugin.name, _stats_dict(h)) for h in r.hosts]
+    # HINDSIGHT_PY_PROFILE=/tmp/p writes /tmp/p-<process>.prof (cProfile) for each plugin process
+    profile_prefix = os.environ.get("HINDSIGHT_PY_PROFILE")
+    profiler = None
+    if profile_prefix:
+        import cProfile
+
+        profiler = cProfile.Profile()
+        profiler.enable()
     try:
         if spec.kind == "input":
             _run_input(r)
@@ -644,6 +668,9 @@ def run_process(spec: ProcessSpec, conn: Connection) -> None:
         except OSError:
             pass
     finally:
+        if profiler is not None:
+            profiler.disable()
+            profiler.dump_stats(f"{profile_prefix}-{spec.label}.prof")
         sys.stderr.flush()
         os._exit(0)
 

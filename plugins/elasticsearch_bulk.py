@@ -20,13 +20,13 @@ from pathlib import Path
 from typing import Any
 
 from hindsight_py import message as hmsg
-from hindsight_py.outputs.elasticsearch import BulkSender, SendInterrupted, SendResult
-from hindsight_py.outputs.lua_binding import ChannelStopEvent, sender_from_config, urls_from_config
+from hindsight_py.outputs.delivery import ChannelStopEvent, sender_from_config, urls_from_config
+from hindsight_py.outputs.elasticsearch import BulkSender
 from hindsight_py.outputs.sigv4 import service_for, signer_from_config
 from hindsight_py.plugin import (
-    count_delivery,
     dead_letter,
     decode_message,
+    deliver_in_background,
     is_running,
     log,
     read_config,
@@ -107,6 +107,7 @@ _serverless = bool(_sender_cfg["aws_sigv4"]) and service_for(_urls[0], _sender_c
 class _State:
     def __init__(self) -> None:
         self.sender: BulkSender
+        self.pipe: Any  # the sender in a background thread (hindsight_py.outputs.delivery.PipelinedSender)
         self.accepts_types: bool | None = None  # None until the server said (or could not say)
         self.constant_action: bytes | None = None  # the action line, when nothing in it depends on the message
         self.payloads: list[bytes] = []  # pending sources, one line each, without their newline
@@ -135,6 +136,7 @@ def _make_sender() -> BulkSender:
 
 
 S.sender = _make_sender()
+S.pipe = deliver_in_background(S.sender, abort_on_error=abort_on_error)
 
 
 # -- the server: detection, `_type` -----------------------------------------------------------
@@ -459,35 +461,25 @@ def _body(start: int, end: int) -> bytes:
     return _NL.join(lines)
 
 
-def _count(result: SendResult) -> None:
-    count_delivery(indexed=result.indexed, dead_lettered=result.dead_lettered - result.set_aside,
-                   set_aside=result.set_aside, retried=result.retried)
-
-
 def _flush() -> bool:
-    """Deliver every pending document; True when each is indexed or dead-lettered.
+    """Hand every pending document over for delivery; True once they all are.
 
-    False if a stop request interrupted the retries: the documents stay pending and their
-    messages uncommitted, so the next run sends them again."""
+    The requests go out in the background (deliver_in_background), one at a time, while the next
+    batch is read: the host commits nothing past a request until it is delivered. False if an
+    earlier delivery was cut short by a stop request: nothing more is sent in this run, and the
+    undelivered messages stay in the queue for the next one."""
     if not S.payloads or S.stopped:
         return not S.payloads
     start = 0
     while start < len(S.payloads):
         end = _cut(start)
-        try:
-            result = S.sender.send(_body(start, end), end - start, sources_checked=S.checked)
-        except SendInterrupted as stop:
-            _count(stop.result)
+        err = S.pipe.submit(_body(start, end), end - start, sources_checked=S.checked)
+        if err:
             S.stopped = True
-            del S.payloads[:start]
-            del S.actions[:start]
-            log(LOG_WARNING, f"stopped with {len(S.payloads)} documents not confirmed by the server; their "
-                "messages stay in the queue for the next run")
+            if not S.pipe.interrupted:
+                raise RuntimeError(err)  # abort_on_error, or a failure the sender could not handle
+            log(LOG_WARNING, f"stopped with documents not confirmed by the server ({err})")
             return False
-        _count(result)
-        if abort_on_error and result.dead_lettered > result.set_aside:
-            raise RuntimeError(f"abort_on_error: {result.dead_lettered - result.set_aside} documents were rejected "
-                               f"(see {S.sender.dead_letter_path})")
         start = end
     S.payloads = []
     S.actions = []

@@ -610,6 +610,12 @@ def test_bulk_body_count():
     body = b'{"delete":{"_id":"1"}}\n{"index":{}}\n{"a":1}\n{"create":{}}\n{"b":2}\n'
     assert bulk_body_count(body) == 3
     assert bulk_body_count(b"") == 0
+    # one repeated action line: counted as pairs, including a source that looks like the action
+    a = b'{"index":{"_index":"x"}}'
+    assert bulk_body_count(a + b"\n{}\n" + a + b"\n" + a + b"\n" + a + b"\n\n") == 3
+    # pairs that do not line up (a blank line where an action is expected) are cut up as the server does
+    assert bulk_body_count(a + b"\n{}\n\n" + a + b"\n{}\n") == 2
+    assert bulk_body_count(a + b"\n{}\n" + b'{"delete":{"_id":"1"}}\n' + a + b"\n{}\n") == 3
 
 
 def test_empty_body_sends_nothing(serve, tmp_path):

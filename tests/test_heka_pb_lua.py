@@ -108,10 +108,11 @@ WIDGET = b"\x1a\x06widget"
         ("{Timestamp = 0, Uuid = Z}", False, HEAD + SL_PID_SH),
         ('{Timestamp = 0, Uuid = Z, Logger = "l", Hostname = "h"}', False, HEAD + b'"\x01l@\x00J\x01h'),
         ("{Timestamp = 0, Uuid = Z}", True, b"\x1e\x02\x08\x1e\x1f" + HEAD + SL_PID_SH),
-        ('{Timestamp = 0, Uuid = Z, Logger = "l", Hostname = "h", Fields = {number = 1,'
-         ' numbers = {value = {1, 2, 3}, representation = "count"}, string = "string",'
-         ' strings = {"s1", "s2", "s3"}, bool = true, bools = {true, false, false}}}',
-         False, HEAD + b'"\x01l@\x00J\x01h' + HASH_FIELDS),
+        # hash-style Fields come out in the table's iteration order: Lua 5.1's is upstream's
+        pytest.param('{Timestamp = 0, Uuid = Z, Logger = "l", Hostname = "h", Fields = {number = 1,'
+                     ' numbers = {value = {1, 2, 3}, representation = "count"}, string = "string",'
+                     ' strings = {"s1", "s2", "s3"}, bool = true, bools = {true, false, false}}}',
+                     False, HEAD + b'"\x01l@\x00J\x01h' + HASH_FIELDS, marks=pytest.mark.lua51),
         ('{Timestamp = 0, Uuid = Z, Logger = "l", Hostname = "h", Fields = {'
          '{name = "number", value = 1}, {name = "numbers", value = {1, 2, 3}, representation = "count"},'
          '{name = "string", value = "string"}, {name = "strings", value = {"s1", "s2", "s3"}},'
@@ -364,6 +365,7 @@ def test_double_bytes_match_ieee754(rt: LuaRuntime, value: float) -> None:
     assert rt.eval("function(s) return pb._double_bytes(pb._read_double(s, 1)) end")(packed) == packed
 
 
+@pytest.mark.lua51  # LuaJIT cannot tell a NaN's sign: its NaNs are encoded as 0/0 is in C
 def test_nan_double(rt: LuaRuntime) -> None:
     assert rt.eval("pb._double_bytes(0/0)") == b"\x00\x00\x00\x00\x00\x00\xf8\xff"
     assert rt.eval("pb._double_bytes(-(0/0))") == b"\x00\x00\x00\x00\x00\x00\xf8\x7f"
@@ -795,6 +797,7 @@ UPSTREAM_OVERREADS = {
 }
 
 
+@pytest.mark.lua51  # the expected overreads are of upstream's bytes for -1/-0 and 0/0 (LuaJIT folds -0 to 0)
 @pytest.mark.parametrize("table", CROSS_TABLES[::2])
 def test_validity_and_decode_errors_agree_with_python(rt: LuaRuntime, table: str) -> None:
     base = ev(rt, f"enc({table})")

@@ -6,75 +6,12 @@ so the Lua plugin and the native Python output share one path to the server.
 
 from __future__ import annotations
 
-import threading
-import time
 from collections.abc import Callable
 from typing import Any
 
 from hindsight_py.outputs import type_conflicts
-from hindsight_py.outputs.elasticsearch import BulkSender, SendInterrupted, ServerInfo, bulk_body_count
-
-
-class ChannelStopEvent:
-    """A threading.Event look-alike that checks the supervisor pipe while a sender waits to retry."""
-
-    def __init__(self, is_running: Callable[[], bool]) -> None:
-        self._is_running = is_running
-
-    def is_set(self) -> bool:
-        return not self._is_running()
-
-    def wait(self, timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
-        while True:
-            if not self._is_running():
-                return True
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return False
-            time.sleep(min(0.05, left))
-
-
-def urls_from_config(cfg: dict[str, Any]) -> list[str]:
-    """`url`/`urls` (hindsight-py), else upstream's `address` and `port`."""
-    urls = cfg.get("urls") or cfg.get("url")
-    if isinstance(urls, str):
-        return [urls]
-    if isinstance(urls, list) and urls:
-        return [str(u) for u in urls]
-    address = cfg.get("address") or "127.0.0.1"
-    port = int(cfg.get("port") or 9200)
-    return [f"http://{address}:{port}"]
-
-
-def sender_from_config(cfg: dict[str, Any], *, dead_letter_path: Any, log: Callable[[int, str], None],
-                       stop_event: Any = None) -> BulkSender:
-    """A BulkSender for an elasticsearch_bulk_api-style cfg.
-
-    Upstream gives up after `max_retry` when `discard_on_error` or `abort_on_error` is set (and then
-    loses the batch); hindsight-py retries forever by default, and with either key set it retries
-    `max_retry` times and then dead-letters the batch instead of discarding it.
-    """
-    gives_up = bool(cfg.get("discard_on_error") or cfg.get("abort_on_error"))
-    sender = BulkSender(
-        urls_from_config(cfg),
-        dead_letter_path=dead_letter_path,
-        timeout=float(cfg.get("timeout") or 10),
-        username=cfg.get("username"),
-        password=cfg.get("password"),
-        api_key=cfg.get("api_key"),
-        ca_certs=cfg.get("ca_certs"),
-        verify=cfg.get("verify_certs", True) is not False,
-        client_cert=cfg.get("client_cert"),
-        client_key=cfg.get("client_key"),
-        gzip=bool(cfg.get("gzip")),
-        max_retries=int(cfg.get("max_retry") or 0) if gives_up else None,
-        log=log,
-        stop_event=stop_event,
-    )
-    # type_conflicts (default: rename mistyped fields and send again) and index_template
-    type_conflicts.configure(sender, cfg, log)
-    return sender
+from hindsight_py.outputs.delivery import ChannelStopEvent, sender_from_config, urls_from_config
+from hindsight_py.outputs.elasticsearch import BulkSender, ServerInfo, bulk_body_count
 
 
 def make_lua_sender(cfg: dict[str, Any], host: Any) -> tuple[Callable[..., Any], Callable[[], bool]]:
@@ -90,10 +27,7 @@ def make_lua_sender(cfg: dict[str, Any], host: Any) -> tuple[Callable[..., Any],
         # the pipe itself is only ever read by the main thread
         stop_event=ChannelStopEvent(lambda: not host.runner.channel.stop),
     )
-    abort = bool(cfg.get("abort_on_error"))
-    stats = host.stats
-    pipe = PipelinedSender(sender, stats, abort, host)
-    host.pipelined_senders.append(pipe)
+    pipe = host.background_delivery(sender, abort=bool(cfg.get("abort_on_error")))
 
     def send(body: bytes, count: float) -> tuple[Any, ...]:
         err = pipe.submit(body, int(count))
@@ -106,65 +40,6 @@ def make_lua_sender(cfg: dict[str, Any], host: Any) -> tuple[Callable[..., Any],
         return bool(info and info.accepts_types)
 
     return send, accepts_types
-
-
-class PipelinedSender:
-    """Delivers one bulk body in a background thread while the plugin encodes the next one.
-
-    The Lua plugin commits its checkpoint as soon as `send` returns; the runner holds such commits
-    back until the delivery they depend on has finished (`ticket` / `done`), so a crash still
-    re-sends instead of losing. At most one body is in flight: the next `submit` waits for it.
-    """
-
-    def __init__(self, sender: BulkSender, stats: Any, abort: bool, host: Any) -> None:
-        self._sender = sender
-        self._stats = stats
-        self._abort = abort
-        self._host = host
-        self._thread: threading.Thread | None = None
-        self._error: str | None = None
-        self.ticket = 0  # the last body handed over
-        self.done = 0  # the last body delivered (indexed or dead-lettered)
-
-    def _deliver(self, body: bytes, count: int, ticket: int) -> None:
-        try:
-            result = self._sender.send(body, count)
-        except SendInterrupted as e:
-            self._stats.indexed += e.result.indexed
-            self._stats.dead_lettered += e.result.dead_lettered
-            self._stats.retried += e.result.retried
-            self._error = "stopped before the batch was delivered; it stays queued for the next run"
-            return
-        except Exception as e:  # reported to the plugin at its next send: never lost silently
-            self._error = f"bulk delivery failed: {type(e).__name__}: {e}"
-            return
-        _count(self._stats, result)
-        if self._abort and result.dead_lettered:
-            self._error = f"abort_on_error: {result.dead_lettered} documents were dead-lettered"
-            return
-        self.done = ticket
-
-    def wait(self) -> str | None:
-        """Wait for the body in flight (watching for a stop meanwhile); its error, if any."""
-        t = self._thread
-        while t is not None and t.is_alive():
-            t.join(0.05)
-            self._host.is_running()  # reads the supervisor pipe, so a stop reaches the sender
-        self._thread = None
-        return self._error
-
-    def submit(self, body: bytes, count: int) -> str | None:
-        err = self.wait()
-        if err:
-            return err
-        self.ticket += 1
-        self._thread = threading.Thread(target=self._deliver, args=(body, count, self.ticket), daemon=True)
-        self._thread.start()
-        return None
-
-    @property
-    def busy(self) -> bool:
-        return self.done != self.ticket
 
 
 def server_accepts_types(cfg: dict[str, Any], log: Callable[[int, str], None]) -> bool | None:
@@ -180,34 +55,24 @@ def server_accepts_types(cfg: dict[str, Any], log: Callable[[int, str], None]) -
 
 
 def takeover_send(host: Any, address: str, port: int, body: bytes) -> tuple[bool, str | None]:
-    """A bulk body an upstream Lua plugin posted through LuaSocket, delivered by the bulk sender."""
-    senders = host.__dict__.setdefault("_takeover_senders", {})
-    sender = senders.get((address, port))
-    if sender is None:
+    """A bulk body an upstream Lua plugin posted through LuaSocket, handed to the bulk sender.
+
+    It is delivered in the background like the project's Lua output (PipelinedSender): the plugin
+    hears "200, no errors" at once and goes on encoding, while the runner holds back the commits
+    that depend on the delivery. A failure is reported at the plugin's next request."""
+    pipes = host.__dict__.setdefault("_takeover_pipes", {})
+    pipe = pipes.get((address, port))
+    if pipe is None:
         cfg = dict(host.plugin.values)
         cfg.update(address=address, port=port)
         for key in ("discard_on_error", "abort_on_error"):
             cfg.pop(key, None)  # upstream gives up on these; we retry until delivered or dead-lettered
-        sender = senders[(address, port)] = sender_from_config(
+        sender = sender_from_config(
             cfg,
             dead_letter_path=host.runner.output_path / "dead_letter" / f"{host.plugin.name}.jsonl",
             log=host.log_fn,
-            stop_event=ChannelStopEvent(host.is_running),
+            stop_event=ChannelStopEvent(lambda: not host.runner.channel.stop),
         )
-    count = bulk_body_count(body)
-    try:
-        result = sender.send(body, count)
-    except SendInterrupted as e:
-        host.stats.indexed += e.result.indexed
-        host.stats.dead_lettered += e.result.dead_lettered
-        host.stats.retried += e.result.retried
-        return False, "stopped before the batch was delivered"
-    _count(host.stats, result)
-    return True, None
-
-
-def _count(stats: Any, result: Any) -> None:
-    stats.indexed += result.indexed
-    stats.dead_lettered += result.dead_lettered - result.set_aside
-    stats.set_aside += result.set_aside
-    stats.retried += result.retried
+        pipe = pipes[(address, port)] = host.background_delivery(sender)
+    err = pipe.submit(body, bulk_body_count(body))
+    return (False, err) if err else (True, None)

@@ -20,6 +20,7 @@ local sfind, sgsub, ssub, sformat, sbyte, schar, slower = string.find, string.gs
     string.byte, string.char, string.lower
 local tconcat = table.concat
 local floor = math.floor
+local smatch = string.match
 local os_time = os.time
 local io_open = io.open
 local sethook = debug.sethook
@@ -87,13 +88,22 @@ local function instruction_hook()
     end
 end
 
+-- LuaJIT's compiled traces never call the count hook: with a limit, the compiler stays off and
+-- the (still fast) interpreter runs everything, so no loop can escape the limit.
+local jit = rawget(real_G, "jit")
+
 local function set_instruction_limit(n)
     if n and n > 0 then
         hook_budget = math.ceil(n / HOOK_STEP)
+        if jit then
+            jit.off()
+            jit.flush()
+        end
         sethook(instruction_hook, "", HOOK_STEP)
     else
         hook_budget = 0
         sethook()
+        if jit then jit.on() end
     end
 end
 
@@ -103,6 +113,74 @@ local function reset_instructions()
 end
 
 local output_limit = host.output_limit or 65536
+
+----------------------------------------------------------------------------------------------------
+-- Loading Lua 5.1 source under LuaJIT
+----------------------------------------------------------------------------------------------------
+-- Lua 5.1 reads an unknown escape in a quoted string as the character itself ("\." is "."); LuaJIT
+-- refuses it, and gives \x, \z and \u a meaning 5.1 does not have. Plugins and modules written for
+-- lua_sandbox are loaded with those backslashes removed, which is what 5.1 makes of them.
+local KEEP_ESCAPE = {}
+for c in ("abfnrtv\\\"'\n\r0123456789"):gmatch(".") do KEEP_ESCAPE[c] = true end
+
+local function as_lua51(src)
+    if not sfind(src, "\\", 1, true) then return src end
+    local out, n = {}, 0
+    local copied = 1 -- src[copied..] is not in out yet
+    local pos, len = 1, #src
+    while pos <= len do
+        local s = sfind(src, "[%-%[\"']", pos)
+        if not s then break end
+        local c = ssub(src, s, s)
+        pos = s + 1
+        if c == "-" or c == "[" then
+            -- a comment, a long string or a long comment: skipped whole (escapes mean nothing there)
+            local open = c == "-" and ssub(src, s, s + 1) == "--" and s + 2 or (c == "[" and s or nil)
+            if open then
+                local eq = smatch(src, "^%[(=*)%[", open)
+                if eq then
+                    local _, e = sfind(src, "]" .. eq .. "]", open + 2 + #eq, true)
+                    pos = (e or len) + 1
+                elseif c == "-" then
+                    pos = (sfind(src, "\n", open, true) or len) + 1
+                end
+            end
+        else
+            local p = s + 1
+            while true do
+                local q = sfind(src, c == '"' and '[\\\n"]' or "[\\\n']", p)
+                if not q or ssub(src, q, q) ~= "\\" then -- the end of the string (or of a broken one)
+                    pos = (q or len) + 1
+                    break
+                end
+                if not KEEP_ESCAPE[ssub(src, q + 1, q + 1)] then
+                    n = n + 1
+                    out[n] = ssub(src, copied, q - 1)
+                    copied = q + 1
+                end
+                p = q + 2
+            end
+        end
+    end
+    if n == 0 then return src end
+    out[n + 1] = ssub(src, copied)
+    return tconcat(out)
+end
+
+-- loadfile, as Lua 5.1 would read the file
+local loadfile51 = loadfile
+if rawget(real_G, "jit") then
+    local loadstring, io_open_ = loadstring, io.open
+    loadfile51 = function(path)
+        local fh, err = io_open_(path, "rb")
+        if not fh then return nil, "cannot open " .. err end
+        local src = fh:read("*a")
+        fh:close()
+        if sbyte(src, 1) == 35 then src = sgsub(src, "^[^\n]*", "", 1) end -- a "#!" line, as loadfile skips it
+        if sbyte(src, 1) ~= 27 then src = as_lua51(src) end -- not precompiled
+        return loadstring(src, "@" .. path)
+    end
+end
 
 ----------------------------------------------------------------------------------------------------
 -- The environment
@@ -242,7 +320,7 @@ local function search(paths, name)
 end
 
 local function load_lua_module(file, name)
-    local chunk, err = loadfile(file)
+    local chunk, err = loadfile51(file)
     if not chunk then error(err, 0) end
     setfenv(chunk, env)
     return chunk(name)
@@ -1124,7 +1202,7 @@ function control.zero_copy_value(ud)
 end
 
 function control.load_plugin(source_path)
-    local chunk, err = loadfile(source_path)
+    local chunk, err = loadfile51(source_path)
     if not chunk then return false, err end
     setfenv(chunk, env)
     reset_instructions()

@@ -220,9 +220,12 @@ local function read_varint_int32(s, p, e)
     return v, np2
 end
 
+-- LuaJIT prints every NaN as "nan": its NaNs are taken for what 0/0 yields in C (and in lua_sandbox)
+local NAN_SIGN_UNKNOWN = rawget(_G, "jit") ~= nil
+
 local function double_bytes(x)
     if x ~= x then
-        if byte(tostring(x), 1) == 45 then return NAN_BYTES_NEG end
+        if NAN_SIGN_UNKNOWN or byte(tostring(x), 1) == 45 then return NAN_BYTES_NEG end
         return NAN_BYTES_POS
     end
     local sign = 0
