@@ -22,6 +22,7 @@ being called: one process may host several analysis plugins, each sees its own c
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -132,7 +133,13 @@ def deliver_in_background(sender: BulkSender, *, abort_on_error: bool = False) -
     the host holds their checkpoint back until the body is delivered, and counts the outcome.
     With ``abort_on_error`` a delivery that dead-lettered documents is an error.
     """
-    return _sandbox()._host.background_delivery(sender, abort=abort_on_error)
+    return _sandbox().background_delivery(sender, abort_on_error)
+
+
+def logger() -> Callable[[int, str], None]:
+    """`log`, bound to this plugin: for threads the plugin runs (`log` itself finds its plugin
+    only while a callback runs)."""
+    return _sandbox().log
 
 
 def log(level: int, text: str) -> None:
@@ -154,6 +161,7 @@ __all__ = [
     "inject_payloads",
     "is_running",
     "log",
+    "logger",
     "read_config",
     "read_message",
     "update_checkpoint",

@@ -14,6 +14,7 @@ import ctypes
 import os
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -173,10 +174,23 @@ class _Host:
 
         return make_lua_sender(cfg, self)
 
+    def stop_event(self) -> Any:
+        """A stop event a bulk sender may wait on from any thread: on the main thread it reads the
+        supervisor pipe, elsewhere only the flag that reading sets (the pipe has one reader)."""
+        from hindsight_py.outputs.delivery import ChannelStopEvent
+
+        main = threading.main_thread()
+
+        def running() -> bool:
+            return self.is_running() if threading.current_thread() is main else not self.runner.channel.stop
+
+        return ChannelStopEvent(running)
+
     def background_delivery(self, sender: Any, *, abort: bool = False) -> Any:
         """A PipelinedSender for `sender`: the read loop commits nothing past a body in flight."""
         from hindsight_py.outputs.delivery import PipelinedSender
 
+        sender.stop_event = self.stop_event()  # it now waits in the delivery thread too
         pipe = PipelinedSender(sender, self.stats, abort=abort, is_running=self.is_running)
         self.pipelined_senders.append(pipe)
         return pipe

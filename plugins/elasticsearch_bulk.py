@@ -29,6 +29,7 @@ from hindsight_py.plugin import (
     deliver_in_background,
     is_running,
     log,
+    logger,
     read_config,
     read_message,
     update_checkpoint,
@@ -128,7 +129,7 @@ def _make_sender() -> BulkSender:
     sender = sender_from_config(
         _sender_cfg,
         dead_letter_path=Path(str(read_config("output_path"))) / "dead_letter" / f"{read_config('Logger')}.jsonl",
-        log=log,
+        log=logger(),  # the sender also logs from its delivery thread
         stop_event=ChannelStopEvent(is_running),
     )
     sender.signer = signer_from_config(_sender_cfg, _urls[0])

@@ -1303,9 +1303,16 @@ def test_encoder_matches_upstream_modules(upstream_modules: Path, common: Mappin
             results.append(encode())
         return results
 
+    def readable(result: Any) -> Any:
+        # the action line is cjson output, whose key order is the table's: compare it as JSON
+        if not isinstance(result, bytes):
+            return result
+        action, rest = result.split(b"\n", 1)
+        return json.loads(action), rest
+
     ours = outputs((LUA_DIR / "?.lua", SYSTEM_PATH))
     theirs = outputs((upstream_modules / "?.lua", SYSTEM_PATH))
-    assert ours == theirs
+    assert [readable(r) for r in ours] == [readable(r) for r in theirs]
     assert ours[-1] is None
 
 

@@ -206,6 +206,9 @@ def load_plugin(tmp_path, monkeypatch, **cfg: object) -> ModuleType:
         def is_running(self) -> bool:
             return True
 
+        def background_delivery(self, sender: object, abort: bool) -> None:
+            return None  # these tests never send
+
     monkeypatch.setattr(api, "_current", Stub())
     spec = importlib.util.spec_from_file_location("elasticsearch_bulk_under_test",
                                                   REPO_ROOT / "plugins" / "elasticsearch_bulk.py")

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 from hindsight_py.outputs import type_conflicts
-from hindsight_py.outputs.delivery import ChannelStopEvent, sender_from_config, urls_from_config
+from hindsight_py.outputs.delivery import sender_from_config, urls_from_config
 from hindsight_py.outputs.elasticsearch import BulkSender, ServerInfo, bulk_body_count
 
 
@@ -23,9 +23,6 @@ def make_lua_sender(cfg: dict[str, Any], host: Any) -> tuple[Callable[..., Any],
         cfg,
         dead_letter_path=output_dir / "dead_letter" / f"{host.plugin.name}.jsonl",
         log=host.log_fn,
-        # the sender runs in a thread of its own (PipelinedSender): it reads the stop flag, while
-        # the pipe itself is only ever read by the main thread
-        stop_event=ChannelStopEvent(lambda: not host.runner.channel.stop),
     )
     pipe = host.background_delivery(sender, abort=bool(cfg.get("abort_on_error")))
 
@@ -71,7 +68,6 @@ def takeover_send(host: Any, address: str, port: int, body: bytes) -> tuple[bool
             cfg,
             dead_letter_path=host.runner.output_path / "dead_letter" / f"{host.plugin.name}.jsonl",
             log=host.log_fn,
-            stop_event=ChannelStopEvent(lambda: not host.runner.channel.stop),
         )
         pipe = pipes[(address, port)] = host.background_delivery(sender)
     err = pipe.submit(body, bulk_body_count(body))

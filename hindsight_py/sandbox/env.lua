@@ -25,6 +25,7 @@ local os_time = os.time
 local io_open = io.open
 local sethook = debug.sethook
 local getinfo = debug.getinfo
+local getupvalue = debug.getupvalue
 local loadlib = package.loadlib
 local newproxy = newproxy
 local io_type = io.type
@@ -385,6 +386,17 @@ local function wrap_http_client(client, host_name, port)
     end
     function w:sendbody(headers, source, step)
         if not takeover then return client:sendbody(headers, source, step) end
+        -- ltn12.source.file(fh): read the rest of the file at once instead of 2 KB per call (and
+        -- close it, as the source does at its end)
+        for i = 1, type(source) == "function" and 4 or 0 do
+            local name, value = getupvalue(source, i)
+            if name == nil then break end
+            if io_type(value) == "file" then
+                body = value:read("*a") or ""
+                value:close()
+                return 1
+            end
+        end
         local parts = {}
         while true do
             local chunk, err = source()

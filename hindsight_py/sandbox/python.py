@@ -514,6 +514,9 @@ class PythonSandbox:
     def log(self, level: int, text: str) -> None:
         self._host.log(level, text)
 
+    def background_delivery(self, sender: Any, abort: bool) -> Any:
+        return self._host.background_delivery(sender, abort=abort)
+
 
 class _ShuttingDown(Exception):
     """inject_message(None, cp) after a stop request: ends an input's run cleanly, as upstream."""
