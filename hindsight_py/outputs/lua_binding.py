@@ -10,8 +10,8 @@ from collections.abc import Callable
 from typing import Any
 
 from hindsight_py.outputs import type_conflicts
-from hindsight_py.outputs.delivery import sender_from_config, urls_from_config
-from hindsight_py.outputs.elasticsearch import BulkSender, ServerInfo, bulk_body_count
+from hindsight_py.outputs.delivery import count_result, sender_from_config, urls_from_config
+from hindsight_py.outputs.elasticsearch import BulkSender, SendInterrupted, ServerInfo, bulk_body_count
 
 
 def make_lua_sender(cfg: dict[str, Any], host: Any) -> tuple[Callable[..., Any], Callable[[], bool]]:
@@ -52,23 +52,28 @@ def server_accepts_types(cfg: dict[str, Any], log: Callable[[int, str], None]) -
 
 
 def takeover_send(host: Any, address: str, port: int, body: bytes) -> tuple[bool, str | None]:
-    """A bulk body an upstream Lua plugin posted through LuaSocket, handed to the bulk sender.
+    """A bulk body an upstream Lua plugin posted through LuaSocket, delivered by the bulk sender.
 
-    It is delivered in the background like the project's Lua output (PipelinedSender): the plugin
-    hears "200, no errors" at once and goes on encoding, while the runner holds back the commits
-    that depend on the delivery. A failure is reported at the plugin's next request."""
-    pipes = host.__dict__.setdefault("_takeover_pipes", {})
-    pipe = pipes.get((address, port))
-    if pipe is None:
+    Synchronously, unlike the project's output: upstream's plugin reports each message done as
+    soon as it is in its batch file, and empties that file once the request returns. Returning
+    before the server took the body would leave its messages committed and nowhere on disk."""
+    senders = host.__dict__.setdefault("_takeover_senders", {})
+    sender = senders.get((address, port))
+    if sender is None:
         cfg = dict(host.plugin.values)
         cfg.update(address=address, port=port)
         for key in ("discard_on_error", "abort_on_error"):
             cfg.pop(key, None)  # upstream gives up on these; we retry until delivered or dead-lettered
-        sender = sender_from_config(
+        sender = senders[(address, port)] = sender_from_config(
             cfg,
             dead_letter_path=host.runner.output_path / "dead_letter" / f"{host.plugin.name}.jsonl",
             log=host.log_fn,
+            stop_event=host.stop_event(),
         )
-        pipe = pipes[(address, port)] = host.background_delivery(sender)
-    err = pipe.submit(body, bulk_body_count(body))
-    return (False, err) if err else (True, None)
+    try:
+        result = sender.send(body, bulk_body_count(body))
+    except SendInterrupted as e:
+        count_result(host.stats, e.result)
+        return False, "stopped before the batch was delivered"
+    count_result(host.stats, result)
+    return True, None
