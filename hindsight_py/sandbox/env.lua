@@ -89,14 +89,19 @@ local function instruction_hook()
     end
 end
 
--- LuaJIT's compiled traces never call the count hook: with a limit, the compiler stays off and
--- the (still fast) interpreter runs everything, so no loop can escape the limit.
+-- LuaJIT's compiled traces never call the count hook. With a limit, every chunk of the plugin and
+-- of the modules it loads is kept out of the compiler (loadfile51 below), so all of the plugin's
+-- code runs in the interpreter, where the hook counts it; hindsight-py's own machinery (this file,
+-- the protobuf codec) is still compiled, as upstream's C costs the plugin no instructions. A trace
+-- of the machinery that reaches plugin code stops there (LuaJIT does not record into such code).
 local jit = rawget(real_G, "jit")
+local compiled_plugin_code = false -- a plugin chunk was loaded while no limit was set
 
 local function set_instruction_limit(n)
     if n and n > 0 then
         hook_budget = math.ceil(n / HOOK_STEP)
-        if jit then
+        if jit and compiled_plugin_code then
+            -- code loaded without a limit may be compiled already: nothing may be compiled now
             jit.off()
             jit.flush()
         end
@@ -104,7 +109,6 @@ local function set_instruction_limit(n)
     else
         hook_budget = 0
         sethook()
-        if jit then jit.on() end
     end
 end
 
@@ -179,7 +183,15 @@ if rawget(real_G, "jit") then
         fh:close()
         if sbyte(src, 1) == 35 then src = sgsub(src, "^[^\n]*", "", 1) end -- a "#!" line, as loadfile skips it
         if sbyte(src, 1) ~= 27 then src = as_lua51(src) end -- not precompiled
-        return loadstring(src, "@" .. path)
+        local chunk, lerr = loadstring(src, "@" .. path)
+        if chunk then
+            if hook_budget > 0 then
+                jit.off(chunk, true) -- the chunk and every function in it: interpreted, counted
+            else
+                compiled_plugin_code = true
+            end
+        end
+        return chunk, lerr
     end
 end
 
