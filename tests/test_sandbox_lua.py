@@ -422,6 +422,29 @@ def test_process_message_failures_terminate(tmp_path: Path, body: str, error: st
     assert re.match(error, res.error), res.error
 
 
+@pytest.mark.parametrize(
+    "body",
+    [
+        # each loop would end within seconds if compiled (the test fails instead of hanging) and
+        # is thousands of times over the limit if counted
+        "spin.long()",  # in a module the plugin required
+        'require "table"; table.sort({3, 1, 2}, function(a, b) local i = 0 while i < 1e9 do i = i + 1 end end)',
+        "for i = 1, 2e7 do local p = read_message('Payload') end",  # calling the sandbox's API
+        "local x = 0 for i = 1, 1e9 do x = x + i end",  # a numeric loop LuaJIT would compile at once
+    ],
+)
+def test_the_instruction_limit_reaches_every_loop_of_the_plugin(tmp_path: Path, body: str) -> None:
+    # Under LuaJIT the sandbox's own code is compiled, the plugin's must not be: a compiled loop
+    # never reaches the count hook. Every loop the plugin brings, in its file or in a module it
+    # requires, is stopped by the limit.
+    (tmp_path / "spin.lua").write_text("local M = {}\nfunction M.long() local x = 0 for i = 1, 1e9 do x = x + 1 end end\n"
+                                       "return M\n")
+    sb, _ = plugin(tmp_path, f'local spin = require "spin"\nfunction process_message() {body} return 0 end\n',
+                   instruction_limit=100000, path=str(tmp_path / "?.lua"))
+    res = sb.run_batch([raw_message()] * 3)
+    assert (res.status, res.error) == ("terminate", "process_message() instruction_limit exceeded")
+
+
 def test_missing_callbacks(tmp_path: Path) -> None:
     sb, _ = plugin(tmp_path, "x = 1\n")
     res = sb.run_batch([raw_message()])
