@@ -610,6 +610,9 @@ def _run_output(r: _Runner) -> None:
     slots = _load_slots(r)
     if not slots:
         return
+    from hindsight_py.outputs.lua_binding import takeover_recover
+
+    takeover_recover(slots[0].host)  # a stop that cuts it short ends the read loop at once
     rq = plugin.read_queue
     readers = []
     if rq in ("both", "input"):

@@ -110,7 +110,8 @@ class PipelinedSender:
         self.ticket = 0  # the last body handed over
         self.done = 0  # the last body delivered (indexed or dead-lettered)
 
-    def _deliver(self, body: bytes, count: int, ticket: int, kwargs: dict[str, Any]) -> None:
+    def _deliver(self, body: bytes, count: int, ticket: int, kwargs: dict[str, Any],
+                 on_delivered: Callable[[], None] | None) -> None:
         try:
             result = self.sender.send(body, count, **kwargs)
         except SendInterrupted as e:
@@ -126,6 +127,8 @@ class PipelinedSender:
             self.error = (f"abort_on_error: {result.dead_lettered - result.set_aside} documents were rejected "
                           f"(see {self.sender.dead_letter_path})")
             return
+        if on_delivered is not None:
+            on_delivered()
         self.done = ticket
 
     def wait(self) -> str | None:
@@ -137,14 +140,17 @@ class PipelinedSender:
         self._thread = None
         return self.error
 
-    def submit(self, body: bytes, count: int, **kwargs: Any) -> str | None:
+    def submit(self, body: bytes, count: int, *, on_delivered: Callable[[], None] | None = None,
+               **kwargs: Any) -> str | None:
         """Hand over a body of `count` documents (after the previous one is delivered); the error
-        of an earlier delivery, if any, instead."""
+        of an earlier delivery, if any, instead. `on_delivered` runs in the delivery thread once
+        every document is settled; `kwargs` go to BulkSender.send."""
         err = self.wait()
         if err:
             return err
         self.ticket += 1
-        self._thread = threading.Thread(target=self._deliver, args=(body, count, self.ticket, kwargs), daemon=True)
+        self._thread = threading.Thread(target=self._deliver, args=(body, count, self.ticket, kwargs, on_delivered),
+                                        daemon=True)
         self._thread.start()
         return None
 

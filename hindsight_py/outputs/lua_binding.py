@@ -6,7 +6,9 @@ so the Lua plugin and the native Python output share one path to the server.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from hindsight_py.outputs import type_conflicts
@@ -51,29 +53,70 @@ def server_accepts_types(cfg: dict[str, Any], log: Callable[[int, str], None]) -
     return None if info is None else info.accepts_types
 
 
-def takeover_send(host: Any, address: str, port: int, body: bytes) -> tuple[bool, str | None]:
-    """A bulk body an upstream Lua plugin posted through LuaSocket, delivered by the bulk sender.
+def _takeover_sender(host: Any, address: str, port: int) -> BulkSender:
+    cfg = dict(host.plugin.values)
+    cfg.update(address=address, port=port)
+    for key in ("discard_on_error", "abort_on_error"):
+        cfg.pop(key, None)  # upstream gives up on these; we retry until delivered or dead-lettered
+    return sender_from_config(
+        cfg,
+        dead_letter_path=host.runner.output_path / "dead_letter" / f"{host.plugin.name}.jsonl",
+        log=host.log_fn,
+    )
 
-    Synchronously, unlike the project's output: upstream's plugin reports each message done as
-    soon as it is in its batch file, and empties that file once the request returns. Returning
-    before the server took the body would leave its messages committed and nowhere on disk."""
-    senders = host.__dict__.setdefault("_takeover_senders", {})
-    sender = senders.get((address, port))
-    if sender is None:
-        cfg = dict(host.plugin.values)
-        cfg.update(address=address, port=port)
-        for key in ("discard_on_error", "abort_on_error"):
-            cfg.pop(key, None)  # upstream gives up on these; we retry until delivered or dead-lettered
-        sender = senders[(address, port)] = sender_from_config(
-            cfg,
-            dead_letter_path=host.runner.output_path / "dead_letter" / f"{host.plugin.name}.jsonl",
-            log=host.log_fn,
-            stop_event=host.stop_event(),
-        )
+
+def takeover_spool(host: Any) -> Path:
+    """Where the bulk body on its way is kept: output_path/<plugin>.bulk."""
+    return Path(host.runner.output_path) / f"{host.plugin.name}.bulk"
+
+
+def takeover_send(host: Any, address: str, port: int, body: bytes) -> tuple[bool, str | None]:
+    """A bulk body an upstream Lua plugin posted through LuaSocket, handed to the bulk sender.
+
+    Upstream's plugin reports each message done once it is in its batch file, and empties that
+    file when the request returns. So the body is first written to a spool file (the plugin's
+    `.bulk` beside the checkpoints), then delivered in the background while the plugin goes on;
+    the spool is removed once every document is settled. A spool left by a crash or a stop is
+    delivered before the plugin's next run reads anything (takeover_recover)."""
+    if not host.__dict__.get("_spool_recovered", True):
+        return False, "stopped before the bulk request left by the last run was delivered"
+    pipes = host.__dict__.setdefault("_takeover_pipes", {})
+    pipe = pipes.get((address, port))
+    if pipe is None:
+        pipe = pipes[(address, port)] = host.background_delivery(_takeover_sender(host, address, port))
+    err = pipe.wait()  # one body on its way at a time: the spool holds one
+    if err:
+        return False, err
+    spool = takeover_spool(host)
+    tmp = spool.with_name(spool.name + ".tmp")
+    tmp.write_bytes(f"{address} {port}\n".encode() + body)
+    os.replace(tmp, spool)
+    err = pipe.submit(body, bulk_body_count(body), on_delivered=lambda: spool.unlink(missing_ok=True))
+    return (False, err) if err else (True, None)
+
+
+def takeover_recover(host: Any) -> None:
+    """Deliver the bulk body a previous run left in the spool (before the plugin reads anything).
+
+    If a stop cuts the delivery short, the spool stays for the next run, and takeover_send
+    refuses new bodies meanwhile (one would replace it)."""
+    spool = takeover_spool(host)
+    try:
+        data = spool.read_bytes()
+    except FileNotFoundError:
+        return
+    head, _, body = data.partition(b"\n")
+    address, _, port = head.decode().partition(" ")
+    sender = _takeover_sender(host, address, int(port))
+    sender.stop_event = host.stop_event()
+    host.log_fn(6, f"delivering the bulk request the last run left in {spool.name}")
     try:
         result = sender.send(body, bulk_body_count(body))
     except SendInterrupted as e:
         count_result(host.stats, e.result)
-        return False, "stopped before the batch was delivered"
+        host.__dict__["_spool_recovered"] = False
+        return
+    finally:
+        sender.close()
     count_result(host.stats, result)
-    return True, None
+    spool.unlink()
