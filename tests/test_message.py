@@ -463,3 +463,21 @@ def test_upstream_decode_message_tests_pass() -> None:
     lua.execute(b"function decode_message(pb) local ok, r = py_decode(pb); if not ok then error(r, 0) end; "
                 b"return r end")
     lua.execute(upstream_file("src/heka/test/lua/decode_message.lua").encode())
+
+
+def test_scan_reads_every_header_size_and_what_lies_between() -> None:
+    # 1-, 2- and 3-byte lengths (the last two take the quick path), garbage, a frame over the size
+    # limit and a partial frame at the end: each record found, each bad byte counted once
+    sizes = [10, 300, 1200, 20000, 70000, 5]
+    raws = [m.encode(Message(UUID, i, payload="x" * n)) for i, n in enumerate(sizes)]
+    frames = [m.frame(r) for r in raws]
+    too_big = m.frame(m.encode(Message(UUID, 9, payload="y" * 200_000)))
+    data = frames[0] + frames[1] + b"junk" + frames[2] + frames[3] + too_big + frames[4] + frames[5] + frames[1][:9]
+    records, ends, resume, discarded = records_in(data, max_size=100_000)
+    assert records == raws
+    assert discarded == 4 + len(too_big)
+    assert resume == len(data) - 9 and ends[-1] == resume
+    records, _, resume, discarded = records_in(data, max_size=100_000, max_records=3)
+    assert records == raws[:3] and discarded == 4
+    records, _, _, discarded = records_in(data, max_size=100_000, validate=True, final=True)
+    assert records == raws and discarded == 4 + len(too_big) + 9
