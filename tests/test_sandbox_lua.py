@@ -627,3 +627,20 @@ def test_cli_preserve_data_across_runs(tmp_path: Path) -> None:
     count = (root / "output" / "analysis.count.data").read_text()
     assert '_G["total"] = 100\n' in count
     assert '_G["runs"] = 2\n' in (root / "output" / "input.gen.data").read_text()
+
+
+def test_what_an_output_wrote_is_in_its_files_before_the_runner_commits(tmp_path: Path) -> None:
+    # upstream's elasticsearch_bulk_api.lua reports a message done once it wrote it to its batch
+    # file: after the call, the runner commits, so the bytes must have left the file's buffer
+    batch = tmp_path / "out.batch"
+    sb, _ = plugin(tmp_path, f"""
+        require "io"
+        local fh = assert(io.open({str(batch)!r}, "a+"))
+        function process_message() fh:write(read_message("Payload"), "\\n") return 0 end
+        function timer_event(ns) fh:write("tick\\n") end
+        """, kind="output")
+    res = sb.run_batch([raw_message(Payload=f"p{i}") for i in range(3)])
+    assert res.status == "ok"
+    assert batch.read_bytes() == b"p0\np1\np2\n"
+    sb.run_timer(0, False)
+    assert batch.read_bytes() == b"p0\np1\np2\ntick\n"

@@ -676,6 +676,8 @@ local function userdata_output(ud)
     return nil
 end
 
+local flush_written_files = function() end -- outputs: see below
+
 -- Outputs: io.write and file:write also take zero-copy references (lua_sandbox's zc_luaopen_io).
 if plugin_type == "output" then
     local function zc_args(depth, first, ...)
@@ -692,14 +694,35 @@ if plugin_type == "output" then
     end
     local file_mt = getmetatable(io.stdout)
     local f_write = file_mt.write
-    file_mt.write = function(fh, ...)
-        return f_write(fh, zc_args(0, 2, ...))
+    file_mt.write = function(fh, a, ...)
+        -- the usual call, one string (a plugin's batch file takes one per message): no copy of the arguments
+        if type(a) ~= "userdata" and select("#", ...) == 0 then return f_write(fh, a) end
+        return f_write(fh, zc_args(0, 2, a, ...))
     end
     local io_write = io.write
+    -- Files an output writes: flushed before each commit (control.flush_files), so that what a
+    -- plugin wrote for the messages it reported done is in the file, not in a buffer a kill -9
+    -- would take with it (upstream's elasticsearch_bulk_api.lua keeps its batch in such a file).
+    -- Between commits they buffer in bulk instead of every 4 KB.
+    local written = setmetatable({}, { __mode = "k" })
+    local function open_tracked(path, mode)
+        local fh, err, code = io_open(path, mode)
+        if fh and type(mode) == "string" and sfind(mode, "[wa+]") then
+            fh:setvbuf("full", 262144)
+            written[fh] = true
+        end
+        return fh, err, code
+    end
+    flush_written_files = function()
+        for fh in pairs(written) do
+            if io_type(fh) == "file" then fh:flush() else written[fh] = nil end
+        end
+    end
     local base_io = builtin_libs.io
     builtin_libs.io = function()
         local t = base_io()
         t.write = function(...) return io_write(zc_args(0, 1, ...)) end
+        t.open = open_tracked
         return t
     end
 end
@@ -1185,6 +1208,7 @@ end
 -- Control: what Python calls
 ----------------------------------------------------------------------------------------------------
 local control = {}
+function control.flush_files() flush_written_files() end
 
 local PM_NOT_FOUND = "process_message() function was not found"
 

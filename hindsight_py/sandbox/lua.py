@@ -164,6 +164,8 @@ class LuaSandbox:
         self._run_batch = self._control.run_batch
         self._run_input = self._control.run_input
         self._run_timer = self._control.run_timer
+        # outputs: the files the plugin writes, flushed before each commit (env.lua)
+        self._flush_files = self._control.flush_files if plugin_type == "output" else _nothing
         self._write = host.write_messages
         self._checkpoint = host.checkpoint
         self._host_running = host.is_running
@@ -245,6 +247,8 @@ class LuaSandbox:
             processed, status, err, commit, failures, batching = self._run_batch(t, len(raws), inject_limit)
         except LuaError as e:
             return BatchResult(0, "terminate", f"process_message() {_text(e)}", 0, 0, False)
+        finally:
+            self._flush_files()  # the runner commits next: what the plugin wrote must be in its files
         return BatchResult(
             int(processed),
             status.decode(),
@@ -259,6 +263,8 @@ class LuaSandbox:
             ok, err = self._run_timer(ns, shutdown, inject_limit)
         except LuaError as e:
             ok, err = False, f"timer_event() {_text(e)}"
+        finally:
+            self._flush_files()
         if not ok:
             raise PluginError(_text(err))
 
@@ -342,6 +348,10 @@ return function(new_sender)
     return M
 end
 """
+
+
+def _nothing() -> None:
+    pass
 
 
 def _bytes_table(rt: LuaRuntime, d: dict[str, Any]) -> Any:
