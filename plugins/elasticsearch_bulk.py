@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import re
 import time
-from itertools import repeat
 from pathlib import Path
 from typing import Any
 
@@ -420,9 +419,8 @@ def _take(raws: list[bytes]) -> None:
     if (
         S.constant_action is not None
         and None not in payloads
-        # C-level loops (map), not a Python frame per payload
-        and all(map(bytes.startswith, payloads, repeat(b"{")))  # type: ignore[arg-type]
-        and not any(map(bytes.__contains__, payloads, repeat(_NL)))  # type: ignore[arg-type]
+        and not any(p[:1] != b"{" for p in payloads)  # type: ignore[index]
+        and not any(_NL in p for p in payloads)  # type: ignore[operator]
     ):
         S.payloads += payloads  # type: ignore[arg-type]
         S.size += sum(map(len, payloads)) + len(payloads) * (len(S.constant_action) + 2)  # type: ignore[arg-type]
