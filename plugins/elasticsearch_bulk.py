@@ -467,8 +467,8 @@ def _flush() -> bool:
 
     The requests go out in the background (deliver_in_background), one at a time, while the next
     batch is read: the host commits nothing past a request until it is delivered. False if an
-    earlier delivery was cut short by a stop request: nothing more is sent in this run, and the
-    undelivered messages stay in the queue for the next one."""
+    earlier delivery was cut short by a stop request (the runner logs it when the run ends):
+    nothing more is sent in this run, and the undelivered messages stay in the queue for the next."""
     if not S.payloads or S.stopped:
         return not S.payloads
     start = 0
@@ -479,7 +479,6 @@ def _flush() -> bool:
             S.stopped = True
             if not S.pipe.interrupted:
                 raise RuntimeError(err)  # abort_on_error, or a failure the sender could not handle
-            log(LOG_WARNING, f"stopped with documents not confirmed by the server ({err})")
             return False
         start = end
     S.payloads = []

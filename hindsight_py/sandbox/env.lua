@@ -174,10 +174,10 @@ end
 
 -- loadfile, as Lua 5.1 would read the file
 local loadfile51 = loadfile
-if rawget(real_G, "jit") then
-    local loadstring, io_open_ = loadstring, io.open
+if jit then
+    local loadstring = loadstring
     loadfile51 = function(path)
-        local fh, err = io_open_(path, "rb")
+        local fh, err = io_open(path, "rb")
         if not fh then return nil, "cannot open " .. err end
         local src = fh:read("*a")
         fh:close()
