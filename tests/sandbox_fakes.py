@@ -40,6 +40,19 @@ def split_framed(data: bytes) -> list[bytes]:
     return out
 
 
+# An output plugin's return codes (the payload of each message) and what the batch makes of them:
+# (codes, status, processed, commit index, failures, batching). Lua and Python sandboxes alike.
+OUTPUT_RETURN_CODE_CASES = [
+    ([0, 0], "ok", 2, 2, 0, False),
+    ([0, -1, -2], "ok", 3, 3, 1, False),
+    ([0, -3, 0], "retry", 1, 1, 0, False),
+    ([0, -4, -4], "ok", 3, 1, 0, True),
+    ([-4, -4, 0], "ok", 3, 3, 0, False),
+    ([-4, -4, 9], "ok", 3, 3, 0, True),
+    ([0, 1], "terminate", 1, 1, 0, False),
+]
+
+
 class FakeHost:
     def __init__(self, *, running: bool = True) -> None:
         self.written: list[bytes] = []  # protobuf messages, in order

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sandbox_fakes import FakeHost, lua_sandbox
+from sandbox_fakes import OUTPUT_RETURN_CODE_CASES, FakeHost, lua_sandbox
 
 from hindsight_py import message as hmsg
 from hindsight_py.sandbox.base import PluginError
@@ -321,18 +321,7 @@ OUTPUT_RC = """
 """
 
 
-@pytest.mark.parametrize(
-    ("codes", "status", "processed", "commit", "failures", "batching"),
-    [
-        ([0, 0], "ok", 2, 2, 0, False),
-        ([0, -1, -2], "ok", 3, 3, 1, False),
-        ([0, -3, 0], "retry", 1, 1, 0, False),
-        ([0, -4, -4], "ok", 3, 1, 0, True),
-        ([-4, -4, 0], "ok", 3, 3, 0, False),
-        ([-4, -4, 9], "ok", 3, 3, 0, True),
-        ([0, 1], "terminate", 1, 1, 0, False),
-    ],
-)
+@pytest.mark.parametrize(("codes", "status", "processed", "commit", "failures", "batching"), OUTPUT_RETURN_CODE_CASES)
 def test_output_return_codes(tmp_path: Path, codes: list[int], status: str, processed: int, commit: int,
                              failures: int, batching: bool) -> None:
     sb, host = plugin(tmp_path, OUTPUT_RC, "output")
