@@ -473,15 +473,16 @@ class QueueReader:
                     break
             if eof:
                 break
-            end = base + len(buf)
+            # The next bytes, from the start of the frame still pending (read again rather than
+            # copied from buf: a few hundred bytes instead of the whole new chunk), and enough for
+            # any record whose frame has started.
             pending = len(buf) - start
-            # enough for any record whose frame has started
-            want = max(_CHUNK, self.max_message_size + 300 - pending) if pending else _CHUNK
+            want = pending + (max(_CHUNK, self.max_message_size + 300 - pending) if pending else _CHUNK)
             if limit is not None:
-                want = min(want, limit - end)
-            data = os.pread(self._fd, want, end) if want > 0 else b""
-            if data:
-                buf = buf[start:] + data if start else buf + data
+                want = min(want, limit - base - start)
+            data = os.pread(self._fd, want, base + start) if want > pending else b""
+            if len(data) > pending:
+                buf = data
                 base += start
                 start = 0
             else:

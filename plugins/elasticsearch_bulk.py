@@ -21,7 +21,7 @@ from typing import Any
 
 from hindsight_py import message as hmsg
 from hindsight_py.outputs.delivery import ChannelStopEvent, sender_from_config, urls_from_config
-from hindsight_py.outputs.elasticsearch import BulkSender
+from hindsight_py.outputs.elasticsearch import BulkSender, one_line_objects
 from hindsight_py.outputs.sigv4 import service_for, signer_from_config
 from hindsight_py.plugin import (
     dead_letter,
@@ -339,89 +339,9 @@ def _take_slowly(raws: list[bytes], payloads: list[bytes | None]) -> None:
         S.size += len(payload) + len(action) + 2
 
 
-_HIGH_BITS = 0x8080808080808080
-_UUID_KEY = b"\x0a\x10"  # field 1 (Uuid), 16 bytes: how every Heka message starts
-
-
-class _Shape:
-    """Where the Payload sits in messages whose headers are all alike but Uuid and Timestamp (one
-    input's messages): the bytes between the Timestamp and the Payload, and those after it.
-
-    Learned by walking one message; a message whose bytes there are the same parses the same way,
-    so its Payload is cut out with a few C-level comparisons instead of a walk (about 1 us instead
-    of 2.5 us). Anything else takes the full walk (message.payloads_of)."""
-
-    def __init__(self, middle: bytes, length_at: int, tail: bytes) -> None:
-        self.middle = middle  # from the end of the Timestamp (byte 28) to the Payload key, included
-        self.length_at = length_at
-        self.tail = tail
-
-    @classmethod
-    def learn(cls, raw: bytes) -> _Shape | None:
-        # Uuid, then a Timestamp of nine varint bytes (every time since 1972) end at byte 28
-        if not (raw[:2] == _UUID_KEY and len(raw) > 28 and raw[18] == 0x10 and raw[27] < 0x80
-                and int.from_bytes(raw[19:27], "little") & _HIGH_BITS == _HIGH_BITS):
-            return None
-        pos, n, payload_key, payload_end = 28, len(raw), -1, -1
-        try:
-            while pos < n:
-                key = raw[pos]
-                if key & 7 == 2:
-                    length, start = hmsg._read_varint(raw, pos + 1, n)
-                    if key == 0x32:
-                        payload_key, payload_end = pos, start + length  # the last one counts
-                    pos = start + length
-                elif key & 7 == 0:
-                    pos = hmsg._read_varint(raw, pos + 1, n)[1]
-                else:
-                    return None
-        except Exception:  # malformed: no shape to learn from it (the full walk reports it)
-            return None
-        if payload_key < 0 or pos != n:
-            return None
-        return cls(raw[28:payload_key + 1], payload_key + 1, raw[payload_end:])
-
-
-def _payloads(raws: list[bytes]) -> list[bytes | None]:
-    """message.payloads_of(raws), faster for messages of one shape (see _Shape)."""
-    out: list[bytes | None] = []
-    add = out.append
-    shape: _Shape | None = None
-    from_bytes = int.from_bytes
-    for raw in raws:
-        if (shape is not None and raw.startswith(shape.middle, 28) and len(raw) > shape.length_at + 1
-                and raw[18] == 0x10 and raw[27] < 0x80 and raw[:2] == _UUID_KEY
-                and from_bytes(raw[19:27], "little") & _HIGH_BITS == _HIGH_BITS):
-            pos = shape.length_at
-            length = raw[pos]
-            if length < 0x80:
-                pos += 1
-            elif raw[pos + 1] < 0x80:
-                length = (length & 0x7F) | (raw[pos + 1] << 7)
-                pos += 2
-            else:
-                length = -1
-            end = pos + length
-            if length >= 0 and len(raw) - end == len(shape.tail) and raw.endswith(shape.tail):
-                add(raw[pos:end])
-                continue
-        try:
-            add(hmsg.payloads_of([raw])[0])
-        except Exception:  # malformed framing inside the message: _take_slowly dead-letters it with the reason
-            add(None)
-        if shape is None:
-            shape = _Shape.learn(raw)
-    return out
-
-
 def _take(raws: list[bytes]) -> None:
-    payloads = _payloads(raws)
-    if (
-        S.constant_action is not None
-        and None not in payloads
-        and not any(p[:1] != b"{" for p in payloads)  # type: ignore[index]
-        and not any(_NL in p for p in payloads)  # type: ignore[operator]
-    ):
+    payloads = hmsg.payloads_of(raws)
+    if S.constant_action is not None and None not in payloads and one_line_objects(payloads):  # type: ignore[arg-type]
         S.payloads += payloads  # type: ignore[arg-type]
         S.size += sum(map(len, payloads)) + len(payloads) * (len(S.constant_action) + 2)  # type: ignore[arg-type]
         return

@@ -28,7 +28,7 @@ if not input_filename:
 
 def _ship(lines: list[bytes], offsets_end: int) -> None:
     good = lines
-    if any(len(x) > max_line for x in lines):
+    if max(map(len, lines), default=0) > max_line:
         good = []
         for x in lines:
             if len(x) > max_line:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import random
 import subprocess
 import sys
 import time
@@ -22,8 +21,6 @@ from types import ModuleType
 import pytest
 from conftest import REPO_ROOT, SHARED_DIR
 from native_pipeline import FakeCluster, NativePipeline, count, documents
-
-from hindsight_py import message as hmsg
 
 GENERATOR = SHARED_DIR / "tools" / "gen_cloudtrail.py"
 LINES = 3000
@@ -216,48 +213,6 @@ def load_plugin(tmp_path, monkeypatch, **cfg: object) -> ModuleType:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-def test_the_payload_shortcut_agrees_with_the_full_walk_on_damaged_messages(tmp_path, monkeypatch):
-    plugin = load_plugin(tmp_path, monkeypatch)
-    rng = random.Random(20240101)
-    base = [hmsg.encode(hmsg.from_dict(d, restricted=False, logger="input.file", hostname="vm", pid=4242,
-                                       now_ns=1_700_000_000_000_000_000 + i))
-            for i, d in enumerate([{"Payload": '{"a": 1}'}, {"Payload": "x" * 300, "Type": "t"},
-                                   {"Payload": "{}", "Fields": {"n": 1}}, {"Payload": "y" * 20000}])]
-
-    payloads_of = hmsg.payloads_of
-
-    def full_walk(raw: bytes) -> bytes | None:
-        try:
-            return payloads_of([raw])[0]
-        except Exception:  # any failure means "no payload" to the output
-            return None
-
-    walks = 0
-
-    def counted(raws: list[bytes]) -> list[bytes | None]:
-        nonlocal walks
-        walks += len(raws)
-        return payloads_of(raws)
-
-    monkeypatch.setattr(hmsg, "payloads_of", counted)
-    for _ in range(2000):
-        first = rng.choice(base)
-        batch = [first]  # the shape is learned from an intact message
-        for _ in range(15):
-            raw = bytearray(first if rng.random() < 0.7 else rng.choice(base))
-            damage = rng.random()
-            if damage < 0.2:
-                raw[rng.randrange(len(raw))] = rng.randrange(256)
-            elif damage < 0.3:
-                del raw[rng.randrange(len(raw)):]
-            elif damage < 0.4:
-                raw += b"\x32\x03abc"  # a second Payload: the last one counts
-            batch.append(bytes(raw))
-        got = plugin._payloads(batch)
-        assert got == [full_walk(raw) for raw in batch]
-    assert walks < 2000 * 16 * 0.8  # the shortcut took a good share of them
 
 
 def test_a_rejected_document_is_dead_lettered_with_the_reason_and_the_rest_indexed(tmp_path, cloudtrail):

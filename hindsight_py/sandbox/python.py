@@ -363,8 +363,8 @@ class PythonSandbox:
             raise RuntimeError("inject_payloads() is for input plugins")
         if payloads:
             limit = self._max_message_size - 200  # room for the headers
-            big = next((i for i, p in enumerate(payloads) if len(p) > limit), None)
-            if big is not None:
+            if max(map(len, payloads)) > limit:
+                big = next(i for i, p in enumerate(payloads) if len(p) > limit)
                 raise ValueError(f"inject_payloads() failed: payload {big} exceeds max_message_size")
             framed = hmsg.encode_payloads(payloads, logger=self._logger, hostname=self._hostname, pid=self._pid,
                                           now_ns=time.time_ns(), type=type_)

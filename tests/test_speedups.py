@@ -1,0 +1,229 @@
+"""The C loops (hindsight_py/_speedups.c) give exactly what their Python twins give.
+
+Every test runs twice: with the extension and with HINDSIGHT_PY_PURE's Python code. The inputs
+are fuzzed (seeded): well-formed batches, and the same with bytes flipped, cut or inserted,
+so that every early exit of the C code is reached.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+
+import pytest
+
+from hindsight_py import _accel
+from hindsight_py import message as hmsg
+from hindsight_py.outputs.elasticsearch import one_line_objects
+
+try:
+    from hindsight_py import _speedups
+except ImportError:  # not built here
+    _speedups = None
+
+
+@pytest.fixture(params=["c", "python"])
+def impl(request, monkeypatch):
+    if request.param == "c":
+        if _speedups is None:
+            pytest.skip("hindsight_py._speedups is not built")
+        monkeypatch.setattr(_accel, "speedups", _speedups)
+    else:
+        monkeypatch.setattr(_accel, "speedups", None)
+    return request.param
+
+
+def test_the_extension_is_built_where_a_compiler_is():
+    # `pip install` builds it quietly or not at all (it is optional): a broken build would only
+    # show as a slower pipeline, so the test suite says it
+    if os.environ.get("HINDSIGHT_PY_PURE"):
+        pytest.skip("HINDSIGHT_PY_PURE is set")
+    if shutil.which("cc") is None and shutil.which("gcc") is None:
+        pytest.skip("no C compiler here")
+    assert _speedups is not None, "hindsight_py._speedups was not built: run `pip install -e .` again"
+    assert _accel.speedups is _speedups
+
+
+def _messages(rng: random.Random, n: int, *, one_shape: bool) -> list[bytes]:
+    sizes = [0, 1, 5, 100, 127, 128, 129, 1200, 16000, 16383, 16384, 70000]
+    out = []
+    for i in range(n):
+        size = rng.choice(sizes) if rng.random() < 0.3 else rng.randrange(0, 3000)
+        payload = bytes(rng.randrange(256) for _ in range(min(size, 64))) * (size // 64 + 1)
+        payload = payload[:size]
+        if one_shape:
+            fields = {"Payload": payload, "Logger": "input.file", "Hostname": "h", "Pid": 7}
+        else:
+            fields = {"Payload": payload, "Logger": rng.choice(["a", "input.file", "x" * 200]),
+                      "Hostname": "h", "Type": rng.choice([None, "t"]), "Pid": rng.choice([None, 1, 70000])}
+            if rng.random() < 0.2:
+                fields["Fields"] = {"k": rng.randrange(1000)}
+            if rng.random() < 0.1:
+                del fields["Payload"]
+        fields = {k: v for k, v in fields.items() if v is not None}
+        fields["Timestamp"] = 1_700_000_000_000_000_000 + i
+        out.append(hmsg.encode(hmsg.from_dict(fields, restricted=False, logger="-", hostname="-", pid=1, now_ns=0)))
+    return out
+
+
+def _damage(rng: random.Random, data: bytes) -> bytes:
+    b = bytearray(data)
+    for _ in range(rng.randrange(1, 6)):
+        what = rng.randrange(4)
+        if not b:
+            break
+        at = rng.randrange(len(b))
+        if what == 0:
+            b[at] = rng.randrange(256)
+        elif what == 1:
+            b[at] = rng.choice([0x1E, 0x1F, 0x08, 0x80, 0x7F, 0x0A, 0x10, 0x32])
+        elif what == 2:
+            del b[at:at + rng.randrange(1, 40)]
+        else:
+            b[at:at] = bytes(rng.randrange(256) for _ in range(rng.randrange(1, 8)))
+    return bytes(b)
+
+
+def _scan(buf: bytes, **kw) -> tuple:
+    records: list[bytes] = []
+    ends: list[int] = []
+    resume, discarded = hmsg.scan_records(buf, kw.pop("pos", 0), kw.pop("end", len(buf)), kw.pop("max_size"),
+                                          records, ends, validate=False, **kw)
+    return resume, discarded, records, ends
+
+
+def _scan_cases(rng: random.Random):
+    for case in range(300):
+        raws = _messages(rng, rng.randrange(1, 30), one_shape=case % 2 == 0)
+        buf = b"".join(hmsg.frame(r) for r in raws)
+        if case % 3:
+            buf = _damage(rng, buf)
+        end = len(buf) if rng.random() < 0.6 else rng.randrange(len(buf) + 1)
+        yield buf, {
+            "pos": rng.choice([0, 0, 0, rng.randrange(len(buf) + 1)]),
+            "end": end,
+            # also exactly one record's size, and one byte less
+            "max_size": rng.choice([1 << 20, 64 * 1024, 2000, 300, len(raws[0]), len(raws[0]) - 1]),
+            "base": rng.choice([0, 12345]),
+            "final": rng.random() < 0.5,
+            "max_records": rng.choice([1 << 62, 1, 3, 10]),
+            "max_bytes": rng.choice([1 << 62, 1, 5000]),
+        }
+
+
+@pytest.mark.skipif(_speedups is None, reason="hindsight_py._speedups is not built")
+def test_scan_records_gives_the_same_records_in_c(monkeypatch):
+    rng = random.Random(7)
+    for buf, kw in _scan_cases(rng):
+        monkeypatch.setattr(_accel, "speedups", _speedups)
+        got = _scan(buf, **dict(kw))
+        monkeypatch.setattr(_accel, "speedups", None)
+        assert got == _scan(buf, **dict(kw)), kw
+
+
+def test_scan_records_reads_whole_batches(impl):
+    raws = _messages(random.Random(5), 40, one_shape=False)
+    buf = b"".join(hmsg.frame(r) for r in raws)
+    resume, discarded, records, ends = _scan(buf, max_size=1 << 20, final=True)
+    assert (resume, discarded, records) == (len(buf), 0, raws)
+    assert ends[-1] == len(buf)
+
+
+def _encode_cases(rng: random.Random):
+    for _ in range(200):
+        payloads = [bytes(rng.randrange(256) for _ in range(rng.choice([0, 1, 127, 128, 500, 16384])))
+                    for _ in range(rng.randrange(0, 20))]
+        uuids = bytes(rng.randrange(256) for _ in range(16 * len(payloads)))
+        kw = {"logger": rng.choice(["input.file", "x" * 300]), "hostname": "host", "pid": rng.choice([None, 5, 1 << 20]),
+              "now_ns": 1_700_000_000_123_456_789, "type": rng.choice([None, "cloudtrail"])}
+        yield payloads, uuids, kw
+
+
+def test_encode_payloads_frames_every_payload(impl, monkeypatch):
+    for payloads, uuids, kw in _encode_cases(random.Random(11)):
+        monkeypatch.setattr(hmsg, "random_uuids", lambda n, u=uuids: u[:16 * n])
+        decoded = [hmsg.decode(r) for r in hmsg.unframe(hmsg.encode_payloads(payloads, **kw), 1 << 20)]
+        assert [hmsg.payload_of(hmsg.encode(m)) for m in decoded] == payloads
+        assert [m.uuid for m in decoded] == [uuids[i:i + 16] for i in range(0, 16 * len(payloads), 16)]
+        assert {(m.logger, m.hostname, m.pid, m.type, m.timestamp) for m in decoded} <= {
+            (kw["logger"], "host", kw["pid"], kw["type"], kw["now_ns"])}
+
+
+@pytest.mark.skipif(_speedups is None, reason="hindsight_py._speedups is not built")
+def test_encode_payloads_gives_the_same_bytes_in_c(monkeypatch):
+    for payloads, uuids, kw in _encode_cases(random.Random(11)):
+        monkeypatch.setattr(hmsg, "random_uuids", lambda n, u=uuids: u[:16 * n])
+        monkeypatch.setattr(_accel, "speedups", _speedups)
+        got = hmsg.encode_payloads(payloads, **kw)
+        monkeypatch.setattr(_accel, "speedups", None)
+        assert got == hmsg.encode_payloads(payloads, **kw)
+
+
+def test_encode_payloads_takes_bytearrays_too(impl):
+    framed = hmsg.encode_payloads([bytearray(b"ab"), b"cd"], logger="l", hostname="h", pid=None, now_ns=1)
+    assert [hmsg.payload_of(r) for r in hmsg.unframe(framed)] == [b"ab", b"cd"]
+
+
+def test_payloads_of_matches_the_full_walk(impl):
+    rng = random.Random(13)
+    for case in range(300):
+        raws = _messages(rng, rng.randrange(1, 25), one_shape=case % 3 != 0)
+        if case % 2:
+            raws = [_damage(rng, r) if rng.random() < 0.4 else r for r in raws]
+        assert hmsg.payloads_of(raws) == hmsg._walk_payloads(raws)
+
+
+def test_payloads_of_matches_the_full_walk_on_messages_like_the_first(impl, monkeypatch):
+    # the shape is learned from an intact first message; the others are it or another message,
+    # often damaged where the shortcut looks
+    rng = random.Random(20240101)
+    base = [hmsg.encode(hmsg.from_dict(d, restricted=False, logger="input.file", hostname="vm", pid=4242,
+                                       now_ns=1_700_000_000_000_000_000 + i))
+            for i, d in enumerate([{"Payload": '{"a": 1}'}, {"Payload": "x" * 300, "Type": "t"},
+                                   {"Payload": "{}", "Fields": {"n": 1}}, {"Payload": "y" * 20000}])]
+    real_walk = hmsg._walk_payloads
+    walks = 0
+
+    def counted(raws: list[bytes]) -> list[bytes | None]:
+        nonlocal walks
+        walks += len(raws)
+        return real_walk(raws)
+
+    monkeypatch.setattr(hmsg, "_walk_payloads", counted)
+    for _ in range(2000):
+        first = rng.choice(base)
+        batch = [first]
+        for _ in range(15):
+            raw = bytearray(first if rng.random() < 0.7 else rng.choice(base))
+            damage = rng.random()
+            if damage < 0.2:
+                raw[rng.randrange(len(raw))] = rng.randrange(256)
+            elif damage < 0.3:
+                del raw[rng.randrange(len(raw)):]
+            elif damage < 0.4:
+                raw += b"\x32\x03abc"  # a second Payload: the last one counts
+            batch.append(bytes(raw))
+        assert hmsg.payloads_of(batch) == [real_walk([raw])[0] for raw in batch]
+    assert walks < 2000 * 16 * 0.8  # the shortcut took a good share of them
+
+
+def test_payloads_of_cuts_one_shape_without_walking(impl, monkeypatch):
+    raws = _messages(random.Random(3), 50, one_shape=True)
+    walked: list[int] = []
+    real_walk = hmsg._walk_payloads
+    monkeypatch.setattr(hmsg, "_walk_payloads", lambda r: walked.append(len(r)) or real_walk(r))
+    payloads = hmsg.payloads_of(raws)
+    assert payloads == real_walk(raws)
+    # the shape was learned from the first message and every payload cut but those whose
+    # length takes three varint bytes
+    assert len(walked) == sum(len(p) >= 16384 for p in payloads) > 0
+
+
+def test_one_line_objects(impl):
+    rng = random.Random(17)
+    pieces = [b"{}", b'{"a":1}', b"", b"[1]", b'{"a":\n1}', b"{" + b"x" * 5000, b'{"b":"\\n"}', b" {}"]
+    for _ in range(500):
+        payloads = [rng.choice(pieces) for _ in range(rng.randrange(0, 6))]
+        want = all(p[:1] == b"{" and b"\n" not in p for p in payloads)
+        assert one_line_objects(payloads) is want
