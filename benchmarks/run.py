@@ -9,6 +9,7 @@ Pipelines (hindsight_cli, one process per plugin):
   lua       the project's run/ (file.lua -> counter.lua -> elasticsearch_bulk_api.lua)
   upstream  CloudTracker's original run/ with lua_sandbox_extensions' modules (needs the mirrors)
   native    Python plugins: plugins/flat_file.py -> plugins/elasticsearch_bulk.py
+  native_pure   the same without the C loops of hindsight_py/_speedups.c (HINDSIGHT_PY_PURE=1)
 Baselines:
   streaming_bulk / parallel_bulk   elasticsearch-py's helpers reading the same file
   server_limit                     pre-built bulk bodies posted as fast as the server takes them
@@ -276,7 +277,9 @@ def setup_native(work: Path, data: Path, ep: Endpoint, index: str) -> None:
     (work / "run/output/elasticsearch_bulk.cfg").write_text(NATIVE_OUTPUT.format(port=ep.port, index=index))
 
 
-PIPELINES = {"lua": setup_lua, "upstream": setup_upstream, "native": setup_native}
+PIPELINES = {"lua": setup_lua, "upstream": setup_upstream, "native": setup_native, "native_pure": setup_native}
+# extra environment of a pipeline's hindsight_cli
+PIPELINE_ENV = {"native_pure": {"HINDSIGHT_PY_PURE": "1"}}
 
 
 def run_pipeline(name: str, data: Path, lines: int, ep: Endpoint) -> dict:
@@ -289,7 +292,8 @@ def run_pipeline(name: str, data: Path, lines: int, ep: Endpoint) -> dict:
     docs_before = ep.docs(index)
     # This checkout's hindsight_py, whatever (if anything) pip has installed, with its bytecode
     # cached as after an install (see main)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+           **PIPELINE_ENV.get(name, {})}
     env.pop("PYTHONDONTWRITEBYTECODE", None)
     wall, cpu, rss, rc = measure([sys.executable, "-m", "hindsight_py.cli", "hindsight.cfg"], work, env)
     shipped = ep.docs(index) - docs_before

@@ -95,6 +95,38 @@ varint_len(unsigned long long v)
     return n;
 }
 
+/* The bytes a Payload-only message of `len` payload bytes takes, framed. */
+static Py_ssize_t
+framed_size(Py_ssize_t len, Py_ssize_t fixed)
+{
+    Py_ssize_t size = fixed + varint_len(len) + len;
+    return 4 + varint_len(size) + size; /* 0x1E H 0x08 varint 0x1F, then the message */
+}
+
+/* Writes one framed message: 0x0A 0x10 uuid, head, varint(len), payload, tail. */
+static unsigned char *
+put_message(unsigned char *out, const unsigned char *uuid, const Py_buffer *head, const char *payload,
+            Py_ssize_t len, const Py_buffer *tail)
+{
+    Py_ssize_t size = 18 + head->len + tail->len + varint_len(len) + len;
+    *out++ = 0x1E;
+    *out++ = (unsigned char)(1 + varint_len(size));
+    *out++ = 0x08;
+    out += put_varint(out, size);
+    *out++ = 0x1F;
+    *out++ = 0x0A;
+    *out++ = 0x10;
+    memcpy(out, uuid, 16);
+    out += 16;
+    memcpy(out, head->buf, head->len);
+    out += head->len;
+    out += put_varint(out, len);
+    memcpy(out, payload, len);
+    out += len;
+    memcpy(out, tail->buf, tail->len);
+    return out + tail->len;
+}
+
 /* frame_payloads(payloads, uuids, head, tail) -> bytes
  *
  * For each payload p (and its 16 bytes of `uuids`): the stream frame of the message
@@ -120,9 +152,7 @@ frame_payloads(PyObject *self, PyObject *args)
             PyErr_Format(PyExc_TypeError, "payload %zd is not bytes", i);
             goto done;
         }
-        Py_ssize_t len = PyBytes_GET_SIZE(p);
-        Py_ssize_t size = fixed + varint_len(len) + len;
-        total += 4 + varint_len(size) + size; /* 0x1E H 0x08 varint 0x1F, then the message */
+        total += framed_size(PyBytes_GET_SIZE(p), fixed);
     }
     result = PyBytes_FromStringAndSize(NULL, total);
     if (!result)
@@ -131,26 +161,89 @@ frame_payloads(PyObject *self, PyObject *args)
     const unsigned char *u = uuids.buf;
     for (Py_ssize_t i = 0; i < n; i++) {
         PyObject *p = PyList_GET_ITEM(payloads, i);
-        Py_ssize_t len = PyBytes_GET_SIZE(p);
-        Py_ssize_t size = fixed + varint_len(len) + len;
-        *out++ = 0x1E;
-        *out++ = (unsigned char)(1 + varint_len(size));
-        *out++ = 0x08;
-        out += put_varint(out, size);
-        *out++ = 0x1F;
-        *out++ = 0x0A;
-        *out++ = 0x10;
-        memcpy(out, u + 16 * i, 16);
-        out += 16;
-        memcpy(out, head.buf, head.len);
-        out += head.len;
-        out += put_varint(out, len);
-        memcpy(out, PyBytes_AS_STRING(p), len);
-        out += len;
-        memcpy(out, tail.buf, tail.len);
-        out += tail.len;
+        out = put_message(out, u + 16 * i, &head, PyBytes_AS_STRING(p), PyBytes_GET_SIZE(p), &tail);
     }
 done:
+    PyBuffer_Release(&uuids);
+    PyBuffer_Release(&head);
+    PyBuffer_Release(&tail);
+    return result;
+}
+
+/* -- lines of a text block ------------------------------------------------------------- */
+
+/* The end of the line that starts at p (its b"\n", or `end` for a last line without one). */
+static Py_ssize_t
+line_end(const char *buf, Py_ssize_t p, Py_ssize_t end)
+{
+    const char *nl = memchr(buf + p, '\n', end - p);
+    return nl ? nl - buf : end;
+}
+
+/* count_lines(data, start, end, max_len) -> (count, stop)
+ *
+ * The lines of data[start:end] (split at b"\n"; a last piece without one is a line too),
+ * up to the first one longer than max_len: their number, and where that long line starts
+ * (`end` when there is none). */
+static PyObject *
+count_lines(PyObject *self, PyObject *args)
+{
+    Py_buffer view;
+    Py_ssize_t start, end, max_len, count = 0;
+    if (!PyArg_ParseTuple(args, "y*nnn", &view, &start, &end, &max_len))
+        return NULL;
+    if (end > view.len)
+        end = view.len;
+    Py_ssize_t p = start < 0 ? 0 : start;
+    while (p < end) {
+        Py_ssize_t e = line_end(view.buf, p, end);
+        if (e - p > max_len)
+            break;
+        count++;
+        p = e + 1;
+    }
+    PyBuffer_Release(&view);
+    return Py_BuildValue("nn", count, p < end ? p : end);
+}
+
+/* frame_lines(data, start, end, uuids, head, tail) -> bytes
+ *
+ * frame_payloads() of the lines of data[start:end], without making them objects first. */
+static PyObject *
+frame_lines(PyObject *self, PyObject *args)
+{
+    Py_buffer view, uuids, head, tail;
+    Py_ssize_t start, end;
+    if (!PyArg_ParseTuple(args, "y*nny*y*y*", &view, &start, &end, &uuids, &head, &tail))
+        return NULL;
+    PyObject *result = NULL;
+    const char *buf = view.buf;
+    if (end > view.len)
+        end = view.len;
+    if (start < 0)
+        start = 0;
+    Py_ssize_t fixed = 18 + head.len + tail.len, total = 0, n = 0;
+    for (Py_ssize_t p = start; p < end; n++) {
+        Py_ssize_t e = line_end(buf, p, end);
+        total += framed_size(e - p, fixed);
+        p = e + 1;
+    }
+    if (uuids.len < 16 * n) {
+        PyErr_SetString(PyExc_ValueError, "frame_lines: not enough uuid bytes");
+        goto done;
+    }
+    result = PyBytes_FromStringAndSize(NULL, total);
+    if (!result)
+        goto done;
+    unsigned char *out = (unsigned char *)PyBytes_AS_STRING(result);
+    const unsigned char *u = uuids.buf;
+    for (Py_ssize_t p = start; p < end; u += 16) {
+        Py_ssize_t e = line_end(buf, p, end);
+        out = put_message(out, u, &head, buf + p, e - p, &tail);
+        p = e + 1;
+    }
+done:
+    PyBuffer_Release(&view);
     PyBuffer_Release(&uuids);
     PyBuffer_Release(&head);
     PyBuffer_Release(&tail);
@@ -241,6 +334,8 @@ one_line_objects(PyObject *self, PyObject *arg)
 static PyMethodDef methods[] = {
     {"scan_quick", scan_quick, METH_VARARGS, "The common frames of a trusted queue buffer (see the C source)."},
     {"frame_payloads", frame_payloads, METH_VARARGS, "Framed Payload-only messages (see the C source)."},
+    {"count_lines", count_lines, METH_VARARGS, "Lines of a block up to the first too long (see the C source)."},
+    {"frame_lines", frame_lines, METH_VARARGS, "Framed Payload-only messages, one per line (see the C source)."},
     {"cut_payloads", cut_payloads, METH_VARARGS, "Payloads of messages of one learned shape (see the C source)."},
     {"one_line_objects", one_line_objects, METH_O, "Every payload starts with '{' and has no line feed."},
     {NULL, NULL, 0, NULL},

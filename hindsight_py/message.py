@@ -1182,6 +1182,21 @@ def random_uuids(n: int) -> bytes:
     return bytes(b)
 
 
+def _payload_message_parts(logger: str, hostname: str, pid: int | None, now_ns: int,
+                           type: str | None) -> tuple[bytes, bytes]:
+    """The bytes every Payload-only message of one batch shares: from the Timestamp to the
+    Payload key, and the headers after the Payload."""
+    head = b"\x10" + _varint(now_ns)
+    if type is not None:
+        head += b"".join(_lenpref(b"\x1a", _b(type)))
+    head += b"".join(_lenpref(b"\x22", _b(logger))) + b"\x32"
+    tail = b""
+    if pid is not None:
+        tail += b"\x40" + _varint(pid)
+    tail += b"".join(_lenpref(b"\x4a", _b(hostname)))
+    return head, tail
+
+
 def encode_payloads(
     payloads: list[bytes],
     *,
@@ -1195,16 +1210,7 @@ def encode_payloads(
     would build them (restricted headers off), but about three times faster: the headers every
     message shares are encoded once, and each message costs a few list appends."""
     uuids = random_uuids(len(payloads))
-    ts = b"\x10" + _varint(now_ns)
-    shared_head = b""
-    if type is not None:
-        shared_head += b"".join(_lenpref(b"\x1a", _b(type)))
-    shared_head += b"".join(_lenpref(b"\x22", _b(logger)))
-    head = ts + shared_head + b"\x32"
-    tail = b""
-    if pid is not None:
-        tail += b"\x40" + _varint(pid)
-    tail += b"".join(_lenpref(b"\x4a", _b(hostname)))
+    head, tail = _payload_message_parts(logger, hostname, pid, now_ns, type)
     fast = _accel.speedups
     if fast is not None and isinstance(payloads, list):
         try:
@@ -1238,3 +1244,48 @@ def encode_payloads(
         varints.clear()
         frames.clear()
     return b"".join(out)
+
+
+def split_lines(data: bytes | memoryview, start: int = 0, end: int | None = None) -> list[bytes]:
+    """The lines of ``data[start:end]``: split at b"\\n", a last piece without one is a line too."""
+    lines = bytes(data[start:end]).split(b"\n")
+    if not lines[-1]:
+        lines.pop()
+    return lines
+
+
+def count_lines(data: bytes | memoryview, start: int, end: int, max_len: int) -> tuple[int, int]:
+    """How many lines of ``data[start:end]`` come before the first longer than ``max_len``, and
+    where that one starts (``end`` if there is none)."""
+    fast = _accel.speedups
+    if fast is not None:
+        return fast.count_lines(data, start, end, max_len)  # the loop below, in C
+    pos = start
+    lines = split_lines(data, start, end)
+    for i, line in enumerate(lines):
+        if len(line) > max_len:
+            return i, pos
+        pos += len(line) + 1
+    return len(lines), end
+
+
+def encode_lines(
+    data: bytes | memoryview,
+    start: int,
+    end: int,
+    count: int,
+    *,
+    logger: str,
+    hostname: str,
+    pid: int | None,
+    now_ns: int,
+    type: str | None = None,
+) -> bytes:
+    """``encode_payloads(split_lines(data, start, end), ...)``, without making the lines objects
+    first when the C loops are there. ``count`` is their number (count_lines)."""
+    fast = _accel.speedups
+    if fast is None:
+        return encode_payloads(split_lines(data, start, end), logger=logger, hostname=hostname, pid=pid,
+                               now_ns=now_ns, type=type)
+    head, tail = _payload_message_parts(logger, hostname, pid, now_ns, type)
+    return fast.frame_lines(data, start, end, random_uuids(count), head, tail)

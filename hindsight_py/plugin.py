@@ -63,6 +63,24 @@ def inject_payloads(payloads: list[bytes], checkpoint: float | str | None = None
     _sandbox().inject_payloads(payloads, checkpoint, type)
 
 
+def inject_lines(
+    data: bytes,
+    checkpoint: float | str | None = None,
+    *,
+    end: int | None = None,
+    type: str | None = None,
+    too_long: Callable[[bytes, int], None] | None = None,
+) -> int:
+    """Inputs: one message per line of ``data[:end]``, then the checkpoint; returns how many.
+
+    The same messages as ``inject_payloads(data[:end].split(b"\\n"))`` without the empty piece
+    after a final line break (a last line without one is a line too), made straight from the
+    block. A line longer than max_message_size allows goes to ``too_long(line, offset)``; without
+    that callback it raises ValueError before anything is queued.
+    """
+    return _sandbox().inject_lines(data, checkpoint, end, type, too_long)
+
+
 def inject_payload(payload_type: str = "txt", payload_name: str | None = None, *parts: Any) -> None:
     """Analysis: inject the payload buffer (plus `parts`) as an `inject_payload` message."""
     _sandbox().inject_payload(payload_type, payload_name, parts)
@@ -156,6 +174,7 @@ __all__ = [
     "decode_message",
     "deliver_in_background",
     "encode_message",
+    "inject_lines",
     "inject_message",
     "inject_payload",
     "inject_payloads",

@@ -15,63 +15,55 @@ Sample cfg::
 
 from __future__ import annotations
 
-from hindsight_py.plugin import dead_letter, inject_payloads, log, read_config
+import os
+
+from hindsight_py.plugin import dead_letter, inject_lines, log, read_config
 
 BLOCK_SIZE = 4 << 20
 
 input_filename = read_config("input_filename")
 message_type = read_config("message_type")
-max_line = int(read_config("max_message_size") or 65536) - 200
 if not input_filename:
     raise ValueError("input_filename must be set")
-
-
-def _ship(lines: list[bytes], offsets_end: int) -> None:
-    good = lines
-    if max(map(len, lines), default=0) > max_line:
-        good = []
-        for x in lines:
-            if len(x) > max_line:
-                dead_letter(f"line of {len(x)} bytes exceeds max_message_size ({input_filename})", x)
-            else:
-                good.append(x)
-    inject_payloads(good, offsets_end, type=message_type)
 
 
 def process_message(checkpoint):
     offset = int(checkpoint or 0)
     count = 0
-    with open(input_filename, "rb") as fh:
-        size = fh.seek(0, 2)
+
+    def too_long(line: bytes, at: int) -> None:
+        nonlocal count
+        dead_letter(f"line of {len(line)} bytes exceeds max_message_size ({input_filename}, byte {offset + at})",
+                    line)
+        count += 1
+
+    fd = os.open(input_filename, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        size = os.fstat(fd).st_size
         if offset > size:
             raise ValueError(
                 f"the checkpoint (byte {offset}) is past the end of {input_filename} ({size} bytes): "
                 "the file was replaced or truncated; remove this plugin's checkpoint to read it again"
             )
-        fh.seek(offset)
-        carry = b""  # the start of a line that continues in the next block
+        want = BLOCK_SIZE
         while True:
-            block = fh.read(BLOCK_SIZE)
+            # Each block starts where the last whole line ended: the unfinished line at the end of
+            # a block is read again with the next one instead of being carried over.
+            block = os.pread(fd, want, offset)
             if not block:
                 break
-            # split the block itself (no copy of it): its last piece is an unfinished line
-            lines = block.split(b"\n")
-            rest = lines.pop()
-            if carry:
-                if not lines:
-                    carry += rest
-                    continue
-                lines[0] = carry + lines[0]
-            if lines:
-                offset += len(block) - len(rest) + len(carry)
-                carry = rest
-                _ship(lines, offset)
-                count += len(lines)
-            else:
-                carry = rest
-        if carry:
-            offset += len(carry)
-            _ship([carry], offset)
-            count += 1
+            last = block.rfind(b"\n")
+            if len(block) < want:  # the end of the file: a last line without newline is a line too
+                end = len(block)
+            elif last >= 0:
+                end = last + 1
+            else:  # a line longer than the block: read more of it
+                want *= 2
+                continue
+            count += inject_lines(block, offset + end, end=end, type=message_type, too_long=too_long)
+            offset += end
+            want = BLOCK_SIZE
+    finally:
+        os.close(fd)
     log(6, f"processed {count} lines")
     return 0

@@ -74,6 +74,30 @@ def test_input_inject_forms_and_checkpoints(tmp_path: Path) -> None:
     assert host.messages()[0].logger == "input.p0" and host.checkpoints[-1] == 3
 
 
+def test_input_inject_lines(tmp_path: Path) -> None:
+    long_line = "x" * 70000
+    sb, host = py_sandbox(tmp_path, f"""
+        def process_message(cp):
+            block = b"a\\n\\nb\\n{long_line}\\nc\\nnot yet"
+            try:
+                inject_lines(block, 1)
+            except ValueError as e:
+                assert "line at byte 5 (70000 bytes) exceeds max_message_size" in str(e), e
+            else:
+                raise AssertionError("no error")
+            too_long = []
+            n = inject_lines(block, 2, end=len(block) - 7, type="t", too_long=lambda l, at: too_long.append((len(l), at)))
+            assert (n, too_long) == (4, [(70000, 5)]), (n, too_long)
+            assert inject_lines(b"last", 3) == 1
+            return 0
+    """, "input")
+    assert sb.run_input(None) == (0, None)
+    assert [hmsg.payload_of(hmsg.encode(m)) for m in host.messages()] == [b"a", b"", b"b", b"c", b"last"]
+    assert [m.type for m in host.messages()] == ["t"] * 4 + [None]
+    assert [m.logger for m in host.messages()] == ["input.p0"] * 5
+    assert host.checkpoints[-1] == 3  # (the failed call queued nothing: the messages above)
+
+
 def test_input_stop_at_the_sync_point(tmp_path: Path) -> None:
     sb, host = py_sandbox(tmp_path, """
         def process_message(cp):

@@ -165,6 +165,38 @@ def test_encode_payloads_takes_bytearrays_too(impl):
     assert [hmsg.payload_of(r) for r in hmsg.unframe(framed)] == [b"ab", b"cd"]
 
 
+def _line_cases(rng: random.Random):
+    pieces = [b"", b"a", b"{}", b"x" * 300, b"y" * 2000, b"\r", b"\x00\xff"]
+    for _ in range(300):
+        lines = [rng.choice(pieces) for _ in range(rng.randrange(0, 12))]
+        data = b"\n".join(lines) + rng.choice([b"", b"\n", b"\n\n"])
+        start = rng.choice([0, 0, rng.randrange(len(data) + 1)])
+        end = rng.choice([len(data), rng.randrange(start, len(data) + 1)])
+        yield data, start, end, rng.choice([0, 1, 299, 300, 1999, 1 << 20])
+
+
+def test_lines_count_and_frame_as_split_lines_says(impl, monkeypatch):
+    for data, start, end, max_len in _line_cases(random.Random(19)):
+        lines = hmsg.split_lines(data, start, end)
+        n, stop = hmsg.count_lines(data, start, end, max_len)
+        short = [len(line) <= max_len for line in lines] + [False]
+        assert n == short.index(False)
+        assert stop == (end if n == len(lines) else start + sum(len(line) + 1 for line in lines[:n]))
+        uuids = bytes(range(256)) * (len(lines) // 16 + 1)
+        monkeypatch.setattr(hmsg, "random_uuids", lambda k, u=uuids: u[:16 * k])
+        kw = {"logger": "input.file", "hostname": "h", "pid": 3, "now_ns": 1_700_000_000_000_000_000, "type": None}
+        assert hmsg.encode_lines(data, start, end, len(lines), **kw) == hmsg.encode_payloads(lines, **kw)
+
+
+@pytest.mark.skipif(_speedups is None, reason="hindsight_py._speedups is not built")
+def test_count_lines_gives_the_same_in_c(monkeypatch):
+    for data, start, end, max_len in _line_cases(random.Random(23)):
+        monkeypatch.setattr(_accel, "speedups", _speedups)
+        got = hmsg.count_lines(data, start, end, max_len)
+        monkeypatch.setattr(_accel, "speedups", None)
+        assert got == hmsg.count_lines(data, start, end, max_len)
+
+
 def test_payloads_of_matches_the_full_walk(impl):
     rng = random.Random(13)
     for case in range(300):

@@ -376,6 +376,40 @@ class PythonSandbox:
         else:
             self._maybe_flush()
 
+    def inject_lines(self, data: bytes, checkpoint: Any, end: int | None, type_: str | None,
+                     too_long: Any) -> int:
+        if self.plugin_type != "input":
+            raise RuntimeError("inject_lines() is for input plugins")
+        end = len(data) if end is None else min(end, len(data))
+        limit = self._max_message_size - 200  # room for the headers
+        now_ns = time.time_ns()
+        parts: list[bytes] = []
+        count = pos = 0
+        while pos < end:
+            n, stop = hmsg.count_lines(data, pos, end, limit)
+            if n:
+                parts.append(hmsg.encode_lines(data, pos, stop, n, logger=self._logger, hostname=self._hostname,
+                                               pid=self._pid, now_ns=now_ns, type=type_))
+                count += n
+            if stop >= end:
+                break
+            nl = data.find(b"\n", stop, end)
+            line_end = end if nl < 0 else nl
+            if too_long is None:  # nothing is queued
+                raise ValueError(f"inject_lines() failed: the line at byte {stop} ({line_end - stop} bytes) "
+                                 "exceeds max_message_size")
+            too_long(data[stop:line_end], stop)
+            pos = line_end + 1
+        for framed in parts:
+            self._out.append(framed)
+            self._out_bytes += len(framed)
+        self._out_count += count
+        if checkpoint is not None:
+            self.inject(None, checkpoint)  # records it, flushes when due, honours a stop request
+        else:
+            self._maybe_flush()
+        return count
+
     def _maybe_flush(self) -> None:
         if self._out_count >= FLUSH_COUNT or self._out_bytes >= FLUSH_BYTES:
             self._flush()
