@@ -104,11 +104,28 @@ class PipelinedSender:
         self._stats = stats
         self._abort = abort
         self._is_running = is_running  # called while waiting: reads the supervisor pipe, so a stop reaches us
+        # One long-lived delivery thread (started with the first body): a thread per request
+        # costs more than a small request's own Python time.
         self._thread: threading.Thread | None = None
+        self._job: tuple[Any, ...] | None = None
+        self._job_ready = threading.Event()
+        self._idle = threading.Event()
+        self._idle.set()
         self.error: str | None = None
         self.interrupted = False  # the error is a stop request, not a failure
         self.ticket = 0  # the last body handed over
         self.done = 0  # the last body delivered (indexed or dead-lettered)
+
+    def _work(self) -> None:
+        while True:
+            self._job_ready.wait()
+            self._job_ready.clear()
+            job, self._job = self._job, None
+            try:
+                if job is not None:
+                    self._deliver(*job)
+            finally:
+                self._idle.set()
 
     def _deliver(self, body: bytes, count: int, ticket: int, kwargs: dict[str, Any],
                  on_delivered: Callable[[], None] | None) -> None:
@@ -133,11 +150,8 @@ class PipelinedSender:
 
     def wait(self) -> str | None:
         """Wait for the body in flight (watching for a stop meanwhile); the error, if any."""
-        t = self._thread
-        while t is not None and t.is_alive():
-            t.join(0.05)
+        while not self._idle.wait(0.05):
             self._is_running()
-        self._thread = None
         return self.error
 
     def submit(self, body: bytes, count: int, *, on_delivered: Callable[[], None] | None = None,
@@ -149,9 +163,12 @@ class PipelinedSender:
         if err:
             return err
         self.ticket += 1
-        self._thread = threading.Thread(target=self._deliver, args=(body, count, self.ticket, kwargs, on_delivered),
-                                        daemon=True)
-        self._thread.start()
+        self._idle.clear()
+        self._job = (body, count, self.ticket, kwargs, on_delivered)
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._work, name="bulk-delivery", daemon=True)
+            self._thread.start()
+        self._job_ready.set()
         return None
 
     @property
