@@ -331,12 +331,29 @@ one_line_objects(PyObject *self, PyObject *arg)
     Py_RETURN_TRUE;
 }
 
+/* every_line_is_an_object(body) -> bool: the body starts with "{" and so does every line
+ * after a b"\n" (a b"\n" at the very end starts no line). */
+static PyObject *
+every_line_is_an_object(PyObject *self, PyObject *arg)
+{
+    Py_buffer view;
+    if (PyObject_GetBuffer(arg, &view, PyBUF_SIMPLE) < 0)
+        return NULL;
+    const char *s = view.buf, *end = s + view.len;
+    int ok = view.len > 0 && s[0] == '{';
+    for (const char *p = s; ok && (p = memchr(p, '\n', end - p)) != NULL && p + 1 < end; p++)
+        ok = p[1] == '{';
+    PyBuffer_Release(&view);
+    return PyBool_FromLong(ok);
+}
+
 static PyMethodDef methods[] = {
     {"scan_quick", scan_quick, METH_VARARGS, "The common frames of a trusted queue buffer (see the C source)."},
     {"frame_payloads", frame_payloads, METH_VARARGS, "Framed Payload-only messages (see the C source)."},
     {"count_lines", count_lines, METH_VARARGS, "Lines of a block up to the first too long (see the C source)."},
     {"frame_lines", frame_lines, METH_VARARGS, "Framed Payload-only messages, one per line (see the C source)."},
     {"cut_payloads", cut_payloads, METH_VARARGS, "Payloads of messages of one learned shape (see the C source)."},
+    {"every_line_is_an_object", every_line_is_an_object, METH_O, "Every line of a bulk body starts with '{'."},
     {"one_line_objects", one_line_objects, METH_O, "Every payload starts with '{' and has no line feed."},
     {NULL, NULL, 0, NULL},
 };

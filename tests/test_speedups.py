@@ -15,7 +15,7 @@ import pytest
 
 from hindsight_py import _accel
 from hindsight_py import message as hmsg
-from hindsight_py.outputs.elasticsearch import one_line_objects
+from hindsight_py.outputs.elasticsearch import _every_line_is_an_object, one_line_objects
 
 try:
     from hindsight_py import _speedups
@@ -259,3 +259,13 @@ def test_one_line_objects(impl):
         payloads = [rng.choice(pieces) for _ in range(rng.randrange(0, 6))]
         want = all(p[:1] == b"{" and b"\n" not in p for p in payloads)
         assert one_line_objects(payloads) is want
+
+
+def test_every_line_is_an_object(impl):
+    rng = random.Random(29)
+    pieces = [b"{}", b'{"index":{}}', b"", b"[1]", b" {}", b"x", b"{" + b"y" * 3000]
+    for _ in range(500):
+        body = b"\n".join(rng.choice(pieces) for _ in range(rng.randrange(0, 7))) + rng.choice([b"", b"\n"])
+        want = body.startswith(b"{") and all(line.startswith(b"{") for line in body.split(b"\n")[1:-1]) and (
+            body.endswith(b"\n") or body.split(b"\n")[-1].startswith(b"{"))
+        assert _every_line_is_an_object(body) is want, body[:80]
