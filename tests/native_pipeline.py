@@ -96,10 +96,10 @@ class NativePipeline:
         )
 
     # -- running ------------------------------------------------------------------------------
-    def run(self, timeout: float = RUN_TIMEOUT) -> subprocess.CompletedProcess[str]:
+    def run(self, timeout: float = RUN_TIMEOUT, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
         result = subprocess.run(
             [sys.executable, "-m", "hindsight_py.cli", "hindsight.cfg", "7"], cwd=self.root, capture_output=True,
-            text=True, timeout=timeout, stdin=subprocess.DEVNULL,
+            text=True, timeout=timeout, stdin=subprocess.DEVNULL, env={**os.environ, **(env or {})},
         )
         self.stderr = result.stderr
         return result

@@ -307,6 +307,24 @@ def test_every_server_takes_every_document(tmp_path, search_server, scratch_inde
     assert held == expected
 
 
+def test_without_the_c_loops_every_document_arrives_the_same(tmp_path, es8_url, scratch_index, cloudtrail):
+    # HINDSIGHT_PY_PURE=1: what a machine without a C compiler runs (hindsight_py/_speedups.c unbuilt)
+    index = scratch_index(es8_url)
+    too_long = b'{"big":"' + b"x" * (1 << 20) + b'"}'  # over max_message_size: dead-lettered
+    lines = [*cloudtrail[:100], too_long, *cloudtrail[100:]]
+    pipeline = NativePipeline(tmp_path, lines, {
+        "url": es8_url, "id_field": "eventID", **encoder(index=index, es_index_from_timestamp=True),
+    })
+    assert pipeline.run(env={"HINDSIGHT_PY_PURE": "1"}).returncode == 16, pipeline.stderr  # a dead letter
+
+    (dead,) = pipeline.dead_letters()
+    assert (dead["plugin"], dead["data"].encode()) == ("input.file", too_long)
+    offset = sum(len(line) + 1 for line in cloudtrail[:100])
+    assert dead["reason"].endswith(f", byte {offset})")
+    held = {doc.pop("_id"): doc for doc in documents(es8_url, index)}
+    assert held == {record["eventID"]: record for record in map(json.loads, cloudtrail)}
+
+
 def test_a_second_run_of_the_same_lines_overwrites_instead_of_duplicating(tmp_path, es8_url, scratch_index,
                                                                             cloudtrail):
     index = scratch_index(es8_url)

@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 import random
 import shutil
+import subprocess
+import sys
 
 import pytest
 
@@ -43,6 +45,13 @@ def test_the_extension_is_built_where_a_compiler_is():
         pytest.skip("no C compiler here")
     assert _speedups is not None, "hindsight_py._speedups was not built: run `pip install -e .` again"
     assert _accel.speedups is _speedups
+
+
+def test_hindsight_py_pure_turns_the_c_loops_off():
+    code = "from hindsight_py import _accel; print(_accel.speedups is None)"
+    env = {**os.environ, "HINDSIGHT_PY_PURE": "1"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "True"
 
 
 def _messages(rng: random.Random, n: int, *, one_shape: bool) -> list[bytes]:
