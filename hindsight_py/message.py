@@ -1254,38 +1254,34 @@ def split_lines(data: bytes | memoryview, start: int = 0, end: int | None = None
     return lines
 
 
-def count_lines(data: bytes | memoryview, start: int, end: int, max_len: int) -> tuple[int, int]:
-    """How many lines of ``data[start:end]`` come before the first longer than ``max_len``, and
-    where that one starts (``end`` if there is none)."""
-    fast = _accel.speedups
-    if fast is not None:
-        return fast.count_lines(data, start, end, max_len)  # the loop below, in C
-    pos = start
-    lines = split_lines(data, start, end)
-    for i, line in enumerate(lines):
-        if len(line) > max_len:
-            return i, pos
-        pos += len(line) + 1
-    return len(lines), end
-
-
 def encode_lines(
     data: bytes | memoryview,
     start: int,
     end: int,
-    count: int,
+    max_len: int,
     *,
     logger: str,
     hostname: str,
     pid: int | None,
     now_ns: int,
     type: str | None = None,
-) -> bytes:
-    """``encode_payloads(split_lines(data, start, end), ...)``, without making the lines objects
-    first when the C loops are there. ``count`` is their number (count_lines)."""
+) -> tuple[bytes, int, int]:
+    """``encode_payloads`` of the lines of ``data[start:end]`` (split_lines) up to the first one
+    longer than ``max_len``: the framed messages, how many, and where that long line starts
+    (``end`` if there is none). With the C loops the lines never become objects."""
     fast = _accel.speedups
-    if fast is None:
-        return encode_payloads(split_lines(data, start, end), logger=logger, hostname=hostname, pid=pid,
-                               now_ns=now_ns, type=type)
-    head, tail = _payload_message_parts(logger, hostname, pid, now_ns, type)
-    return fast.frame_lines(data, start, end, random_uuids(count), head, tail)
+    if fast is not None:
+        count, stop = fast.count_lines(data, start, end, max_len)
+        head, tail = _payload_message_parts(logger, hostname, pid, now_ns, type)
+        return fast.frame_lines(data, start, stop, random_uuids(count), head, tail), count, stop
+    lines = split_lines(data, start, end)
+    stop = start
+    for i, line in enumerate(lines):
+        if len(line) > max_len:
+            del lines[i:]
+            break
+        stop += len(line) + 1
+    else:
+        stop = end
+    framed = encode_payloads(lines, logger=logger, hostname=hostname, pid=pid, now_ns=now_ns, type=type)
+    return framed, len(lines), stop

@@ -184,26 +184,36 @@ def _line_cases(rng: random.Random):
         yield data, start, end, rng.choice([0, 1, 299, 300, 1999, 1 << 20])
 
 
+_LINE_HEADERS = {"logger": "input.file", "hostname": "h", "pid": 3, "now_ns": 1_700_000_000_000_000_000, "type": None}
+
+
+def _fixed_uuids(monkeypatch, count: int) -> None:
+    uuids = bytes(range(256)) * (count // 16 + 1)
+    monkeypatch.setattr(hmsg, "random_uuids", lambda k, u=uuids: u[:16 * k])
+
+
 def test_lines_count_and_frame_as_split_lines_says(impl, monkeypatch):
     for data, start, end, max_len in _line_cases(random.Random(19)):
         lines = hmsg.split_lines(data, start, end)
-        n, stop = hmsg.count_lines(data, start, end, max_len)
+        _fixed_uuids(monkeypatch, len(lines))
+        framed, n, stop = hmsg.encode_lines(data, start, end, max_len, **_LINE_HEADERS)
         short = [len(line) <= max_len for line in lines] + [False]
         assert n == short.index(False)
         assert stop == (end if n == len(lines) else start + sum(len(line) + 1 for line in lines[:n]))
-        uuids = bytes(range(256)) * (len(lines) // 16 + 1)
-        monkeypatch.setattr(hmsg, "random_uuids", lambda k, u=uuids: u[:16 * k])
-        kw = {"logger": "input.file", "hostname": "h", "pid": 3, "now_ns": 1_700_000_000_000_000_000, "type": None}
-        assert hmsg.encode_lines(data, start, end, len(lines), **kw) == hmsg.encode_payloads(lines, **kw)
+        assert framed == hmsg.encode_payloads(lines[:n], **_LINE_HEADERS)
+        # with no line too long, every line
+        assert hmsg.encode_lines(data, start, end, 1 << 30, **_LINE_HEADERS) == (
+            hmsg.encode_payloads(lines, **_LINE_HEADERS), len(lines), end)
 
 
 @pytest.mark.skipif(_speedups is None, reason="hindsight_py._speedups is not built")
-def test_count_lines_gives_the_same_in_c(monkeypatch):
+def test_encode_lines_gives_the_same_in_c(monkeypatch):
     for data, start, end, max_len in _line_cases(random.Random(23)):
+        _fixed_uuids(monkeypatch, len(hmsg.split_lines(data, start, end)))
         monkeypatch.setattr(_accel, "speedups", _speedups)
-        got = hmsg.count_lines(data, start, end, max_len)
+        got = hmsg.encode_lines(data, start, end, max_len, **_LINE_HEADERS)
         monkeypatch.setattr(_accel, "speedups", None)
-        assert got == hmsg.count_lines(data, start, end, max_len)
+        assert got == hmsg.encode_lines(data, start, end, max_len, **_LINE_HEADERS)
 
 
 def test_payloads_of_matches_the_full_walk(impl):

@@ -386,10 +386,10 @@ class PythonSandbox:
         parts: list[bytes] = []
         count = pos = 0
         while pos < end:
-            n, stop = hmsg.count_lines(data, pos, end, limit)
+            framed, n, stop = hmsg.encode_lines(data, pos, end, limit, logger=self._logger, hostname=self._hostname,
+                                                pid=self._pid, now_ns=now_ns, type=type_)
             if n:
-                parts.append(hmsg.encode_lines(data, pos, stop, n, logger=self._logger, hostname=self._hostname,
-                                               pid=self._pid, now_ns=now_ns, type=type_))
+                parts.append(framed)
                 count += n
             if stop >= end:
                 break
