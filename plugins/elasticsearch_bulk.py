@@ -20,14 +20,13 @@ from pathlib import Path
 from typing import Any
 
 from hindsight_py import message as hmsg
-from hindsight_py.outputs.delivery import ChannelStopEvent, sender_from_config, urls_from_config
+from hindsight_py.outputs.delivery import sender_from_config, urls_from_config
 from hindsight_py.outputs.elasticsearch import BulkSender, one_line_objects
 from hindsight_py.outputs.sigv4 import service_for, signer_from_config
 from hindsight_py.plugin import (
     dead_letter,
     decode_message,
     deliver_in_background,
-    is_running,
     log,
     logger,
     read_config,
@@ -130,8 +129,7 @@ def _make_sender() -> BulkSender:
         _sender_cfg,
         dead_letter_path=Path(str(read_config("output_path"))) / "dead_letter" / f"{read_config('Logger')}.jsonl",
         log=logger(),  # the sender also logs from its delivery thread
-        stop_event=ChannelStopEvent(is_running),
-    )
+    )  # its stop event comes with deliver_in_background, below
     sender.signer = signer_from_config(_sender_cfg, _urls[0])
     return sender
 

@@ -10,16 +10,14 @@ takes 3,000 lines in about 3-6 s, plus its start-up the first time (es7, os3, es
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from types import ModuleType
 
 import pytest
-from conftest import REPO_ROOT, SHARED_DIR
+from conftest import SHARED_DIR
 from native_pipeline import FakeCluster, NativePipeline, count, documents
 
 GENERATOR = SHARED_DIR / "tools" / "gen_cloudtrail.py"
@@ -186,33 +184,6 @@ def test_payloads_are_found_whatever_the_headers_around_them(tmp_path, fake):
                 for i in range(600)]
     assert fake.sources() == expected
     assert max(map(len, expected)) > 16384  # three-byte payload lengths were among them
-
-
-def load_plugin(tmp_path, monkeypatch, **cfg: object) -> ModuleType:
-    """plugins/elasticsearch_bulk.py loaded in this process, with a stub sandbox behind hindsight_py.plugin."""
-    from hindsight_py import plugin as api
-
-    class Stub:
-        config = {"Logger": "output.es", "output_path": str(tmp_path), "url": "http://127.0.0.1:9", "timeout": 1,
-                  **cfg}
-        logs: list[str] = []
-
-        def log(self, level: int, text: str) -> None:
-            self.logs.append(text)
-
-        def is_running(self) -> bool:
-            return True
-
-        def background_delivery(self, sender: object, abort: bool) -> None:
-            return None  # these tests never send
-
-    monkeypatch.setattr(api, "_current", Stub())
-    spec = importlib.util.spec_from_file_location("elasticsearch_bulk_under_test",
-                                                  REPO_ROOT / "plugins" / "elasticsearch_bulk.py")
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_a_rejected_document_is_dead_lettered_with_the_reason_and_the_rest_indexed(tmp_path, cloudtrail):
