@@ -202,3 +202,16 @@ def test_a_bulk_request_left_in_the_spool_is_delivered_before_anything_else(line
     assert not spool.exists()
     assert index.refreshed_count() == 3
     assert sorted(d["eventID"] for d in index.sources()) == ["spooled-0", "spooled-1", "spooled-2"]
+
+
+def test_a_spool_that_is_not_ours_stops_the_start_naming_the_file(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from hindsight_py.outputs.lua_binding import takeover_recover
+
+    (tmp_path / "output.es.bulk").write_bytes(b"garbage without a port\n{}\n")
+    host = SimpleNamespace(runner=SimpleNamespace(output_path=tmp_path), plugin=SimpleNamespace(name="output.es"))
+    with pytest.raises(ValueError, match=r"output\.es\.bulk: not a bulk request spooled by hindsight-py .*"
+                                         r"'garbage without a port'"):
+        takeover_recover(host)
+    assert (tmp_path / "output.es.bulk").exists()  # left for the user to look at, not dropped

@@ -106,7 +106,10 @@ def takeover_recover(host: Any) -> None:
     except FileNotFoundError:
         return
     head, _, body = data.partition(b"\n")
-    address, _, port = head.decode().partition(" ")
+    address, _, port = head.decode("utf-8", "replace").partition(" ")
+    if not (address and port.isdigit()):
+        raise ValueError(f"{spool}: not a bulk request spooled by hindsight-py (its first line must be "
+                         f"'<address> <port>', not {head[:80]!r}); move the file away to start without it")
     sender = _takeover_sender(host, address, int(port))
     sender.stop_event = host.stop_event()
     host.log_fn(6, f"delivering the bulk request the last run left in {spool.name}")
