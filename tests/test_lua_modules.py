@@ -17,15 +17,15 @@ from typing import Any
 
 import pytest
 
-from hindsight_py._lupa import LuaError, LuaRuntime
+from hindsight_py._lupa import SYSTEM_LUA_CPATH, SYSTEM_LUA_PATH, LuaError, LuaRuntime
 
 ROOT = Path(__file__).resolve().parent.parent
 LUA_DIR = ROOT / "hindsight_py" / "lua"
 SHIM = ROOT / "hindsight_py" / "sandbox" / "cjson_shim.lua"
 RUN_DIR = ROOT / "run"
 CLOUDTRAIL = Path("/work/shared/data/cloudtrail/stratus-red-team.ndjson")
-SYSTEM_PATH = "/usr/share/lua/5.1/?.lua"
-SYSTEM_CPATH = "/usr/lib/x86_64-linux-gnu/lua/5.1/?.so"
+SYSTEM_PATH = SYSTEM_LUA_PATH
+SYSTEM_CPATH = SYSTEM_LUA_CPATH  # the machine's multiarch directory
 EXTENSIONS_MIRROR = Path("/work/.mirror/mozilla-services+lua_sandbox_extensions/repo")
 CLOUDTRACKER_MIRROR = Path("/work/.mirror/duo-labs+cloudtracker/repo")
 

@@ -270,6 +270,11 @@ def _file_credentials(path: Path, profile: str, is_config: bool) -> AwsCredentia
     return AwsCredentials(access, secret, token or None)
 
 
+# What a missing-credentials error adds when the `aws` extra is not installed.
+BOTOCORE_MISSING = (", and botocore is not installed (pip install 'hindsight-py[aws]' adds it, for assumed "
+                    "roles, SSO, container and instance credentials)")
+
+
 def _botocore_credentials(profile: str | None) -> Callable[[], AwsCredentials] | None:
     try:
         import botocore.session
@@ -308,7 +313,7 @@ def find_credentials(profile: str | None = None) -> Callable[[], AwsCredentials]
     files = ", ".join(str(p) for p, _ in _shared_files())
     raise CredentialsError(
         f"no AWS credentials found: not in AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, nor for profile "
-        f"{name!r} in {files}" + ("" if _botocore_importable() else ", and botocore is not installed")
+        f"{name!r} in {files}" + ("" if _botocore_importable() else BOTOCORE_MISSING)
     )
 
 

@@ -521,6 +521,10 @@ function sandbox_require(name)
         end
         file = search(system_path, name)
         if file then return finish_module(name, load_lua_module(file, name)) end
+        if system_c_modules[name] then
+            error(sformat("module '%s' not found in %s (install Debian's lua-lpeg, lua-cjson and lua-socket, "
+                .. "or set HINDSIGHT_PY_LUA_CPATH to where Lua 5.1 C modules are)", name, host.system_cpath), 0)
+        end
         error(sformat("module '%s' not found", name), 0)
     end)
     require_stack[name] = nil
