@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import compileall
+import importlib.util
 import json
 import os
 import resource
@@ -424,6 +425,9 @@ def main() -> int:
     ap.add_argument("--only", nargs="+", choices=list(PIPELINES), help="pipelines to run (default: all)")
     ap.add_argument("--no-baselines", action="store_true")
     args = ap.parse_args()
+    if not args.no_baselines and importlib.util.find_spec("elasticsearch") is None:
+        ap.error("the elasticsearch-py baselines need the bench extra: pip install -e '.[bench]' "
+                 "(or --no-baselines)")
     # Each start would otherwise compile every module from source (tens of ms per process)
     # wherever PYTHONDONTWRITEBYTECODE is set, as in some CI shells; pip compiles them at install.
     for folder in ("hindsight_py", "plugins"):
