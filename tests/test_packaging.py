@@ -5,6 +5,7 @@ are found on the machine's architecture, and the built wheel works on its own in
 from __future__ import annotations
 
 import ast
+import functools
 import importlib.metadata
 import json
 import os
@@ -121,36 +122,44 @@ class _ImportFinder(ast.NodeVisitor):
         self.generic_visit(node)
 
 
+def _source_files(roots: Iterable[Path], suffixes: tuple[str, ...] = (".py",)) -> Iterator[Path]:
+    for root in roots:
+        for path in sorted(root.rglob("*")):
+            if path.suffix in suffixes and "_upstream" not in path.parts and path.is_file():
+                yield path
+
+
 def third_party_imports(roots: Iterable[Path]) -> list[Import]:
     """Imports of the .py files under `roots` that are neither the standard library, the project
     itself, nor a module beside the importing file (tests' helpers)."""
     found = []
-    for root in roots:
-        for path in sorted(root.rglob("*.py")):
-            if "_upstream" in path.parts:
-                continue
-            finder = _ImportFinder(str(path.relative_to(REPO_ROOT) if path.is_relative_to(REPO_ROOT) else path))
-            finder.visit(ast.parse(path.read_text(), str(path)))
-            local = {p.stem for p in path.parent.glob("*.py")}
-            found += [i for i in finder.found
-                      if i.module not in sys.stdlib_module_names and i.module not in OWN_PACKAGES | local]
+    for path in _source_files(roots):
+        finder = _ImportFinder(str(path.relative_to(REPO_ROOT) if path.is_relative_to(REPO_ROOT) else path))
+        finder.visit(ast.parse(path.read_text(), str(path)))
+        local = {p.stem for p in path.parent.glob("*.py")}
+        found += [i for i in finder.found
+                  if i.module not in sys.stdlib_module_names and i.module not in OWN_PACKAGES | local]
     return found
+
+
+@functools.cache
+def _installed() -> dict[str, list[str]]:
+    return importlib.metadata.packages_distributions()
 
 
 def distributions(module: str) -> set[str]:
     """The installed distributions that provide top-level `module`; where none is installed, the
-    distribution of the same name (so that a wrong guess shows up as undeclared)."""
-    return {normalize(d) for d in importlib.metadata.packages_distributions().get(module, [module])}
+    distribution of the same name (a wrong guess then shows up as undeclared, never as declared)."""
+    return {normalize(d) for d in _installed().get(module, [module])}
 
 
-def test_the_package_declares_every_import_it_makes_and_nothing_else() -> None:
-    groups = declared()
+def package_problems(imports: list[Import], groups: dict[str, set[str]]) -> list[str]:
+    """What breaks "a dependency you declare, you use; one you use, you declare" for the package:
+    a plain import must be a dependency, a guarded one (try/except ImportError) a dependency or in
+    a user extra, and every dependency and user extra must be imported."""
     required = groups[""]
     user_extras = {name: dists for name, dists in groups.items() if name and name not in DEVELOPMENT_EXTRAS}
     optional = set().union(*user_extras.values())
-    imports = third_party_imports(PACKAGE_SOURCES)
-    assert {i.module for i in imports} >= {"lupa", "urllib3", "orjson", "botocore"}, "the scan misses imports"
-
     problems = []
     for imp in imports:
         dists = distributions(imp.module)
@@ -161,10 +170,40 @@ def test_the_package_declares_every_import_it_makes_and_nothing_else() -> None:
             hint = " (it is only in an extra: guard it with try/except ImportError)" if dists & optional else ""
             problems.append(f"{imp.where}: {imp.module} ({', '.join(dists)}) is not in dependencies{hint}")
     used = set().union(*(distributions(i.module) for i in imports))
-    problems += [f"dependency {d} is imported nowhere in hindsight_py/ or plugins/" for d in sorted(required - used)]
-    problems += [f"extra {name!r}: {d} is imported nowhere in hindsight_py/ or plugins/"
-                 for name, dists in user_extras.items() for d in sorted(dists - used)]
-    assert not problems, "\n".join(problems)
+    problems += [f"dependency {d} is imported nowhere" for d in sorted(required - used)]
+    problems += [f"extra {name!r}: {d} is imported nowhere" for name, dists in user_extras.items()
+                 for d in sorted(dists - used)]
+    return problems
+
+
+def test_the_package_declares_every_import_it_makes_and_nothing_else() -> None:
+    imports = third_party_imports(PACKAGE_SOURCES)
+    assert {i.module for i in imports} >= {"lupa", "urllib3", "orjson", "botocore"}, "the scan misses imports"
+    assert {i.module for i in imports if i.optional} >= {"orjson", "botocore"}, "the scan misses the guards"
+    problems = package_problems(imports, declared())
+    assert not problems, "in hindsight_py/ and plugins/:\n" + "\n".join(problems)
+
+
+def test_the_check_fails_on_undeclared_unguarded_and_unused(tmp_path: Path) -> None:
+    (tmp_path / "mod.py").write_text(
+        "import json\nimport lupa.luajit21\nfrom urllib3 import Timeout\nimport some_undeclared_lib\n"
+        "try:\n    import orjson\nexcept ImportError:\n    orjson = None\nimport botocore.session\n"
+        "importlib.import_module(f'requests.{x}')\n"
+    )
+    imports = third_party_imports([tmp_path])
+    assert {(i.module, i.optional) for i in imports} == {
+        ("lupa", False), ("urllib3", False), ("some_undeclared_lib", False), ("orjson", True), ("botocore", False),
+        ("requests", False)}
+    groups = declared()
+    assert "pyyaml" not in set().union(*groups.values()), "no code uses pyyaml"
+    groups[""].add("elasticsearch")
+    problems = package_problems(imports, groups)
+    assert [p.split(": ", 1)[-1] for p in problems] == [
+        "some_undeclared_lib (some-undeclared-lib) is not in dependencies",
+        "botocore (botocore) is not in dependencies (it is only in an extra: guard it with try/except ImportError)",
+        "requests (requests) is not in dependencies",
+        "dependency elasticsearch is imported nowhere",
+    ], problems
 
 
 def test_tests_scripts_and_benchmarks_declare_what_they_import_or_run() -> None:
@@ -181,31 +220,13 @@ def test_tests_scripts_and_benchmarks_declare_what_they_import_or_run() -> None:
             if not dists & allowed:
                 problems.append(f"{imp.where}: {imp.module} ({', '.join(dists)}) is declared neither in "
                                 f"dependencies nor in the {extra!r} extra")
-        text = "\n".join(p.read_text() for root in roots for p in root.rglob("*") if p.suffix in (".py", ".sh"))
+        text = "\n".join(p.read_text() for p in _source_files(roots, (".py", ".sh")))
         run = {normalize(m) for m in re.findall(r"""-m["',\s]+([A-Za-z_][\w.]*)""", text)}
         used = set().union(*(distributions(i.module) for i in imports)) | run
         own_extras = groups[extra] - set().union(*(groups[g] for g in groups if g not in DEVELOPMENT_EXTRAS))
         problems += [f"extra {extra!r}: {d} is neither imported nor run in {', '.join(r.name for r in roots)}"
                      for d in sorted(own_extras - used)]
     assert not problems, "\n".join(problems)
-
-
-def test_the_import_scan_sees_what_pyproject_must_declare(tmp_path: Path) -> None:
-    """The checks above fail on an undeclared import, a required import of an extra, and a
-    dependency nobody imports."""
-    (tmp_path / "mod.py").write_text(
-        "import json\nimport lupa.luajit21\nfrom urllib3 import Timeout\nimport some_undeclared_lib\n"
-        "try:\n    import orjson\nexcept ImportError:\n    orjson = None\nimport botocore.session\n"
-        "importlib.import_module(f'yaml.{x}')\n"
-    )
-    found = {(i.module, i.optional) for i in third_party_imports([tmp_path])}
-    assert found == {("lupa", False), ("urllib3", False), ("some_undeclared_lib", False), ("orjson", True),
-                     ("botocore", False), ("yaml", False)}
-    groups = declared()
-    assert distributions("some_undeclared_lib") == {"some-undeclared-lib"}
-    assert not distributions("some_undeclared_lib") & set().union(*groups.values())
-    assert distributions("botocore") & groups["aws"] and not distributions("botocore") & groups[""]
-    assert not distributions("yaml") & set().union(*groups.values()), "pyyaml is used by nothing"
 
 
 # --------------------------------------------------------------------------- Lua C modules
