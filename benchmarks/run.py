@@ -4,6 +4,7 @@
     python benchmarks/run.py                      # 200k lines to the fast fake _bulk endpoint
     python benchmarks/run.py --lines 200000 1000000 2000000 --only native   # scaling
     python benchmarks/run.py --es http://127.0.0.1:39200      # a real Elasticsearch instead
+    python benchmarks/run.py --hindsight ~/.cache/hindsight-py/hindsight-0.16   # + the real Hindsight
 
 Pipelines (hindsight_cli, one process per plugin):
   lua       the project's run/ (file.lua -> counter.lua -> elasticsearch_bulk_api.lua)
@@ -14,9 +15,10 @@ Baselines:
   streaming_bulk / parallel_bulk   elasticsearch-py's helpers reading the same file
   server_limit                     pre-built bulk bodies posted as fast as the server takes them
 
-Printed: docs/s, CPU seconds (user+sys of the whole process tree), peak memory (PSS summed over the tree),
-and each pipeline's ratio to each baseline. Timings vary run to run (about +-20% here): compare
-ratios from the same invocation, not absolute numbers across machines.
+Printed: docs/s, CPU seconds (user+sys of the whole process tree) and per 100,000 documents, peak
+memory (PSS summed over the tree), and each pipeline's ratio to each baseline (docs/s over docs/s).
+Timings vary run to run (about +-20% here): compare ratios from the same invocation, not absolute
+numbers across machines.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ import time
 from pathlib import Path
 
 import urllib3
+from build_hindsight import BuildError, cache_base, upstream_dir
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED = REPO.parent / "shared"
@@ -303,6 +306,65 @@ def run_pipeline(name: str, data: Path, lines: int, ep: Endpoint) -> dict:
     return {"name": name, "wall": wall, "cpu": cpu, "rss": rss, "rc": rc, "docs": shipped}
 
 
+# -- the real Hindsight (--hindsight) ------------------------------------------------------------
+HINDSIGHT_ROW = "hindsight (C)"
+
+
+def hindsight_prefix(path: Path) -> Path:
+    """The install prefix of `path` (a prefix, or its bin/hindsight_cli), checked for what the row needs."""
+    path = path.expanduser().resolve()
+    prefix = path.parent.parent if path.is_file() else path
+    for need in ("bin/hindsight_cli", "etc/hindsight/hindsight.cfg"):
+        if not (prefix / need).is_file():
+            raise SystemExit(f"--hindsight {path}: no {prefix / need}; build it with python3 benchmarks/build_hindsight.py")
+    try:
+        upstream_dir(cache_base() / "upstream", "cloudtracker")
+    except BuildError as e:
+        raise SystemExit(f"--hindsight: CloudTracker's run/ is needed: {e}") from None
+    return prefix
+
+
+def _queue_records(directory: Path) -> int:
+    """Messages in a queue directory Hindsight wrote."""
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))  # this checkout's hindsight_py, as the pipelines run it
+    from hindsight_py.queue import QueueReader
+
+    n = 0
+    with QueueReader(directory, None, 64 << 20) as reader:
+        while (batch := reader.read_batch(100_000, 64 << 20)) is not None:
+            n += len(batch)
+    return n
+
+
+def run_hindsight(prefix: Path, data: Path, lines: int, ep: Endpoint) -> dict:
+    """CloudTracker's run/ as its users run it: unmodified but for the input file and the endpoint,
+    under Hindsight's stock hindsight.cfg (its module paths pointed at the build)."""
+    work = WORK / "run-hindsight"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    index = "bench-hindsight"
+    shutil.copytree(upstream_dir(cache_base() / "upstream", "cloudtracker") / "hindsight/run", work / "run")
+    shutil.copy(prefix / "etc/hindsight/hindsight.cfg", work / "hindsight.cfg")
+    for kind in ("input", "analysis", "output"):
+        (work / "load" / kind).mkdir(parents=True)  # sandbox_load_path: Hindsight will not start without it
+    _sub(work / "run/input/file.cfg", {"input_filename": json.dumps(str(data))})
+    _es_cfg(work / "run/output/elasticsearch_bulk_api.cfg", ep, index)
+    ep.reset(index)
+    docs_before = ep.docs(index)
+    wall, cpu, rss, rc = measure([str(prefix / "bin/hindsight_cli"), "hindsight.cfg"], work)
+    received = ep.docs(index) - docs_before
+    # counter.lua's payloads go to the output too: the fake endpoint counts them, a real server
+    # rejects them (they are not JSON). The input queue holds what the input read.
+    payloads = 0 if ep.real else _queue_records(work / "output/analysis")
+    shipped = received - payloads
+    if shipped != lines:
+        lost_in_input = lines - _queue_records(work / "output/input")
+        print(f"{HINDSIGHT_ROW}: {lines - shipped:,} of {lines:,} lines not delivered; {lost_in_input:,} never left "
+              "the input (file.lua skips a line whose decoding runs into the instruction limit)")
+    return {"name": HINDSIGHT_ROW, "wall": wall, "cpu": cpu, "rss": rss, "rc": rc, "docs": shipped}
+
+
 # -- baselines ----------------------------------------------------------------------------------
 def _actions(data: Path, index: str):
     with open(data, "rb") as fh:
@@ -404,14 +466,16 @@ def run_server_limit(data: Path, ep: Endpoint) -> dict:
 # -- report ---------------------------------------------------------------------------------------
 def report(results: list[dict], lines: int, baselines: list[str]) -> None:
     print(f"\n{lines:,} lines ({'documents/s counts what the endpoint received'})")
-    print(f"{'run':<14}{'docs':>10}{'wall s':>9}{'docs/s':>11}{'cpu s':>8}{'peak PSS MB':>13}{'rc':>4}", end="")
+    print(f"{'run':<14}{'docs':>10}{'wall s':>9}{'docs/s':>11}{'cpu s':>8}{'cpu s/100k':>12}{'peak PSS MB':>13}{'rc':>4}",
+          end="")
     for b in baselines:
         print(f"{'x ' + b:>18}", end="")
     print()
     rate = {r["name"]: r["docs"] / r["wall"] if r["wall"] else 0 for r in results}
     for r in results:
+        per_100k = r["cpu"] / r["docs"] * 100_000 if r["docs"] else float("nan")
         print(f"{r['name']:<14}{r['docs']:>10,}{r['wall']:>9.2f}{rate[r['name']]:>11,.0f}{r['cpu']:>8.2f}"
-              f"{r['rss']:>13.1f}{r['rc']:>4}", end="")
+              f"{per_100k:>12.2f}{r['rss']:>13.1f}{r['rc']:>4}", end="")
         for b in baselines:
             ratio = rate[r["name"]] / rate[b] if rate.get(b) else float("nan")
             print(f"{ratio:>18.2f}", end="")
@@ -424,10 +488,13 @@ def main() -> int:
     ap.add_argument("--es", help="a real Elasticsearch/OpenSearch URL instead of the fake endpoint")
     ap.add_argument("--only", nargs="+", choices=list(PIPELINES), help="pipelines to run (default: all)")
     ap.add_argument("--no-baselines", action="store_true")
+    ap.add_argument("--hindsight", type=Path, metavar="PATH",
+                    help="add the real Hindsight: a prefix built by benchmarks/build_hindsight.py, or its bin/hindsight_cli")
     args = ap.parse_args()
     if not args.no_baselines and importlib.util.find_spec("elasticsearch") is None:
         ap.error("the elasticsearch-py baselines need the bench extra: pip install -e '.[bench]' "
                  "(or --no-baselines)")
+    hs_prefix = hindsight_prefix(args.hindsight) if args.hindsight else None
     # Each start would otherwise compile every module from source (tens of ms per process)
     # wherever PYTHONDONTWRITEBYTECODE is set, as in some CI shells; pip compiles them at install.
     for folder in ("hindsight_py", "plugins"):
@@ -448,6 +515,9 @@ def main() -> int:
                 results.append(run_server_limit(data, ep))
                 for kind in ("streaming_bulk", "parallel_bulk"):
                     results.append(run_helper(kind, data, ep))
+            if hs_prefix:
+                results.append(run_hindsight(hs_prefix, data, lines, ep))
+                baselines.append(HINDSIGHT_ROW)
             for name in args.only or list(PIPELINES):
                 if name == "upstream" and not upstream_available():
                     print("upstream: skipped (the public sources are not mirrored here)")
