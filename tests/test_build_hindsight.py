@@ -29,7 +29,6 @@ def load() -> ModuleType:
 bh = load()
 
 
-
 def git_download(tag: str) -> str:
     return f"""externalproject_add(
     ep_thing
