@@ -28,6 +28,8 @@ Standard library only. Exit status 1 with a message naming what is missing.
 from __future__ import annotations
 
 import argparse
+import functools
+import importlib.util
 import json
 import os
 import re
@@ -56,16 +58,18 @@ def cache_base() -> Path:
 
 
 # -- the sources ----------------------------------------------------------------------------------
+@functools.cache
 def _pinned_version(name: str) -> str | None:
     """The version scripts/fetch_upstream.py pins for `name`, where that script is present."""
-    sys.path.insert(0, str(REPO / "scripts"))
-    try:
-        from fetch_upstream import PINS  # type: ignore[import-not-found]
-    except ImportError:
+    script = REPO / "scripts" / "fetch_upstream.py"
+    if not script.is_file():
         return None
-    finally:
-        sys.path.pop(0)
-    pin = PINS.get(name)
+    spec = importlib.util.spec_from_file_location("fetch_upstream", script)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("fetch_upstream", module)  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    pin = module.PINS.get(name)
     return pin.version if pin else None
 
 
