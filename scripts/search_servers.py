@@ -843,6 +843,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     try:
+        # Checked first, so a bad value stops the command before it touches anything.
+        port_offset()
+        if args.command == "start":
+            service_user_name()
         if args.command == "fetch":
             for server in _select(args.names, DEFAULT_NAMES):
                 with locked(server):
