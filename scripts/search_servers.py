@@ -536,7 +536,8 @@ class Process:
 
 
 def _process(pid: int) -> Process | None:
-    """The process `pid` from /proc/<pid>/stat; None once it has exited (zombies included)."""
+    """The process `pid` from /proc/<pid>/stat; None once it has exited, including as a
+    zombie waiting to be reaped."""
     try:
         text = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
@@ -544,9 +545,8 @@ def _process(pid: int) -> Process | None:
     # The command name (field 2) may hold spaces and parentheses: fields 3 on follow its
     # last ')' and a space.
     fields = text[text.rindex(")") + 2 :].split()
-    # A zombie leader with other threads left is a process still exiting (java's main
-    # thread goes first), its files and ports still open; alone, it is only waiting for
-    # its parent to reap it.
+    # A zombie leader with other threads left is a process still exiting, its files and
+    # ports possibly still open; alone, it holds nothing and only waits for its parent.
     if fields[0] in ("Z", "X") and _thread_count(pid) <= 1:
         return None
     return Process(pid, pgid=int(fields[2]), sid=int(fields[3]), start_time=int(fields[19]))
