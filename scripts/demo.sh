@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Set-up and demo in one command: installs hindsight-py and what it needs, starts a local
-# Elasticsearch 8 (127.0.0.1:39200), and ships examples/cloudtrail-sample.ndjson (1,000 CloudTrail
+# Elasticsearch 8 (127.0.0.1:39200, plus HINDSIGHT_PY_PORT_OFFSET if set), and ships examples/cloudtrail-sample.ndjson (1,000 CloudTrail
 # records, one per line, as CloudTracker's recipe makes them) into the index `cloudtrail` with the
 # project's run/ -- the same hindsight.cfg and plugins a Hindsight user already has.
 set -euo pipefail

@@ -10,6 +10,20 @@ logs and pid file, and run detached on a fixed 127.0.0.1 port, so every run reus
 same download and, while it stays up, the same process.
 
 `start` prints one base URL per line (progress goes to stderr); it is idempotent.
+A server counts as running while the process group `start` made for it lives (its pid
+file names the group and its leader's start time, so a recycled pid never counts) or
+while some process holds a file under its data directory: `start` and `stop` also find
+a server whose pid file is gone, say so, and adopt or stop it.
+
+Environment:
+  HINDSIGHT_PY_CACHE         cache directory (default ~/.cache/hindsight-py)
+  HINDSIGHT_PY_PORT_OFFSET   added to every port (default 0: HTTP 39200-39204, transport
+                             39300-39304), to run a second set beside the first
+  HINDSIGHT_PY_SERVICE_USER  the account the servers run as when started by root, created
+                             on first use (default hsearch): the servers refuse to run as root
+  HINDSIGHT_PY_<NAME>_JAVA_HOME  the JDK for server <NAME> (e.g. ES7), instead of the oldest
+                             suitable one under /usr/lib/jvm
+
 Standard library only: this runs before the project is installed.
 """
 
@@ -21,6 +35,7 @@ import fcntl
 import json
 import os
 import pwd
+import re
 import shutil
 import signal
 import stat
@@ -37,7 +52,7 @@ from pathlib import Path
 
 HOST = "127.0.0.1"
 # Elasticsearch and OpenSearch refuse to run as root.
-SERVICE_USER = "hsearch"
+DEFAULT_SERVICE_USER = "hsearch"
 HEAP = "-Xms512m -Xmx512m"
 START_TIMEOUT_S = 180.0
 STOP_TIMEOUT_S = 60.0
@@ -49,10 +64,18 @@ class Server:
     name: str
     distribution: str  # "elasticsearch" or "opensearch", as `GET /` reports it
     version: str
-    http_port: int
-    transport_port: int
+    base_http_port: int  # before HINDSIGHT_PY_PORT_OFFSET
+    base_transport_port: int
     java_min: int
     java_max: int | None = None
+
+    @property
+    def http_port(self) -> int:
+        return self.base_http_port + port_offset()
+
+    @property
+    def transport_port(self) -> int:
+        return self.base_transport_port + port_offset()
 
     @property
     def url(self) -> str:
@@ -91,12 +114,45 @@ class ServerError(RuntimeError):
     pass
 
 
+def port_offset() -> int:
+    """HINDSIGHT_PY_PORT_OFFSET: shifts every port, so a second set of servers (e.g. the
+    tests' empty-cache starts) runs beside the usual one."""
+    raw = os.environ.get("HINDSIGHT_PY_PORT_OFFSET", "").strip()
+    if not raw:
+        return 0
+    try:
+        offset = int(raw)
+    except ValueError:
+        raise ServerError(f"HINDSIGHT_PY_PORT_OFFSET={raw!r}: expected an integer") from None
+    ports = [port for s in SERVERS.values() for port in (s.base_http_port, s.base_transport_port)]
+    if min(ports) + offset < 1024 or max(ports) + offset > 65535:
+        raise ServerError(
+            f"HINDSIGHT_PY_PORT_OFFSET={raw!r}: the ports would leave 1024-65535 "
+            f"(they are {min(ports)}-{max(ports)} plus the offset)"
+        )
+    return offset
+
+
+def service_user_name() -> str:
+    """HINDSIGHT_PY_SERVICE_USER, or hsearch."""
+    name = os.environ.get("HINDSIGHT_PY_SERVICE_USER") or DEFAULT_SERVICE_USER
+    # useradd's own rule for portable names; checked here so the error names the variable.
+    if not re.fullmatch(r"[a-z_][a-z0-9_-]{0,31}", name):
+        raise ServerError(
+            f"HINDSIGHT_PY_SERVICE_USER={name!r}: not a user name (a lowercase letter or _, then "
+            "lowercase letters, digits, _ or -; at most 32 characters)"
+        )
+    return name
+
+
 # ---------------------------------------------------------------------------- paths
 
 
 def cache_root() -> Path:
     base = os.environ.get("HINDSIGHT_PY_CACHE") or str(Path.home() / ".cache" / "hindsight-py")
-    return Path(base) / "servers"
+    # Absolute and without symlinks: the data directory is recognised in /proc/<pid>/fd,
+    # where the kernel shows resolved paths.
+    return Path(base).expanduser().resolve() / "servers"
 
 
 def server_dir(server: Server) -> Path:
@@ -107,7 +163,12 @@ def home_dir(server: Server) -> Path:
     return server_dir(server) / "home"
 
 
+def data_dir(server: Server) -> Path:
+    return server_dir(server) / "data"
+
+
 def pid_file(server: Server) -> Path:
+    """`<process group> <its leader's start time>`, written by `start`."""
     return server_dir(server) / "server.pid"
 
 
@@ -157,7 +218,7 @@ def fetch(server: Server) -> Path:
     try:
         _unzip(archive, staging)
         (top,) = staging.iterdir()  # the zip holds a single <distribution>-<version>/ folder
-        if server.distribution == "elasticsearch" and not (top / "modules" / "rest-root").is_dir():
+        if server.distribution == "elasticsearch" and not _answers_root(top):
             _build_root_module(server, top, staging)
         top.rename(home)
     finally:
@@ -201,10 +262,21 @@ def _unzip(archive: Path, target: Path) -> None:
                 os.chmod(path, mode & 0o7777)
 
 
-# The integ-test-zips of Elasticsearch 8+ leave out the rest-root module, so `GET /` (what
-# clients and our output use to tell the product and version apart) answers 405. This
-# small module of our own answers it as rest-root does; it is compiled against the very
-# jars of the server at fetch time.
+def _answers_root(home: Path) -> bool:
+    """Whether the unpacked distribution has a handler for `GET /`: RestMainAction sits in
+    the core jar up to 7.x and in the rest-root module from 8.0, which the integ-test-zips
+    of 8+ leave out."""
+    for jar in (*home.glob("lib/*.jar"), *home.glob("modules/*/*.jar")):
+        with zipfile.ZipFile(jar) as zf:
+            if any(name.endswith("/RestMainAction.class") for name in zf.namelist()):
+                return True
+    return False
+
+
+# Without RestMainAction, `GET /` (what clients and our output use to tell the product
+# and version apart) answers 405. This small module of our own answers it as rest-root
+# does; it is compiled against the very jars of the server at fetch time, and uses APIs
+# of 8.x and later only (PluginServices, NodeFeature), which is all it is built for.
 ROOT_MODULE_SOURCE = """\
 package hindsightpy.restroot;
 
@@ -410,14 +482,23 @@ def _service_user() -> pwd.struct_passwd | None:
     """The unprivileged account to run as, created on first use; None when not root."""
     if os.geteuid() != 0:
         return None
+    name = service_user_name()
+    with contextlib.suppress(KeyError):
+        return pwd.getpwnam(name)
+    log(f"creating the service user {name}")
+    result = subprocess.run(
+        ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", name],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+    )
     try:
-        return pwd.getpwnam(SERVICE_USER)
+        # Looked up whatever useradd said: a parallel start may have created it first.
+        return pwd.getpwnam(name)
     except KeyError:
-        subprocess.run(
-            ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", SERVICE_USER],
-            check=True,
-        )
-        return pwd.getpwnam(SERVICE_USER)
+        raise ServerError(
+            f"useradd {name} (HINDSIGHT_PY_SERVICE_USER) failed: {result.stderr.strip()}"
+        ) from None
 
 
 def _hand_over(server: Server, user: pwd.struct_passwd) -> None:
@@ -433,15 +514,147 @@ def _hand_over(server: Server, user: pwd.struct_passwd) -> None:
             os.chmod(parent, mode | stat.S_IXOTH)
 
 
-def _process_alive(server: Server) -> int | None:
-    """The pid from the pid file if that process is still this server."""
+# ---------------------------------------------------------------------------- processes
+# What runs a server is told from /proc by facts an exec cannot change: the process group
+# `start` made (start_new_session: the launcher's pid is the group id, and setpriv, the
+# launch script and java each exec in that same process), the start time of its leader,
+# and the files open under the data directory. Never by command line: it is briefly
+# empty or someone else's while the launcher execs its way to java.
+
+
+@dataclass(frozen=True)
+class Process:
+    pid: int
+    pgid: int
+    sid: int
+    start_time: int  # clock ticks after boot: with the pid, it names one process for good
+
+    @property
+    def leads_own_session_group(self) -> bool:
+        """True for start_new_session's group: killing all of it spares whoever started it."""
+        return self.pgid == self.sid and self.pgid != os.getpgrp()
+
+
+def _process(pid: int) -> Process | None:
+    """The process `pid` from /proc/<pid>/stat; None once it has exited, including as a
+    zombie waiting to be reaped."""
     try:
-        pid = int(pid_file(server).read_text().strip())
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except (OSError, ValueError):
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
         return None
-    # Guards against a recycled pid: the launcher's command line names our home.
-    return pid if str(home_dir(server)).encode() in cmdline else None
+    # The command name (field 2) may hold spaces and parentheses: fields 3 on follow its
+    # last ')' and a space.
+    fields = text[text.rindex(")") + 2 :].split()
+    # A zombie leader with other threads left is a process still exiting, its files and
+    # ports possibly still open; alone, it holds nothing and only waits for its parent.
+    if fields[0] in ("Z", "X") and _thread_count(pid) <= 1:
+        return None
+    return Process(pid, pgid=int(fields[2]), sid=int(fields[3]), start_time=int(fields[19]))
+
+
+def _thread_count(pid: int) -> int:
+    try:
+        return len(os.listdir(f"/proc/{pid}/task"))
+    except OSError:
+        return 0
+
+
+def _all_pids() -> Iterator[int]:
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            yield int(entry.name)
+
+
+def _group(pgid: int) -> list[Process]:
+    """The live members of process group `pgid`."""
+    return [p for pid in _all_pids() if (p := _process(pid)) is not None and p.pgid == pgid]
+
+
+def _data_holders(server: Server) -> list[Process]:
+    """The processes with a file open under the server's data directory (node.lock among
+    them): while one lives, no new server can start there, whoever started it."""
+    prefix = f"{data_dir(server)}/"
+    holders: list[Process] = []
+    for pid in _all_pids():
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:  # gone, or another user's while we are not root
+            continue
+        for fd in fds:
+            with contextlib.suppress(OSError):
+                if os.readlink(f"/proc/{pid}/fd/{fd}").startswith(prefix):
+                    if (process := _process(pid)) is not None:
+                        holders.append(process)
+                    break
+    return holders
+
+
+def _write_pid_file(server: Server, pgid: int) -> None:
+    leader = _process(pgid)
+    pid_file(server).write_text(f"{pgid} {leader.start_time}\n" if leader else f"{pgid}\n")
+
+
+def _recorded_group(server: Server) -> int | None:
+    """The process group of the pid file if it still runs this server."""
+    try:
+        text = pid_file(server).read_text()
+    except FileNotFoundError:
+        return None
+    fields = text.split()
+    if not 1 <= len(fields) <= 2 or not all(f.isdigit() for f in fields):
+        log(f"{server.name}: ignoring {pid_file(server)}: expected '<process group> <start time>', got {text!r}")
+        return None
+    pgid = int(fields[0])
+    leader = _process(pgid)
+    if leader is not None and leader.pgid == pgid and fields[1:] == [str(leader.start_time)]:
+        return pgid
+    # The leader has gone (or its start time was not known when the file was written): the
+    # group is still the server while one of its members holds the data directory. A
+    # recycled pid leads a group that holds nothing of ours.
+    if _group(pgid) and any(p.pgid == pgid for p in _data_holders(server)):
+        return pgid
+    return None
+
+
+def _terminate(server: Server, groups: set[int], pids: set[int]) -> None:
+    """SIGTERM to whole process groups and to single processes, SIGKILL after
+    STOP_TIMEOUT_S; returns once none of them is left."""
+
+    def send(signum: signal.Signals) -> None:
+        for pgid in groups:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pgid, signum)
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signum)
+
+    def alive() -> bool:
+        return any(_group(pgid) for pgid in groups) or any(_process(pid) for pid in pids)
+
+    send(signal.SIGTERM)
+    # A stopped server (SIGSTOP, ^Z) acts on SIGTERM only once continued.
+    send(signal.SIGCONT)
+    deadline = time.monotonic() + STOP_TIMEOUT_S
+    killed = False
+    while alive():
+        if time.monotonic() > deadline:
+            if killed:
+                raise ServerError(f"{server.name}: still running 10 s after SIGKILL")
+            log(f"{server.name}: still running after {STOP_TIMEOUT_S:.0f} s; sending SIGKILL")
+            send(signal.SIGKILL)
+            killed, deadline = True, time.monotonic() + 10.0
+        time.sleep(0.2)
+
+
+def _stop_leftovers(server: Server, holders: list[Process], why: str) -> None:
+    """Stops the holders of the data directory that no pid file names."""
+    for holder in holders:
+        log(f"{server.name}: found pid {holder.pid} still holding {data_dir(server)} {why}; stopping it")
+    _terminate(
+        server,
+        groups={h.pgid for h in holders if h.leads_own_session_group},
+        pids={h.pid for h in holders if not h.leads_own_session_group},
+    )
 
 
 def spawn(server: Server) -> None:
@@ -472,7 +685,11 @@ def spawn(server: Server) -> None:
             "--",
             *command,
         ]
-    log(f"{server.name}: starting {server.distribution} {server.version} (java {jdk}) on {server.url}")
+    as_user = f" as {user.pw_name}" if user is not None else ""
+    log(
+        f"{server.name}: starting {server.distribution} {server.version}{as_user} "
+        f"(java {jdk}) on {server.url}"
+    )
     # Truncated per start so a failure shows this run's lines; the server keeps its own
     # rolling logs under logs/.
     with open(console_log(server), "wb") as out:
@@ -487,7 +704,9 @@ def spawn(server: Server) -> None:
             # server outlives this script and pytest.
             start_new_session=True,
         )
-    pid_file(server).write_text(f"{process.pid}\n")
+    # Popen returns once setpriv runs, so the group and its leader's start time are
+    # already those of the server.
+    _write_pid_file(server, process.pid)
 
 
 # The servers are on loopback: an http_proxy from the environment must not reroute them.
@@ -543,12 +762,31 @@ def start(servers: Iterable[Server]) -> None:
                     f"{found.get('distribution', 'elasticsearch')} {found.get('number')}, "
                     f"expected {server.distribution} {server.version}"
                 )
-            if root is None and _process_alive(server) is None:
-                spawn(server)
+            if _recorded_group(server) is None:
+                _start_unrecorded(server, answering=root is not None)
         pending.append(server)
     deadline = time.monotonic() + START_TIMEOUT_S
     for server in pending:
         _wait_healthy(server, deadline)
+
+
+def _start_unrecorded(server: Server, answering: bool) -> None:
+    """No pid file names a live server: adopts the one answering from our data directory,
+    stops whatever else holds that directory (a new server would fail on its node lock),
+    and starts one unless something answers."""
+    holders = _data_holders(server)
+    if answering and holders:
+        holder = holders[0]
+        log(f"{server.name}: found pid {holder.pid} holding {data_dir(server)} without a pid file; adopting it")
+        if holder.leads_own_session_group:
+            _write_pid_file(server, holder.pgid)
+        return
+    if holders:
+        _stop_leftovers(server, holders, "from an earlier start")
+    if answering:
+        log(f"{server.name}: {server.url} answers, though no process holds {data_dir(server)}; using it")
+        return
+    spawn(server)
 
 
 def _wait_healthy(server: Server, deadline: float) -> None:
@@ -556,7 +794,7 @@ def _wait_healthy(server: Server, deadline: float) -> None:
         status = health(server, wait_s=1.0)
         if status in ("green", "yellow"):
             return
-        if _process_alive(server) is None and identify(server) is None:
+        if _recorded_group(server) is None and identify(server) is None:
             raise ServerError(
                 f"{server.name}: the server exited during startup; its log ends:\n{log_tail(server)}"
             )
@@ -569,32 +807,22 @@ def _wait_healthy(server: Server, deadline: float) -> None:
 
 
 def stop(server: Server) -> bool:
-    """Stops the server this script started; True if one was running."""
+    """Stops the server started from this cache, with or without its pid file; True if one
+    was running."""
     if not server_dir(server).is_dir():
         return False
     with locked(server):
-        pid = _process_alive(server)
-        if pid is None:
-            pid_file(server).unlink(missing_ok=True)
-            return False
-        log(f"{server.name}: stopping pid {pid}")
-        os.killpg(pid, signal.SIGTERM)
-        deadline = time.monotonic() + STOP_TIMEOUT_S
-        while _group_alive(pid):
-            if time.monotonic() > deadline:
-                os.killpg(pid, signal.SIGKILL)
-                break
-            time.sleep(0.5)
+        recorded = _recorded_group(server)
+        if recorded is not None:
+            log(f"{server.name}: stopping process group {recorded}")
+            _terminate(server, groups={recorded}, pids=set())
+        # Also whatever holds the data directory outside that group: left by a start whose
+        # pid file was lost or overwritten.
+        leftovers = [p for p in _data_holders(server) if p.pgid != recorded]
+        if leftovers:
+            _stop_leftovers(server, leftovers, "without a pid file")
         pid_file(server).unlink(missing_ok=True)
-        return True
-
-
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    return True
+        return recorded is not None or bool(leftovers)
 
 
 # ---------------------------------------------------------------------------- CLI
@@ -615,6 +843,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     try:
+        # Checked first, so a bad value stops the command before it touches anything.
+        port_offset()
+        if args.command == "start":
+            service_user_name()
         if args.command == "fetch":
             for server in _select(args.names, DEFAULT_NAMES):
                 with locked(server):
