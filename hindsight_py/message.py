@@ -1,6 +1,6 @@
 """The Heka message: its protobuf bytes, the Python object, and stream framing.
 
-Byte-compatible with lua_sandbox/Hindsight (hindsight-compat.md §5):
+Byte-compatible with lua_sandbox/Hindsight (docs/upstream-formats.md §5):
 
 - ``decode`` is as strict as the sandbox's ``decode_message`` (same error texts);
 - ``encode`` writes fields in upstream's order, so a decoded upstream message
@@ -855,7 +855,7 @@ def from_dict(
 ) -> Message:
     """Build the Message a Python plugin's ``inject_message(d)`` sends.
 
-    Header rules are upstream's (hindsight-compat.md §5): with ``restricted``
+    Header rules are upstream's (docs/upstream-formats.md §5): with ``restricted``
     the Uuid is random, Timestamp is ``now_ns`` and Logger/Hostname/Pid come
     from the arguments whatever ``d`` says. Otherwise Uuid is taken when it is
     16 raw bytes, a 36-character dashed hex string (or a uuid.UUID), else

@@ -1,6 +1,6 @@
 """Framed queue files: a multi-process writer with roll-over and a tailing reader.
 
-Layout (upstream's, hindsight-compat.md §7): ``<output_path>/input/<id>.log``
+Layout (upstream's, docs/upstream-formats.md §7): ``<output_path>/input/<id>.log``
 and ``<output_path>/analysis/<id>.log``, decimal ids from 0, each a sequence
 of framed Heka messages. A position is ``(file id, byte offset)``, written
 ``"<id>:<offset>"`` in checkpoints.

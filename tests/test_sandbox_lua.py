@@ -1,4 +1,4 @@
-"""The lua_sandbox API as Lua plugins see it (hindsight-compat.md §3-§5), driven through LuaSandbox
+"""The lua_sandbox API as Lua plugins see it (docs/upstream-formats.md §3-§5), driven through LuaSandbox
 with a fake host (tests/sandbox_fakes.py), plus a few end-to-end runs of hindsight_cli.
 
 Error texts are upstream's (lua_sandbox src/heka/sandbox.c, message.c, luasandbox*.c).

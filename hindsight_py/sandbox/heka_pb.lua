@@ -1,4 +1,4 @@
--- The Heka protobuf message codec, Lua side (hindsight-compat.md §3.2, §5).
+-- The Heka protobuf message codec, Lua side (docs/upstream-formats.md §3.2, §5).
 --
 -- Loaded once per plugin runtime in the REAL global environment; returns a table of functions:
 --   encode(t, env[, framed])       -> protobuf of message table t (inject_message/encode_message)
