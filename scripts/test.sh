@@ -11,11 +11,27 @@ export DEBIAN_FRONTEND=noninteractive PIP_DISABLE_PIP_VERSION_CHECK=1
 step() { printf '\n== %s (%ss)\n' "$*" "$SECONDS"; }
 
 step "system packages"
-# javac builds the GET / module of the Elasticsearch 8+ test servers.
-bash scripts/install_debian_packages.sh lua-lpeg lua-cjson lua-socket nginx-light maven openjdk-17-jdk-headless
+# javac builds the GET / module of the Elasticsearch 8+ test servers; gcc builds lua_sandbox's own
+# matcher, which tests/test_matcher.py compares with hindsight-py's.
+bash scripts/install_debian_packages.sh lua-lpeg lua-cjson lua-socket nginx-light maven openjdk-17-jdk-headless \
+    gcc libc6-dev
 
 step "python packages"
 "$PYTHON" -m pip install -q -e '.[test]'
+
+step "upstream sources"
+# The pinned public sources the upstream tests compare against (scripts/fetch_upstream.py; a clone
+# of each pinned commit, or with HINDSIGHT_PY_UPSTREAM_SOURCE=DIR the archives in DIR), once into
+# the cache. In CI (CI=true) a missing one fails the run, and so do the tests that need it;
+# elsewhere (a laptop offline) those tests skip, each naming the command that fetches it.
+ci=${CI:-}
+if ! "$PYTHON" scripts/fetch_upstream.py; then
+    if [[ ${ci,,} == true || $ci == 1 ]]; then
+        echo "the upstream sources are required in CI (CI=true)" >&2
+        exit 1
+    fi
+    echo "going on without them: the tests that need them will skip" >&2
+fi
 
 step "search servers"
 "$PYTHON" scripts/search_servers.py start

@@ -40,11 +40,17 @@ from delivery_helpers import (
     tally,
     wait_until,
 )
-from upstream_files import cloudtracker_run, extension_modules, lua_string, replace_once
+from upstream_files import (
+    CLOUDTRACKER,
+    LUA_SANDBOX_EXTENSIONS,
+    cloudtracker_run,
+    extension_modules,
+    lua_string,
+    replace_once,
+    source,
+)
 
 PROJECT_RUN = Path(__file__).resolve().parents[1] / "run"
-EXTENSIONS_MIRROR = Path("/work/.mirror/mozilla-services+lua_sandbox_extensions/repo")
-CLOUDTRACKER_MIRROR = Path("/work/.mirror/duo-labs+cloudtracker/repo")
 LINE_COUNT = 30_000
 KILLS = 6
 # How long the proxy holds each bulk request before the server sees it: longer than the checkpoint
@@ -122,8 +128,7 @@ def native_workdir(path: Path, data: Path, port: str, index: str) -> Workdir:
 
 
 def upstream_workdir(path: Path, data: Path, port: str, index: str) -> Workdir:
-    if not (EXTENSIONS_MIRROR.is_dir() and CLOUDTRACKER_MIRROR.is_dir()):
-        pytest.skip("the lua_sandbox_extensions and cloudtracker mirrors are absent")
+    source(CLOUDTRACKER), source(LUA_SANDBOX_EXTENSIONS)  # skip (fail in CI) before any work if not fetched
     path.mkdir(parents=True)
     run = cloudtracker_run(path, input_filename=data, port=int(port), index=index)
     es_cfg = run / "output" / "elasticsearch_bulk_api.cfg"
@@ -139,7 +144,7 @@ def upstream_workdir(path: Path, data: Path, port: str, index: str) -> Workdir:
     return Workdir(path)
 
 
-@pytest.mark.parametrize("pipeline", ["native", "upstream"])
+@pytest.mark.parametrize("pipeline", ["native", pytest.param("upstream", marks=pytest.mark.upstream)])
 def test_kill_9_during_background_delivery_loses_nothing(pipeline: str, lines: LineFile, es8_url: str,
                                                          slow_proxy: str, scratch_index, tmp_path: Path) -> None:
     index = Index(es8_url, scratch_index(es8_url))

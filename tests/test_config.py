@@ -1,10 +1,10 @@
 import os
 import pickle
-import subprocess
 from pathlib import Path
 from typing import Any
 
 import pytest
+from upstream_files import HINDSIGHT, read_text
 
 from hindsight_py._lupa import LuaRuntime
 from hindsight_py.config import (
@@ -16,8 +16,6 @@ from hindsight_py.config import (
     previous_analysis_thread,
     write_runtime_cfg,
 )
-
-UPSTREAM_REPO = Path("/work/.mirror/mozilla-services+hindsight/repo")
 
 BASE_CFG = """\
 output_path        = "output"
@@ -360,19 +358,11 @@ def test_config_pickles(root: Path) -> None:
     assert pickle.loads(pickle.dumps(hs)) == hs
 
 
-def upstream_file(path: str) -> str:
-    if not UPSTREAM_REPO.is_dir():
-        pytest.skip("upstream hindsight mirror not available")
-    return subprocess.run(
-        ["git", "-C", str(UPSTREAM_REPO), "show", f"HEAD:{path}"], check=True, capture_output=True, text=True
-    ).stdout
-
-
 @pytest.mark.upstream
 def test_stock_upstream_hindsight_cfg_loads(root: Path) -> None:
     for sub in ("input", "analysis", "output"):
         (root / "load" / sub).mkdir(parents=True)
-    hs = load_hindsight_config(write_hs(root, upstream_file("hindsight.cfg")))
+    hs = load_hindsight_config(write_hs(root, read_text(HINDSIGHT, "hindsight.cfg")))
     assert hs.output_path == "output"
     assert hs.sandbox_load_path == "load"
     assert hs.io_lua_path == "/usr/lib/luasandbox/modules/?.lua;/usr/lib/luasandbox/io_modules/?.lua"
@@ -385,21 +375,21 @@ def test_stock_upstream_hindsight_cfg_loads(root: Path) -> None:
 def test_upstream_unit_test_cfgs(root: Path) -> None:
     for sub in ("input", "analysis", "output"):
         (root / "load" / sub).mkdir(parents=True)
-    hs = load_hindsight_config(write_hs(root, upstream_file("src/test/cfg/valid.cfg")))
+    hs = load_hindsight_config(write_hs(root, read_text(HINDSIGHT, "src/test/cfg/valid.cfg")))
     assert (hs.output_size, hs.backpressure) == (1024, 10)
     assert hs.input_defaults["output_limit"] == 1023
     assert hs.input_defaults["memory_limit"] == 32767
     assert hs.input_defaults["instruction_limit"] == 1000
     assert hs.input_defaults["preserve_data"] is True
     assert hs.output_defaults["remove_checkpoints_on_terminate"] is True
-    hs = load_hindsight_config(write_hs(root, upstream_file("src/test/cfg/default.cfg")))
+    hs = load_hindsight_config(write_hs(root, read_text(HINDSIGHT, "src/test/cfg/default.cfg")))
     assert hs.output_path == "output_path"
     assert hs.input_defaults["instruction_limit"] == 1000000
     for name, reason in [
         ("extra", "invalid option: 'extra'"),
         ("output_too_large", "max_message_size must be greater than or equal to the sandbox output_limit"),
     ]:
-        write_hs(root, upstream_file(f"src/test/cfg/{name}.cfg"), f"{name}.cfg")
+        write_hs(root, read_text(HINDSIGHT, f"src/test/cfg/{name}.cfg"), f"{name}.cfg")
         with pytest.raises(ConfigError) as info:
             load_hindsight_config(f"{name}.cfg")
         assert info.value.reason == reason
@@ -830,7 +820,7 @@ def test_discover_missing_run_dir(root: Path) -> None:
 def test_upstream_sandbox_cfgs(root: Path) -> None:
     hs = load_hs(root, "analysis_threads = 2\n")
     for name, lua in (("analysis", "analysis.lua"), ("output", "output.lua"), ("input", "input.lua")):
-        write_plugin(root, name, name, upstream_file(f"src/test/sandbox/{name}.cfg"), lua)
+        write_plugin(root, name, name, read_text(HINDSIGHT, f"src/test/sandbox/{name}.cfg"), lua)
     a = load_plugin_config("run/analysis/analysis.cfg", "analysis", hs)
     assert (a.name, a.filename, a.message_matcher) == ("analysis.analysis", "analysis.lua", "TRUE")
     assert (a.output_limit, a.memory_limit, a.instruction_limit, a.ticker_interval) == (77777, 88888, 99999, 17)
@@ -848,7 +838,7 @@ def test_upstream_sandbox_cfgs(root: Path) -> None:
         ("invalid_fn_ext", "filename must have a .lua or .py extension: analysis.foo"),
         ("path_in_fn", "filename must not contain a path component"),
     ):
-        write_plugin(root, "analysis", name, upstream_file(f"src/test/sandbox/{name}.cfg"), None)
+        write_plugin(root, "analysis", name, read_text(HINDSIGHT, f"src/test/sandbox/{name}.cfg"), None)
         with pytest.raises(ConfigError) as info:
             load_plugin_config(f"run/analysis/{name}.cfg", "analysis", hs)
         assert info.value.reason == reason

@@ -2,7 +2,7 @@
 
 The body conversions are checked as functions; the command is checked as a user runs it (exit
 status, messages) against the real servers, from a typed mapping body of the recipe's shape, and,
-when the upstream mirror is present, from the recipe's own text.
+when the upstream sources are fetched, from the recipe's own text.
 
 Cost: about half a second per server (plus its start-up the first time).
 """
@@ -16,7 +16,7 @@ import sys
 
 import pytest
 import requests
-from upstream_files import CLOUDTRACKER, mirror
+from upstream_files import CLOUDTRACKER, read_text
 
 from hindsight_py.outputs.index_setup import (
     DEFAULT_TOTAL_FIELDS_LIMIT,
@@ -159,9 +159,7 @@ def _recipe_blocks(markdown: str) -> tuple[str, str]:
 @pytest.mark.upstream
 @pytest.mark.parametrize("server", ["es8", "es9", "os2"])
 def test_create_index_from_cloudtrackers_own_recipe(tmp_path, search_server, scratch_index, server):
-    repo = mirror(CLOUDTRACKER)
-    markdown = subprocess.run(["git", "-C", str(repo), "show", "HEAD:docs/elasticsearch.md"], check=True,
-                              capture_output=True, text=True).stdout
+    markdown = read_text(CLOUDTRACKER, "docs/elasticsearch.md")
     mapping_text, settings_text = _recipe_blocks(markdown)
     mapping, settings = tmp_path / "cloudtrail_mapping.json", tmp_path / "cloudtrail_settings.json"
     mapping.write_text(mapping_text)

@@ -1,9 +1,9 @@
-"""message_matcher: grammar, semantics and upstream's quirks (hindsight-compat.md §6).
+"""message_matcher: grammar, semantics and upstream's quirks (docs/upstream-formats.md §6).
 
 The expressions and expected outcomes of the first groups are those of lua_sandbox's
 src/util/test/test_heka_message_matcher.c, run against the same message rebuilt here.
 Lua patterns are checked against real Lua 5.1, and (with the `upstream` marker) whole
-expressions against lua_sandbox's own matcher built from the mirrored sources.
+expressions against lua_sandbox's own matcher built from the fetched sources.
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ import shutil
 import subprocess
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
+from upstream_files import LUA_SANDBOX, copy_tree, source, unavailable
 
 from hindsight_py._lupa import LuaRuntime
 from hindsight_py.matcher import (
@@ -690,7 +690,6 @@ def test_random_lua_patterns_agree_with_lua51() -> None:
 
 # --- against lua_sandbox itself ---------------------------------------------------------
 
-LSB_MIRROR = Path("/work/.mirror/mozilla-services+lua_sandbox/repo")
 LSB_SOURCES = ["heka_message.c", "heka_message_matcher.c", "heka_message_matcher_parser.c", "output_buffer.c",
                "protobuf.c", "string.c", "string_matcher.c", "util.c"]
 SHIM = """
@@ -711,12 +710,13 @@ int shim_eval(const char *exp, const char *pb, size_t len) {
 
 @pytest.fixture(scope="module")
 def lua_sandbox_matcher(tmp_path_factory: pytest.TempPathFactory) -> ctypes.CDLL:
-    if not (LSB_MIRROR / "HEAD").exists() or shutil.which("gcc") is None:
-        pytest.skip("lua_sandbox mirror or gcc not available")
+    lua_sandbox = source(LUA_SANDBOX)
+    if shutil.which("gcc") is None:
+        unavailable("gcc is not installed: it builds lua_sandbox's matcher to compare with")
     work = tmp_path_factory.mktemp("lsb")
-    archive = subprocess.run(["git", "-C", str(LSB_MIRROR), "archive", "HEAD", "src/util", "include",
-                              "src/luasandbox_defines.h"], check=True, capture_output=True).stdout
-    subprocess.run(["tar", "x", "-C", str(work)], input=archive, check=True)
+    for tree in ("src/util", "include"):
+        copy_tree(LUA_SANDBOX, tree, work / tree)
+    shutil.copyfile(lua_sandbox / "src" / "luasandbox_defines.h", work / "src" / "luasandbox_defines.h")
     (work / "shim.c").write_text(SHIM)
     lib = work / "libmatcher.so"
     subprocess.run(["gcc", "-O1", "-shared", "-fPIC", "-std=gnu99", "-w", f"-I{work / 'include'}", "-o", str(lib),

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import re
 import struct
-import subprocess
 import uuid as uuidlib
-from pathlib import Path
 
 import pytest
+from upstream_files import LUA_SANDBOX, read_text
 
 from hindsight_py import message as m
 from hindsight_py.message import (
@@ -404,16 +403,7 @@ def test_scan_without_validation_accepts_any_protobuf() -> None:
     assert records_in(data, validate=False)[0] == [b"not a heka message"]
 
 
-# --- upstream's own vectors (read from the mirror at test time) ---------------
-
-LUA_SANDBOX = Path("/work/.mirror/mozilla-services+lua_sandbox/repo")
-
-
-def upstream_file(path: str) -> str:
-    if not LUA_SANDBOX.exists():
-        pytest.skip("lua_sandbox mirror not available")
-    return subprocess.run(["git", "-C", str(LUA_SANDBOX), "show", f"HEAD:{path}"], check=True,
-                          capture_output=True, text=True).stdout
+# --- upstream's own vectors (read from the fetched sources at test time) ---------------
 
 
 @pytest.mark.upstream
@@ -421,7 +411,7 @@ def upstream_file(path: str) -> str:
 def test_upstream_encode_vectors_round_trip() -> None:
     from hindsight_py._lupa import LuaRuntime
 
-    text = upstream_file("src/heka/test/lua/encode_message.lua")
+    text = read_text(LUA_SANDBOX, "src/heka/test/lua/encode_message.lua")
     table = text[text.index("local msgs = ") + len("local msgs = "):text.index("\nfor i, v in ipairs(msgs)")]
     lua = LuaRuntime(encoding=None)
     vectors = lua.execute(b"return " + table.encode())
@@ -462,7 +452,7 @@ def test_upstream_decode_message_tests_pass() -> None:
     lua.globals().py_decode = py_decode
     lua.execute(b"function decode_message(pb) local ok, r = py_decode(pb); if not ok then error(r, 0) end; "
                 b"return r end")
-    lua.execute(upstream_file("src/heka/test/lua/decode_message.lua").encode())
+    lua.execute(read_text(LUA_SANDBOX, "src/heka/test/lua/decode_message.lua").encode())
 
 
 def test_scan_reads_every_header_size_and_what_lies_between() -> None:

@@ -1,4 +1,5 @@
-"""Upstream's own tests, run against hindsight-py from the mirrored sources (never committed).
+"""Upstream's own tests, run against hindsight-py from the fetched sources (never committed;
+scripts/fetch_upstream.py, tests/upstream_files.py).
 
 (a) lua_sandbox's Heka sandbox tests: the plugins of src/heka/test/lua, driven the way
     src/heka/test/test_heka_sandbox.c drives them (same cfg, same messages, same inject and
@@ -23,36 +24,11 @@ from typing import Any
 
 import pytest
 from sandbox_fakes import FakeHost, lua_sandbox
+from upstream_files import LUA_SANDBOX, LUA_SANDBOX_EXTENSIONS, available, copy_tree, read_bytes, source
 
 from hindsight_py.sandbox.base import PluginError
 
-MIRROR = Path("/work/.mirror")
-LUA_SANDBOX = MIRROR / "mozilla-services+lua_sandbox" / "repo"
-EXTENSIONS = MIRROR / "mozilla-services+lua_sandbox_extensions" / "repo"
-
 pytestmark = pytest.mark.upstream
-
-
-def _git(repo: Path, *args: str) -> bytes:
-    return subprocess.run(["git", "-C", str(repo), *args], check=True, capture_output=True).stdout
-
-
-def _need(repo: Path) -> None:
-    if not repo.exists():
-        pytest.skip(f"upstream mirror {repo.name} not available")
-
-
-def materialize(repo: Path, prefix: str, dest: Path) -> list[str]:
-    """Write the files under `prefix` of the mirror's HEAD into dest (paths relative to prefix)."""
-    names = _git(repo, "ls-tree", "-r", "--name-only", "HEAD", prefix).decode().split("\n")
-    out = []
-    for name in filter(None, names):
-        rel = name[len(prefix) :].lstrip("/")
-        target = dest / rel
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(_git(repo, "show", f"HEAD:{name}"))
-        out.append(rel)
-    return out
 
 
 # ------------------------------------------------------------------------------------------------
@@ -239,10 +215,9 @@ class Callbacks:
 # ------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def heka_test_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    _need(LUA_SANDBOX)
     d = tmp_path_factory.mktemp("heka_test")
-    materialize(LUA_SANDBOX, "src/heka/test/lua", d / "lua")
-    (d / "test_heka_sandbox.c").write_bytes(_git(LUA_SANDBOX, "show", "HEAD:src/heka/test/test_heka_sandbox.c"))
+    copy_tree(LUA_SANDBOX, "src/heka/test/lua", d / "lua")
+    (d / "test_heka_sandbox.c").write_bytes(read_bytes(LUA_SANDBOX, "src/heka/test/test_heka_sandbox.c"))
     return d
 
 
@@ -395,21 +370,21 @@ def test_get_message_and_benchmark_plugin(heka: Callbacks) -> None:
 # sandboxes/heka), plus its common/ test helpers
 # ------------------------------------------------------------------------------------------------
 def _extensions() -> list[str]:
-    if not EXTENSIONS.exists():
+    """The extensions (top-level folders) of lua_sandbox_extensions; none when it is not fetched."""
+    if not available(LUA_SANDBOX_EXTENSIONS):
         return []
-    return _git(EXTENSIONS, "ls-tree", "-d", "--name-only", "HEAD").decode().split()
+    return sorted(p.name for p in source(LUA_SANDBOX_EXTENSIONS).iterdir() if p.is_dir())
 
 
 @pytest.fixture(scope="module")
 def extensions_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    _need(EXTENSIONS)
+    extensions = source(LUA_SANDBOX_EXTENSIONS)
     root = tmp_path_factory.mktemp("extensions")
-    trees = set(_git(EXTENSIONS, "ls-tree", "-r", "-d", "--name-only", "HEAD").decode().split())
     for ext in _extensions():
         for kind in ("modules", "io_modules", "sandboxes"):
-            if f"{ext}/{kind}" in trees:
-                materialize(EXTENSIONS, f"{ext}/{kind}", root / "install" / kind)
-    materialize(EXTENSIONS, "common", root / "common")
+            if (extensions / ext / kind).is_dir():
+                copy_tree(LUA_SANDBOX_EXTENSIONS, f"{ext}/{kind}", root / "install" / kind)
+    copy_tree(LUA_SANDBOX_EXTENSIONS, "common", root / "common")
     return root
 
 
@@ -419,11 +394,9 @@ def extensions_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def _integration_cases() -> list[str]:
     cases = []
     for ext in _extensions():
-        out = subprocess.run(
-            ["git", "-C", str(EXTENSIONS), "ls-tree", "-d", "--name-only", "HEAD", f"{ext}/tests/integration/"],
-            capture_output=True, text=True,
-        ).stdout.split()
-        cases += [f"{ext}/{Path(c).name}" for c in out]
+        integration = source(LUA_SANDBOX_EXTENSIONS) / ext / "tests" / "integration"
+        if integration.is_dir():
+            cases += sorted(f"{ext}/{c.name}" for c in integration.iterdir() if c.is_dir())
     return cases
 
 
@@ -461,7 +434,7 @@ LUA51_ORDER = {"moz_security/analysis_duo", "moz_security/analysis_pathsetfreq",
 
 
 @pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.lua51) if c in LUA51_ORDER else c
-                                  for c in _integration_cases()] or ["(mirror absent)"])
+                                  for c in _integration_cases()] or ["(not fetched)"])
 def test_integration_suite(case: str, extensions_root: Path, tmp_path: Path) -> None:
     if case in BLOCKED:
         pytest.skip(BLOCKED[case])
@@ -469,7 +442,7 @@ def test_integration_suite(case: str, extensions_root: Path, tmp_path: Path) -> 
     # build/<ext>/integration/<case>: the cfg's ../../../../common then finds <root>/common
     integration = extensions_root / "build" / ext / "integration"
     if not (integration / "hindsight.cfg").exists():
-        materialize(EXTENSIONS, f"{ext}/tests/integration", integration)
+        copy_tree(LUA_SANDBOX_EXTENSIONS, f"{ext}/tests/integration", integration)
         cfg = (integration / "hindsight.cfg").read_text()
         install = extensions_root / "install"
         cfg = cfg.replace("/usr/lib/luasandbox/modules", str(install / "modules"))
@@ -523,7 +496,7 @@ def test_module_tests(script: str, extensions_root: Path, tmp_path: Path, monkey
     if MODULE_TESTS[script]:
         pytest.skip(MODULE_TESTS[script])
     ext, name = script.split("/")
-    materialize(EXTENSIONS, f"{ext}/tests", tmp_path)
+    copy_tree(LUA_SANDBOX_EXTENSIONS, f"{ext}/tests", tmp_path)
     monkeypatch.chdir(tmp_path)
     install = extensions_root / "install"
     path = f"{extensions_root}/common/?.lua;{install}/modules/?.lua;{install}/io_modules/?.lua"

@@ -1,61 +1,105 @@
-"""Upstream files for tests, taken from the local mirrors at test time.
+"""Upstream files for tests, read at test time from the sources scripts/fetch_upstream.py fetched.
 
 The project never carries upstream code or text: a test that runs CloudTracker's `hindsight/run/`
-or lua_sandbox_extensions' modules materializes them into its own tmp dir from the bare git
-mirrors under /work/.mirror, and skips when the mirrors are absent (mark such tests `upstream`).
+or lua_sandbox_extensions' modules copies them into its own tmp dir from the fetch cache
+(`${HINDSIGHT_PY_CACHE:-~/.cache/hindsight-py}/upstream/<name>-<version>/`). Mark such tests
+`upstream`. When a source is not there, they skip with the command that fetches it; in CI
+(CI=true) they fail instead, since a skip there would hide lost coverage.
 """
 
 from __future__ import annotations
 
-import io
+import functools
+import importlib.util
+import os
 import re
-import subprocess
-import tarfile
+import shutil
+import sys
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
-MIRROR_ROOT = Path("/work/.mirror")
-CLOUDTRACKER = "duo-labs+cloudtracker"
-LUA_SANDBOX_EXTENSIONS = "mozilla-services+lua_sandbox_extensions"
-# The extensions CloudTracker's pipeline requires from (hindsight-compat.md, section 9).
+REPO_ROOT = Path(__file__).resolve().parent.parent
+FETCH_SCRIPT = REPO_ROOT / "scripts" / "fetch_upstream.py"
+FETCH_COMMAND = f"python3 {FETCH_SCRIPT}"
+
+HINDSIGHT = "hindsight"
+LUA_SANDBOX = "lua_sandbox"
+LUA_SANDBOX_EXTENSIONS = "lua_sandbox_extensions"
+CLOUDTRACKER = "cloudtracker"
+# The extensions CloudTracker's pipeline requires from (docs/upstream-formats.md §9).
 CLOUDTRACKER_EXTENSIONS = ("heka", "lpeg", "elasticsearch")
 
 
-def mirror(name: str) -> Path:
-    """The bare git repository of mirror `name` (owner+repo); skips the test if it is absent."""
-    repo = MIRROR_ROOT / name / "repo"
-    if not repo.is_dir():
-        pytest.skip(f"upstream mirror {name} is not available under {MIRROR_ROOT}")
-    return repo
+@functools.cache
+def fetch_upstream_module() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("fetch_upstream", FETCH_SCRIPT)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("fetch_upstream", module)  # its dataclass looks its module up there
+    spec.loader.exec_module(module)
+    return module
 
 
-def _git(repo: Path, *args: str) -> bytes:
-    return subprocess.run(["git", "-C", str(repo), *args], check=True, capture_output=True).stdout
+def in_ci() -> bool:
+    return os.environ.get("CI", "").lower() in ("true", "1")  # as scripts/test.sh reads it
 
 
-def has_tree(repo: Path, tree: str) -> bool:
-    result = subprocess.run(
-        ["git", "-C", str(repo), "cat-file", "-t", f"HEAD:{tree}"], capture_output=True, text=True
-    )
-    return result.returncode == 0 and result.stdout.strip() == "tree"
+def unavailable(reason: str) -> None:
+    """Skip the test for a missing prerequisite, or fail it in CI, where a skip would hide lost coverage."""
+    if in_ci():
+        pytest.fail(f"{reason} (CI=true: a missing prerequisite fails the test)", pytrace=False)
+    pytest.skip(reason)
 
 
-def export_tree(repo: Path, tree: str, dest: Path) -> list[Path]:
-    """Write the files of `tree` (a directory at HEAD) under `dest`, merging with what is there.
+def cached(name: str) -> Path:
+    """Where the fetch step puts upstream source `name` (whether it is there or not)."""
+    fetch_upstream = fetch_upstream_module()
+    return fetch_upstream.cache_dir(fetch_upstream.PINS[name])
 
-    Returns the files written. Two trees exported into one `dest` must not overlap: a name
-    written twice would make which upstream copy runs depend on the export order.
+
+def available(name: str) -> bool:
+    return cached(name).is_dir()
+
+
+def source(name: str) -> Path:
+    """The directory of upstream source `name`; skips the test (fails it in CI) when it is not fetched."""
+    path = cached(name)
+    if not path.is_dir():
+        unavailable(f"upstream source {name} is not fetched (no {path}): run `{FETCH_COMMAND}` "
+                    f"(`{FETCH_COMMAND} --from DIR` with a directory of the pinned archives)")
+    return path
+
+
+def read_bytes(name: str, path: str) -> bytes:
+    return (source(name) / path).read_bytes()
+
+
+def read_text(name: str, path: str) -> str:
+    return (source(name) / path).read_text()
+
+
+def has_tree(name: str, tree: str) -> bool:
+    return (source(name) / tree).is_dir()
+
+
+def copy_tree(name: str, tree: str, dest: Path) -> list[Path]:
+    """Copy the files of `tree` (a directory of source `name`) under `dest`, merging with what is there.
+
+    Returns the files written. Two trees copied into one `dest` must not overlap: a name
+    written twice would make which upstream copy runs depend on the copy order.
     """
-    archive = _git(repo, "archive", "--format=tar", f"HEAD:{tree}")
-    written: list[Path] = []
-    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
-        members = [m for m in tar.getmembers() if m.isfile()]
-        clashes = [m.name for m in members if (dest / m.name).exists()]
-        assert not clashes, f"{tree} overlaps files already in {dest}: {clashes}"
-        tar.extractall(dest, filter="data")
-        written = [dest / m.name for m in members]
-    return written
+    root = source(name) / tree
+    files = sorted(p.relative_to(root) for p in root.rglob("*") if p.is_file())
+    clashes = [str(rel) for rel in files if (dest / rel).exists()]
+    assert not clashes, f"{name}/{tree} overlaps files already in {dest}: {clashes}"
+    for rel in files:
+        (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(root / rel, dest / rel)
+        if os.access(root / rel, os.X_OK):
+            (dest / rel).chmod(0o755)
+    return [dest / rel for rel in files]
 
 
 def replace_once(text: str, pattern: str, replacement: str, what: str) -> str:
@@ -86,10 +130,9 @@ def point_output_at(text: str, port: int, index: str) -> str:
 def cloudtracker_run(dest: Path, *, input_filename: Path, port: int, index: str) -> Path:
     """CloudTracker's `hindsight/run/` as `dest`/run, with only what its README tells users to edit:
     YOUR_FILE in input/file.cfg, and the server and index in output/elasticsearch_bulk_api.cfg."""
-    repo = mirror(CLOUDTRACKER)
     run = dest / "run"
     run.mkdir(parents=True)
-    export_tree(repo, "hindsight/run", run)
+    copy_tree(CLOUDTRACKER, "hindsight/run", run)
     file_cfg = run / "input" / "file.cfg"
     file_cfg.write_text(
         replace_once(file_cfg.read_text(), r'"YOUR_FILE"', lua_string(str(input_filename)), "YOUR_FILE")
@@ -102,14 +145,13 @@ def cloudtracker_run(dest: Path, *, input_filename: Path, port: int, index: str)
 def extension_modules(dest: Path, extensions: tuple[str, ...] = CLOUDTRACKER_EXTENSIONS) -> tuple[Path, Path]:
     """lua_sandbox_extensions' pure-Lua modules as installed: every extension's `modules/` merged
     into `dest`/modules and its `io_modules/` into `dest`/io_modules. Returns both directories."""
-    repo = mirror(LUA_SANDBOX_EXTENSIONS)
     modules, io_modules = dest / "modules", dest / "io_modules"
     modules.mkdir(parents=True)
     io_modules.mkdir(parents=True)
     found = 0
     for extension in extensions:
         for kind, target in (("modules", modules), ("io_modules", io_modules)):
-            if has_tree(repo, f"{extension}/{kind}"):
-                found += len(export_tree(repo, f"{extension}/{kind}", target))
-    assert found, f"no modules found for {extensions} in {repo}"
+            if has_tree(LUA_SANDBOX_EXTENSIONS, f"{extension}/{kind}"):
+                found += len(copy_tree(LUA_SANDBOX_EXTENSIONS, f"{extension}/{kind}", target))
+    assert found, f"no modules found for {extensions} in {source(LUA_SANDBOX_EXTENSIONS)}"
     return modules, io_modules
