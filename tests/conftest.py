@@ -18,8 +18,12 @@ import pytest
 import requests
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-# CI clones the repository elsewhere but lays a copy of shared/ beside the clone.
-SHARED_DIR = REPO_ROOT.parent / "shared"
+# Real CloudTrail records (third-party data, tests/data/cloudtrail/README.md)
+CLOUDTRAIL_DATA = REPO_ROOT / "tests" / "data" / "cloudtrail"
+CLOUDTRAIL_NDJSON = CLOUDTRAIL_DATA / "stratus-red-team.ndjson"  # the 310 records, one a line
+CLOUDTRAIL_ARRAYS = CLOUDTRAIL_DATA / "stratus-red-team-arrays"  # the same, as CloudTrail's files
+# The project's generator of synthetic CloudTrail lines (also run by benchmarks/run.py)
+CLOUDTRAIL_GENERATOR = REPO_ROOT / "tests" / "cloudtrail_gen.py"
 SEARCH_SERVERS_SCRIPT = REPO_ROOT / "scripts" / "search_servers.py"
 
 # Fixtures that reach a real server; tests using them get the `servers` marker.

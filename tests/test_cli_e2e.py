@@ -21,24 +21,21 @@ import re
 import shutil
 import subprocess
 import sys
-import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
 import requests
-from conftest import REPO_ROOT, SHARED_DIR
+from bulk_sink import BulkSink
+from conftest import CLOUDTRAIL_GENERATOR, CLOUDTRAIL_NDJSON, REPO_ROOT
 from delivery_helpers import CliRun, hindsight_cli
 from upstream_files import cloudtracker_run, extension_modules, lua_string, point_output_at, replace_once
 
-GENERATOR = SHARED_DIR / "tools" / "gen_cloudtrail.py"
-REAL_RECORDS = SHARED_DIR / "data" / "cloudtrail" / "stratus-red-team.ndjson"
 PROJECT_RUN = REPO_ROOT / "run"
 LINE_COUNT = 200_000
 UPSTREAM_LINE_COUNT = 50_000
@@ -80,7 +77,7 @@ def cloudtrail_lines(tmp_path_factory: pytest.TempPathFactory) -> LineFile:
     """LINE_COUNT generated CloudTrail lines (about 250 MB), made once per session."""
     path = tmp_path_factory.mktemp("cloudtrail") / "cloudtrail.json"
     subprocess.run(
-        [sys.executable, str(GENERATOR), "-n", str(LINE_COUNT), "-o", str(path)],
+        [sys.executable, str(CLOUDTRAIL_GENERATOR), "-n", str(LINE_COUNT), "-o", str(path)],
         check=True,
         stdin=subprocess.DEVNULL,
     )
@@ -414,78 +411,26 @@ def test_upstream_run_second_run_ships_nothing(upstream_shipped: Shipped, cloudt
 # --------------------------------------------------------------------------- `_type` on the wire
 
 
-class FakeCluster:
-    """A bulk endpoint that answers GET / as a given server version and records every bulk body."""
-
-    def __init__(self, root: dict[str, Any]) -> None:
-        self.bodies: list[bytes] = []
-        cluster = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the stdlib's name
-                pass
-
-            def _answer(self, doc: dict[str, Any]) -> None:
-                data = json.dumps(doc, separators=(",", ":")).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def do_GET(self) -> None:
-                self._answer(root)
-
-            def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
-                cluster.bodies.append(body)
-                actions = [line for line in body.split(b"\n")[::2] if line.strip()]
-                items = [{"index": {"status": 201}} for _ in actions]
-                self._answer({"took": 1, "errors": False, "items": items})
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.port = self.server.server_address[1]
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-
-    def received(self) -> list[tuple[dict[str, Any], bytes]]:
-        """(action, source line) pairs, in the order sent."""
-        pairs = []
-        for body in self.bodies:
-            lines = body.rstrip(b"\n").split(b"\n")
-            assert len(lines) % 2 == 0, f"a bulk body with an action and no source: {body[:300]!r}"
-            pairs += [(json.loads(lines[i]), lines[i + 1]) for i in range(0, len(lines), 2)]
-        return pairs
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-
-SERVER_ROOTS = {
-    "es8": {"version": {"number": "8.19.21", "build_flavor": "default"}, "tagline": "You Know, for Search"},
-    "os2": {
-        "version": {"distribution": "opensearch", "number": "2.19.6"},
-        "tagline": "The OpenSearch Project",
-    },
+SERVER_VERSIONS = {
+    "es8": ("elasticsearch", "8.19.21"),
+    "os2": ("opensearch", "2.19.6"),
     # the control: a server that still takes mapping types gets CloudTracker's type_name
-    "es6": {"version": {"number": "6.8.23"}, "tagline": "You Know, for Search"},
+    "es6": ("elasticsearch", "6.8.23"),
 }
 
 
-@pytest.fixture(params=sorted(SERVER_ROOTS))
-def fake_cluster(request: pytest.FixtureRequest) -> Iterator[tuple[str, FakeCluster]]:
-    cluster = FakeCluster(SERVER_ROOTS[request.param])
-    yield request.param, cluster
-    cluster.close()
+@pytest.fixture(params=sorted(SERVER_VERSIONS))
+def fake_cluster(request: pytest.FixtureRequest) -> Iterator[tuple[str, BulkSink]]:
+    distribution, version = SERVER_VERSIONS[request.param]
+    sink = BulkSink(version=version, distribution=distribution, record=True).start()
+    yield request.param, sink
+    sink.close()
 
 
-def assert_action_lines(server: str, cluster: FakeCluster, index: str, run: CliRun) -> None:
+def assert_action_lines(server: str, cluster: BulkSink, index: str, run: CliRun) -> None:
     assert_clean_exit(run)
-    lines = REAL_RECORDS.read_bytes().rstrip(b"\n").split(b"\n")
-    received = cluster.received()
+    lines = CLOUDTRAIL_NDJSON.read_bytes().rstrip(b"\n").split(b"\n")
+    received = [pair for request in cluster.requests for pair in request.pairs()]
     documents = [source for action, source in received if source.startswith(b"{")]
     assert documents == lines, "the documents sent are not the input lines, in order"
     expected = {"_index": index} if server != "es6" else {"_index": index, "_type": "doc"}
@@ -493,17 +438,17 @@ def assert_action_lines(server: str, cluster: FakeCluster, index: str, run: CliR
     assert not wrong, f"{server}: action lines other than {{'index': {expected}}}: {wrong[:3]}"
 
 
-def test_project_action_lines_carry_no_type(fake_cluster: tuple[str, FakeCluster], tmp_path: Path) -> None:
+def test_project_action_lines_carry_no_type(fake_cluster: tuple[str, BulkSink], tmp_path: Path) -> None:
     """CloudTracker's type_name = "doc" reaches ES 6 as `_type`; ES 8 and OpenSearch 2 never see it."""
     server, cluster = fake_cluster
     index = "cloudtrail-types"
-    workdir = project_workdir(tmp_path, REAL_RECORDS, cluster.port, index)
+    workdir = project_workdir(tmp_path, CLOUDTRAIL_NDJSON, cluster.port, index)
     assert_action_lines(server, cluster, index, run_cli(workdir, "hindsight.cfg"))
 
 
 @pytest.mark.upstream
-def test_upstream_action_lines_carry_no_type(fake_cluster: tuple[str, FakeCluster], tmp_path: Path) -> None:
+def test_upstream_action_lines_carry_no_type(fake_cluster: tuple[str, BulkSink], tmp_path: Path) -> None:
     server, cluster = fake_cluster
     index = "cloudtrail-types"
-    workdir = upstream_workdir(tmp_path, REAL_RECORDS, cluster.port, index)
+    workdir = upstream_workdir(tmp_path, CLOUDTRAIL_NDJSON, cluster.port, index)
     assert_action_lines(server, cluster, index, run_cli(workdir, "hindsight.cfg"))

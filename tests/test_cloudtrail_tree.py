@@ -1,6 +1,6 @@
 """plugins/cloudtrail_tree.py: an `aws s3 sync` tree of CloudTrail files, through hindsight_cli.
 
-The 310 real records (shared/data/cloudtrail/stratus-red-team-arrays, one source file per S3
+The 310 real records (tests/data/cloudtrail/stratus-red-team-arrays, one source file per S3
 object) are packed at test time as AWSLogs/<account>/CloudTrail/<region>/YYYY/MM/DD/*.json.gz,
 beside a CloudTrail-Digest file and a corrupt archive. Input-only runs check the messages in the
 queue and the checkpoint (re-runs, new files, watching, kill -9); the example configuration
@@ -27,15 +27,13 @@ from typing import Any
 
 import pytest
 import requests
-from conftest import REPO_ROOT, SHARED_DIR
+from conftest import CLOUDTRAIL_ARRAYS, CLOUDTRAIL_GENERATOR, REPO_ROOT
 
 from hindsight_py import message as hmsg
 from hindsight_py.outputs.type_conflicts import undo_renames
 from hindsight_py.queue import QueueReader
 
-SAMPLE_DIR = SHARED_DIR / "data" / "cloudtrail" / "stratus-red-team-arrays"
 EXAMPLE_DIR = REPO_ROOT / "examples" / "cloudtrail-tree"
-GENERATOR = SHARED_DIR / "tools" / "gen_cloudtrail.py"
 RUN_TIMEOUT = 300  # a hung run fails its test, not the CI job
 
 
@@ -62,7 +60,7 @@ def pack_tree(root: Path, files: Iterable[list[dict[str, Any]]], seed: int = 7) 
 
 
 def sample_files() -> list[list[dict[str, Any]]]:
-    return [json.loads(p.read_text()) for p in sorted(SAMPLE_DIR.glob("*.json"))]
+    return [json.loads(p.read_text()) for p in sorted(CLOUDTRAIL_ARRAYS.glob("*.json"))]
 
 
 def pack_sample_tree(root: Path) -> tuple[list[dict[str, Any]], Path]:
@@ -248,7 +246,7 @@ def test_new_files_are_picked_up_by_the_next_run_and_changed_ones_read_again(tmp
 
 
 def test_a_truncated_archive_gives_what_precedes_the_damage_and_is_reported(tmp_path):
-    records = json.loads((SAMPLE_DIR / "aws.credential-access.ec2-steal-instance-credentials.json").read_text())
+    records = json.loads((CLOUDTRAIL_ARRAYS / "aws.credential-access.ec2-steal-instance-credentials.json").read_text())
     tree = tmp_path / "tree"
     [path] = pack_tree(tree, [records])
     whole = path.read_bytes()
@@ -310,7 +308,7 @@ def _wait_for(condition: Any, process: subprocess.Popen[str], limit: float = 60)
 
 def test_kill_9_neither_skips_nor_repeats_more_than_the_last_checkpoint(tmp_path):
     generated = tmp_path / "generated.ndjson"
-    subprocess.run([sys.executable, str(GENERATOR), "-n", "16000", "-o", str(generated)], check=True)
+    subprocess.run([sys.executable, str(CLOUDTRAIL_GENERATOR), "-n", "16000", "-o", str(generated)], check=True)
     records = [json.loads(line) for line in generated.read_text().splitlines()]
     tree = tmp_path / "tree"
     pack_tree(tree, [records[i:i + 2000] for i in range(0, len(records), 2000)], seed=5)

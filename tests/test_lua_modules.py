@@ -4,18 +4,19 @@ They run in a small harness that imitates what a lua_sandbox plugin sees: a base
 environment, a `require` that makes `string`/`table`/... globals only when required, loads
 modules with the plugin's globals as their environment, gives cjson through the shim, and stubs
 for read_config/read_message/inject_message/... Upstream's own test scripts and modules are run
-from the mirror when it is present (`upstream` marker).
+from the fetched sources (`upstream` marker; tests/upstream_files.py).
 """
 
 from __future__ import annotations
 
 import json
-import subprocess
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import CLOUDTRAIL_NDJSON
+from upstream_files import CLOUDTRACKER, LUA_SANDBOX_EXTENSIONS, read_bytes
 
 from hindsight_py._lupa import SYSTEM_LUA_CPATH, SYSTEM_LUA_PATH, LuaError, LuaRuntime
 
@@ -23,18 +24,8 @@ ROOT = Path(__file__).resolve().parent.parent
 LUA_DIR = ROOT / "hindsight_py" / "lua"
 SHIM = ROOT / "hindsight_py" / "sandbox" / "cjson_shim.lua"
 RUN_DIR = ROOT / "run"
-CLOUDTRAIL = Path("/work/shared/data/cloudtrail/stratus-red-team.ndjson")
 SYSTEM_PATH = SYSTEM_LUA_PATH
 SYSTEM_CPATH = SYSTEM_LUA_CPATH  # the machine's multiarch directory
-EXTENSIONS_MIRROR = Path("/work/.mirror/mozilla-services+lua_sandbox_extensions/repo")
-CLOUDTRACKER_MIRROR = Path("/work/.mirror/duo-labs+cloudtracker/repo")
-
-needs_extensions_mirror = pytest.mark.skipif(
-    not EXTENSIONS_MIRROR.is_dir(), reason="lua_sandbox_extensions mirror is absent"
-)
-needs_cloudtracker_mirror = pytest.mark.skipif(
-    not CLOUDTRACKER_MIRROR.is_dir(), reason="cloudtracker mirror is absent"
-)
 
 # Builds plugin environments. Arguments: the shim chunk's result.
 _HARNESS = r"""
@@ -600,9 +591,7 @@ def _normalise_numbers(value: Any) -> Any:
 
 @pytest.fixture(scope="module")
 def cloudtrail_lines() -> list[bytes]:
-    if not CLOUDTRAIL.exists():
-        pytest.skip("CloudTrail sample data is absent")
-    return [line for line in CLOUDTRAIL.read_bytes().split(b"\n") if line]
+    return [line for line in CLOUDTRAIL_NDJSON.read_bytes().split(b"\n") if line]
 
 
 @pytest.mark.parametrize("with_lpeg", [True, False], ids=["lpeg-fast-path", "pure-lua"])
@@ -1180,13 +1169,7 @@ def test_run_cfgs() -> None:
     assert main["max_message_size"] >= main["input_defaults"]["output_limit"]
 
 
-# -- upstream test scripts and modules, run from the mirror -------------------------------------------
-
-
-def _mirror_file(repo: Path, path: str) -> bytes:
-    return subprocess.run(
-        ["git", "-C", str(repo), "show", f"HEAD:{path}"], check=True, capture_output=True
-    ).stdout
+# -- upstream test scripts and modules, run from the fetched sources ----------------------------------
 
 
 @pytest.fixture(scope="module")
@@ -1205,7 +1188,7 @@ def upstream_modules(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for src, dst in files.items():
         target = root / dst
         target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(_mirror_file(EXTENSIONS_MIRROR, src))
+        target.write_bytes(read_bytes(LUA_SANDBOX_EXTENSIONS, src))
     return root
 
 
@@ -1222,9 +1205,8 @@ RJSON_SCHEMA_STATEMENTS = [
 
 
 @pytest.mark.upstream
-@needs_extensions_mirror
 def test_upstream_rjson_test_script_without_its_schema_parts() -> None:
-    lines = _mirror_file(EXTENSIONS_MIRROR, "rjson/tests/test.lua").decode().split("\n")
+    lines = read_bytes(LUA_SANDBOX_EXTENSIONS, "rjson/tests/test.lua").decode().split("\n")
     for first, count in RJSON_SCHEMA_STATEMENTS:
         [at] = [i for i, line in enumerate(lines) if line.strip() == first]
         lines[at : at + count] = []
@@ -1233,43 +1215,39 @@ def test_upstream_rjson_test_script_without_its_schema_parts() -> None:
 
 
 @pytest.mark.upstream
-@needs_extensions_mirror
 @pytest.mark.parametrize("with_lpeg", [True, False], ids=["lpeg-fast-path", "pure-lua"])
 def test_upstream_rjson_test_script_schema_parts_fail_clearly(with_lpeg: bool) -> None:
-    script = _mirror_file(EXTENSIONS_MIRROR, "rjson/tests/test.lua").decode()
+    script = read_bytes(LUA_SANDBOX_EXTENSIONS, "rjson/tests/test.lua").decode()
     sb = Sandbox(deny=() if with_lpeg else ["lpeg"])
     with pytest.raises(LuaError, match="parse_schema\\(\\) is not supported"):
         sb.run(script)
 
 
 @pytest.mark.upstream
-@needs_extensions_mirror
 def test_upstream_cjson_core_test() -> None:
-    Sandbox().run(_mirror_file(EXTENSIONS_MIRROR, "cjson/tests/test.lua").decode())
+    Sandbox().run(read_bytes(LUA_SANDBOX_EXTENSIONS, "cjson/tests/test.lua").decode())
 
 
 @pytest.mark.upstream
-@needs_extensions_mirror
 def test_upstream_cjson_limited_and_unlimited() -> None:
     limited = Sandbox(output_limit=64)
-    limited.run(_mirror_file(EXTENSIONS_MIRROR, "cjson/tests/limited.lua").decode())
+    limited.run(read_bytes(LUA_SANDBOX_EXTENSIONS, "cjson/tests/limited.lua").decode())
     assert limited.env.process() == 0
 
     unlimited = Sandbox(output_limit=0)
     unlimited.run("written = 0; function write_output(s) written = written + #s end")
-    unlimited.run(_mirror_file(EXTENSIONS_MIRROR, "cjson/tests/unlimited.lua").decode())
+    unlimited.run(read_bytes(LUA_SANDBOX_EXTENSIONS, "cjson/tests/unlimited.lua").decode())
     assert unlimited.env.process() == 0
     assert unlimited.env.written == 103001
 
 
 @pytest.mark.upstream
-@needs_extensions_mirror
 @pytest.mark.xfail(
     strict=True, reason="stock Lua cannot tell a decoded [] (or {nil}) from {}: both encode as {}"
 )
 def test_upstream_cjson_empty_array() -> None:
     sb = Sandbox()
-    sb.run(_mirror_file(EXTENSIONS_MIRROR, "cjson/tests/empty_array.lua").decode())
+    sb.run(read_bytes(LUA_SANDBOX_EXTENSIONS, "cjson/tests/empty_array.lua").decode())
     sb.env.process()
 
 
@@ -1291,7 +1269,6 @@ DIFFERENTIAL_CFGS = [
 
 
 @pytest.mark.upstream
-@needs_extensions_mirror
 @pytest.mark.parametrize("common", DIFFERENTIAL_CFGS)
 def test_encoder_matches_upstream_modules(upstream_modules: Path, common: Mapping[str, Any]) -> None:
     def outputs(path: tuple[Path | str, ...]) -> list[Any]:
@@ -1317,7 +1294,6 @@ def test_encoder_matches_upstream_modules(upstream_modules: Path, common: Mappin
 
 
 @pytest.mark.upstream
-@needs_extensions_mirror
 def test_interpolate_matches_upstream_module(upstream_modules: Path) -> None:
     templates = [
         "%{Type}|%{Logger}|%{Hostname}|%{Severity}|%{Pid}|%{EnvVersion}|%{Payload}|%{Timestamp}",
@@ -1338,7 +1314,6 @@ def test_interpolate_matches_upstream_module(upstream_modules: Path) -> None:
 
 
 @pytest.mark.upstream
-@needs_extensions_mirror
 def test_payload_decoder_matches_upstream_module(upstream_modules: Path) -> None:
     code = """
     local decode = require("decoders.payload").decode
@@ -1360,12 +1335,11 @@ def test_payload_decoder_matches_upstream_module(upstream_modules: Path) -> None
 
 
 @pytest.mark.upstream
-@needs_cloudtracker_mirror
 def test_file_input_matches_cloudtrackers_on_a_well_formed_file(tmp_path: Path) -> None:
     theirs_lua = tmp_path / "cloudtracker_file.lua"
-    theirs_lua.write_bytes(_mirror_file(CLOUDTRACKER_MIRROR, "hindsight/run/input/file.lua"))
+    theirs_lua.write_bytes(read_bytes(CLOUDTRACKER, "hindsight/run/input/file.lua"))
     src = tmp_path / "in.json"
-    src.write_bytes(CLOUDTRAIL.read_bytes()[:20000].rsplit(b"\n", 1)[0] + b"\n\n{}\n")
+    src.write_bytes(CLOUDTRAIL_NDJSON.read_bytes()[:20000].rsplit(b"\n", 1)[0] + b"\n\n{}\n")
 
     def run(plugin: Path) -> tuple[Any, list[Any], list[Any]]:
         sb = Sandbox(cfg={"input_filename": str(src)})

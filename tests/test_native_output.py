@@ -17,10 +17,9 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from conftest import SHARED_DIR
+from conftest import CLOUDTRAIL_GENERATOR
 from native_pipeline import FakeCluster, NativePipeline, count, documents
 
-GENERATOR = SHARED_DIR / "tools" / "gen_cloudtrail.py"
 LINES = 3000
 
 
@@ -28,7 +27,7 @@ LINES = 3000
 def cloudtrail(tmp_path_factory: pytest.TempPathFactory) -> list[bytes]:
     """LINES generated CloudTrail records, one JSON object a line, unique eventIDs."""
     path = tmp_path_factory.mktemp("data") / "cloudtrail.ndjson"
-    subprocess.run([sys.executable, str(GENERATOR), "-n", str(LINES), "-o", str(path)], check=True,
+    subprocess.run([sys.executable, str(CLOUDTRAIL_GENERATOR), "-n", str(LINES), "-o", str(path)], check=True,
                    stdin=subprocess.DEVNULL)
     lines = path.read_bytes().splitlines()
     assert len(lines) == LINES
