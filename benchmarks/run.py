@@ -8,13 +8,16 @@
 
 Pipelines (hindsight_cli, one process per plugin):
   lua       the project's run/ (file.lua -> counter.lua -> elasticsearch_bulk_api.lua)
-  upstream  CloudTracker's original run/ with lua_sandbox_extensions' modules (needs the mirrors)
+  upstream  CloudTracker's original run/ with lua_sandbox_extensions' modules (from the cache of
+            scripts/fetch_upstream.py, fetched first if need be)
   native    Python plugins: plugins/flat_file.py -> plugins/elasticsearch_bulk.py
   native_pure   the same without the C loops of hindsight_py/_speedups.c (HINDSIGHT_PY_PURE=1)
 Baselines:
   streaming_bulk / parallel_bulk   elasticsearch-py's helpers reading the same file
   server_limit                     pre-built bulk bodies posted as fast as the server takes them
 
+Data: tests/cloudtrail_gen.py (made once per line count under benchmarks/_work/); endpoint:
+tests/bulk_sink.py in a process of its own.
 Printed: docs/s, CPU seconds (user+sys of the whole process tree) and per 100,000 documents, peak
 memory (PSS summed over the tree), and each pipeline's ratio to each baseline (docs/s over docs/s).
 Timings vary run to run (about +-20% here): compare ratios from the same invocation, not absolute
@@ -30,7 +33,6 @@ import json
 import os
 import resource
 import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -41,9 +43,10 @@ import urllib3
 from build_hindsight import BuildError, cache_base, upstream_dir
 
 REPO = Path(__file__).resolve().parent.parent
-SHARED = REPO.parent / "shared"
 WORK = REPO / "benchmarks" / "_work"
-MIRROR = Path(os.environ.get("HINDSIGHT_PY_MIRROR", "/work/.mirror"))
+GENERATOR = REPO / "tests" / "cloudtrail_gen.py"
+SINK = REPO / "tests" / "bulk_sink.py"
+FETCH_UPSTREAM = REPO / "scripts" / "fetch_upstream.py"
 BATCH = 500  # documents per bulk request, as CloudTracker's elasticsearch_bulk_api.cfg
 
 
@@ -52,21 +55,14 @@ def data_file(lines: int) -> Path:
     WORK.mkdir(parents=True, exist_ok=True)
     path = WORK / f"cloudtrail-{lines}.ndjson"
     if not path.exists():
-        gen = SHARED / "tools" / "gen_cloudtrail.py"
         tmp = path.with_suffix(".tmp")
-        subprocess.run([sys.executable, str(gen), "-n", str(lines), "-o", str(tmp)], check=True)
+        subprocess.run([sys.executable, str(GENERATOR), "-n", str(lines), "-o", str(tmp)], check=True)
         tmp.rename(path)
     return path
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Endpoint:
-    """The fast fake _bulk sink (../shared/tools/es_sink.py), or a real server (--es)."""
+    """The fast fake _bulk endpoint (tests/bulk_sink.py), or a real server (--es)."""
 
     def __init__(self, es_url: str | None) -> None:
         self.real = es_url is not None
@@ -75,18 +71,13 @@ class Endpoint:
         if es_url:
             self.url = es_url.rstrip("/")
         else:
-            port = free_port()
-            self.proc = subprocess.Popen(
-                [sys.executable, str(SHARED / "tools" / "es_sink.py"), "--port", str(port)],
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            )
-            self.url = f"http://127.0.0.1:{port}"
-            for _ in range(100):
-                try:
-                    self.http.request("GET", self.url + "/", retries=False)
-                    break
-                except urllib3.exceptions.HTTPError:
-                    time.sleep(0.05)
+            # it prints its URL once it listens
+            self.proc = subprocess.Popen([sys.executable, str(SINK)], stdout=subprocess.PIPE,
+                                         stderr=subprocess.DEVNULL, text=True)
+            assert self.proc.stdout is not None
+            self.url = self.proc.stdout.readline().strip()
+            if not self.url:
+                raise RuntimeError(f"{SINK} did not start (exit status {self.proc.wait()})")
 
     @property
     def port(self) -> int:
@@ -229,31 +220,30 @@ def setup_lua(work: Path, data: Path, ep: Endpoint, index: str) -> None:
     _es_cfg(work / "run/output/elasticsearch_bulk_api.cfg", ep, index)
 
 
-def upstream_available() -> bool:
-    return (MIRROR / "duo-labs+cloudtracker/repo").is_dir() and (
-        MIRROR / "mozilla-services+lua_sandbox_extensions/repo").is_dir()
-
-
-def _git_show(repo: Path, path: str) -> bytes:
-    return subprocess.run(["git", "-C", str(repo), "show", f"HEAD:{path}"], check=True, capture_output=True).stdout
+def upstream_sources() -> tuple[Path, Path] | str:
+    """CloudTracker's and lua_sandbox_extensions' directories in scripts/fetch_upstream.py's cache
+    (fetched now if they are not there yet), or why they are not available."""
+    names = ("cloudtracker", "lua_sandbox_extensions")
+    fetch = subprocess.run([sys.executable, str(FETCH_UPSTREAM), *names], capture_output=True, text=True)
+    if fetch.returncode != 0:
+        return fetch.stderr.strip()
+    cloudtracker, extensions = (upstream_dir(cache_base() / "upstream", name) for name in names)
+    return cloudtracker, extensions
 
 
 def setup_upstream(work: Path, data: Path, ep: Endpoint, index: str) -> None:
-    ext = MIRROR / "mozilla-services+lua_sandbox_extensions/repo"
-    ct = MIRROR / "duo-labs+cloudtracker/repo"
+    sources = upstream_sources()
+    assert not isinstance(sources, str), sources
+    cloudtracker, extensions = sources
     for extension in ("heka", "lpeg", "elasticsearch"):
         for kind in ("modules", "io_modules"):
-            listing = subprocess.run(["git", "-C", str(ext), "ls-tree", "-r", "--name-only", "HEAD",
-                                      f"{extension}/{kind}"], check=True, capture_output=True, text=True).stdout
-            for name in listing.split():
-                dest = work / "lib" / kind / name.split("/", 2)[2]
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                dest.write_bytes(_git_show(ext, name))
+            if (extensions / extension / kind).is_dir():
+                shutil.copytree(extensions / extension / kind, work / "lib" / kind, dirs_exist_ok=True)
     for name in ("input/file.cfg", "input/file.lua", "analysis/counter.cfg", "analysis/counter.lua",
                  "output/elasticsearch_bulk_api.cfg", "output/elasticsearch_bulk_api.lua"):
         dest = work / "run" / name
         dest.parent.mkdir(parents=True, exist_ok=True)
-        dest.write_bytes(_git_show(ct, f"hindsight/run/{name}"))
+        shutil.copyfile(cloudtracker / "hindsight" / "run" / name, dest)
     (work / "hindsight.cfg").write_text(HINDSIGHT_CFG.format(modules=work / "lib/modules",
                                                              io_modules=work / "lib/io_modules"))
     _sub(work / "run/input/file.cfg", {"input_filename": json.dumps(str(data)), "instruction_limit": "0"})
@@ -519,8 +509,8 @@ def main() -> int:
                 results.append(run_hindsight(hs_prefix, data, lines, ep))
                 baselines.append(HINDSIGHT_ROW)
             for name in args.only or list(PIPELINES):
-                if name == "upstream" and not upstream_available():
-                    print("upstream: skipped (the public sources are not mirrored here)")
+                if name == "upstream" and isinstance(why := upstream_sources(), str):
+                    print(f"upstream: skipped ({why})")
                     continue
                 results.append(run_pipeline(name, data, lines, ep))
             report(results, lines, baselines)
