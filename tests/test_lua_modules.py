@@ -1109,7 +1109,7 @@ def test_es_output_batches_and_commits_only_after_sending() -> None:
 
     cfg = _to_py(sb.env.fake_es.cfgs)[0]
     assert {k: cfg[k] for k in ("address", "port", "timeout", "max_retry", "flush_count")} == {
-        "address": "127.0.0.1", "port": 9200, "timeout": 10, "max_retry": 1, "flush_count": 3,
+        "address": "127.0.0.1", "port": 9200, "timeout": 60, "max_retry": 1, "flush_count": 3,
     }  # fmt: skip
     assert cfg["discard_on_error"] is False and cfg["abort_on_error"] is False
 
