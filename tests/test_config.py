@@ -110,6 +110,7 @@ def test_minimal_config_gets_upstream_defaults(root: Path) -> None:
         "preserve_data": False,
         "restricted_headers": False,
         "shutdown_on_terminate": False,
+        "refused_messages": "dead_letter",  # hindsight-py's
     }
     assert hs.analysis_defaults["restricted_headers"] is True
     assert hs.analysis_defaults["process_message_inject_limit"] == 0
