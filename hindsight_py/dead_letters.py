@@ -111,8 +111,6 @@ class DeadLetterFile:
         self.path = path
         self.plugin = path.name.removesuffix(".jsonl")
         self._lock = threading.Lock()
-        self._fh: Any = None
-        self._sync = True  # False for a file that is not a regular file (/dev/null)
 
     def append(self, records: list[dict[str, Any]]) -> None:
         if not records:
@@ -123,14 +121,13 @@ class DeadLetterFile:
             for r in records
         ]
         with self._lock:
-            if self._fh is None:
-                self.path.parent.mkdir(parents=True, exist_ok=True)
-                self._fh = open(self.path, "a", encoding="ascii")
-                self._sync = stat.S_ISREG(os.fstat(self._fh.fileno()).st_mode)
-            self._fh.writelines(lines)
-            self._fh.flush()
-            if self._sync:
-                os.fsync(self._fh.fileno())
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            # opened for each append: a file moved away or removed while hindsight runs starts anew
+            with open(self.path, "a", encoding="ascii") as fh:
+                fh.writelines(lines)
+                fh.flush()
+                if stat.S_ISREG(os.fstat(fh.fileno()).st_mode):  # not /dev/null
+                    os.fsync(fh.fileno())
 
 
 _files: dict[str, DeadLetterFile] = {}
