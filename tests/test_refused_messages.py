@@ -287,3 +287,160 @@ def test_dead_letter_records_read_back_with_jq_shape(tmp_path: Path) -> None:
         out = subprocess.run(["jq", "-c", ".kind"], input=text, capture_output=True, check=True).stdout
         assert out.split() == [b'"data"', b'"message"']
     assert [data_bytes(json.loads(line)) for line in text.splitlines()] == [raw, raw]
+
+
+# --------------------------------------------------------------------------- the sandboxes (fake host)
+# Lua-level: also run by scripts/test.sh under HINDSIGHT_PY_LUA=lua51.
+
+INPUT_REFUSALS = """
+require "string"
+errs = {}
+local function try(...)
+    local ok, e = pcall(inject_message, ...)
+    errs[#errs + 1] = e
+end
+function process_message(cp)
+    try({Payload = string.rep("x", 70000)})
+    inject_message(nil, 10)
+    try({Payload = "p", Fields = {bad = {value = {}}}})
+    inject_message(nil, 20)
+    try("not protobuf")
+    try({Payload = "q"}, {})
+    inject_message({Payload = "fine"}, 30)
+    return 0
+end
+"""
+
+
+def test_lua_input_refusals_reach_the_host_with_offsets_and_upstream_errors(tmp_path: Path) -> None:
+    from sandbox_fakes import lua_sandbox
+
+    plugin = tmp_path / "in.lua"
+    plugin.write_text(INPUT_REFUSALS)
+    sandbox, host = lua_sandbox(plugin, "input", output_limit=1 << 20)
+    assert sandbox.run_input(5) == (0, None)
+    # the plugin sees upstream's texts, and goes on
+    assert list(sandbox.globals_table()[b"errs"].values()) == [
+        b"inject_message() failed: exceeded max_message_size",
+        b"inject_message() failed: unsupported type: nil",
+        b"inject_message() attempted to inject a invalid protobuf string",
+        b"inject_message() unsupported checkpoint type: table",
+    ]
+    assert [m.payload for m in host.messages()] == ["fine"] and host.checkpoints == [30]
+    reasons = [r[0] for r in host.refusals]
+    assert reasons == [
+        "inject_message() failed: exceeded max_message_size (the message is 70058 bytes, max_message_size = 65536)",
+        "inject_message() failed: unsupported type: nil",
+        "inject_message() attempted to inject a invalid protobuf string",
+        "inject_message() unsupported checkpoint type: table",
+    ]
+    messages = [r[1] for r in host.refusals]
+    assert messages[0]["Payload"] == "x" * 70000 and messages[1]["Fields"] == {"bad": {"value": {}}}
+    assert messages[2] == b"not protobuf" and messages[3] == {"Payload": "q"}
+    # (offset, next_offset): the checkpoint at the refusal, and the one the plugin passed next
+    # (a refusal followed by another one, or by an inject without a checkpoint, gets none)
+    assert [r[2:] for r in host.refusals] == [(5, 10), (10, 20), (20, None), (20, 30)]
+
+
+ANALYSIS_REFUSALS = """
+require "string"
+function process_message()
+    pcall(inject_message, {Payload = "over the process_message_inject_limit"})
+    return 0
+end
+function timer_event(ns)
+    pcall(inject_payload, "txt", "big", string.rep("a", 100), string.rep("b", 100), 7)
+    inject_payload("txt", "small", "fits")
+end
+"""
+
+
+def test_lua_analysis_inject_limit_and_output_limit_refusals(tmp_path: Path) -> None:
+    from sandbox_fakes import lua_sandbox
+
+    plugin = tmp_path / "a.lua"
+    plugin.write_text(ANALYSIS_REFUSALS)
+    sandbox, host = lua_sandbox(plugin, "analysis", output_limit=200)
+    raw = record_line(0)
+    from hindsight_py import message as hmsg
+
+    result = sandbox.run_batch([hmsg.encode(hmsg.Message(payload=raw))], 0)
+    assert result.status == "ok"
+    sandbox.run_timer(0, False, 10)
+    assert [m.payload for m in host.messages()] == ["fits"]  # the buffer did not keep the refused parts
+    (r1, m1, *_), (r2, m2, *_) = host.refusals
+    assert r1 == "inject_message() failed: injection limit exceeded (process_message_inject_limit = 0)"
+    assert m1["Payload"] == "over the process_message_inject_limit"
+    assert r2 == "inject_payload() output_limit exceeded (output_limit = 200)"
+    assert m2["Payload"] == "a" * 100 + "b" * 100 + "7"  # whole: every part, the one past the limit too
+    assert m2["Type"] == "inject_payload" and m2["Fields"] == {"payload_type": "txt", "payload_name": "big"}
+
+
+OUTPUT_FAILS = """
+function process_message()
+    local p = read_message("Payload")
+    if p == "own" then dead_letter("the plugin's own", p) end
+    if p ~= "ok" then return -1, "cannot encode " .. p end
+    return 0
+end
+"""
+
+
+def test_lua_output_minus_one_keeps_the_message_unless_the_plugin_dead_lettered_it(tmp_path: Path) -> None:
+    from sandbox_fakes import lua_sandbox
+
+    from hindsight_py import message as hmsg
+
+    plugin = tmp_path / "o.lua"
+    plugin.write_text(OUTPUT_FAILS)
+    sandbox, host = lua_sandbox(plugin, "output")
+    raws = [hmsg.encode(hmsg.Message(payload=p, logger="input.file")) for p in ("ok", "bad", "own")]
+    result = sandbox.run_batch(raws)
+    assert (result.status, result.processed, result.failures) == ("ok", 3, 2)
+    [(reason, message, offset, _)] = host.refusals
+    assert reason == "process_message() returned -1: cannot encode bad" and message == raws[1] and offset is None
+    assert host.dead_letters == [("the plugin's own", b"own")]  # once: not again for its -1
+
+
+def test_python_plugin_refusals(tmp_path: Path) -> None:
+    from test_sandbox_python import py_sandbox
+
+    from hindsight_py import message as hmsg
+
+    sb, host = py_sandbox(tmp_path, """
+        def process_message():
+            try:
+                inject_message({"Payload": "over the limit"})
+            except RuntimeError:
+                pass
+            return 0
+
+        def timer_event(ns, shutdown):
+            try:
+                inject_payload("txt", "big", "a" * 100, "b" * 100, 7)
+            except ValueError:
+                pass
+            inject_payload("txt", "small", "fits")
+    """, "analysis", output_limit=200)
+    assert sb.run_batch([hmsg.encode(hmsg.Message(payload="x"))], 0).status == "ok"
+    sb.run_timer(0, False, 10)
+    assert [m.payload for m in host.messages()] == ["fits"]
+    (r1, m1, *_), (r2, m2, *_) = host.refusals
+    assert r1 == "inject_message() failed: injection limit exceeded (process_message_inject_limit = 0)"
+    assert m1 == {"Payload": "over the limit"}
+    assert r2 == "inject_payload() output_limit exceeded (output_limit = 200)"
+    assert m2["Payload"] == "a" * 100 + "b" * 100 + "7" and m2["Fields"]["payload_name"] == "big"
+
+    out, host = py_sandbox(tmp_path, """
+        def process_message(seq):
+            p = read_message("Payload")
+            if p == "own":
+                dead_letter("the plugin's own", p)
+            return 0 if p == "ok" else (-1, "cannot encode " + p)
+    """, "output")
+    raws = [hmsg.encode(hmsg.Message(payload=p)) for p in ("ok", "bad", "own")]
+    assert out.run_batch(raws).failures == 2
+    out._flush()
+    [(reason, message, *_)] = host.refusals
+    assert reason == "process_message() returned -1: cannot encode bad" and message == raws[1]
+    assert host.dead_letters == [("the plugin's own", b"own")]
