@@ -444,3 +444,31 @@ def test_python_plugin_refusals(tmp_path: Path) -> None:
     [(reason, message, *_)] = host.refusals
     assert reason == "process_message() returned -1: cannot encode bad" and message == raws[1]
     assert host.dead_letters == [("the plugin's own", b"own")]
+
+
+def test_a_refused_message_the_host_cannot_keep_fails_the_call_even_if_caught(tmp_path: Path) -> None:
+    """A dead-letter file that cannot be written (a full disk) is no reason to lose the message."""
+    from sandbox_fakes import FakeHost, lua_sandbox
+    from test_sandbox_python import py_sandbox
+
+    from hindsight_py.sandbox.base import PluginError
+
+    class FullDisk(FakeHost):
+        def refused(self, reason: str, message: Any, offset: Any) -> bool:
+            raise OSError(28, "No space left on device")
+
+    plugin = tmp_path / "in.lua"
+    plugin.write_text(INPUT_REFUSALS)
+    sandbox, _ = lua_sandbox(plugin, "input", FullDisk())
+    with pytest.raises(PluginError, match="failed to write a refused message to the dead-letter file: .*No space"):
+        sandbox.run_input(None)
+    sb, _ = py_sandbox(tmp_path, """
+        def process_message(cp):
+            try:
+                inject_message({"Payload": "x" * 70000})
+            except BaseException:
+                pass
+            return 0
+    """, "input", FullDisk())
+    with pytest.raises(PluginError, match="failed to write a refused message to the dead-letter file"):
+        sb.run_input(None)

@@ -110,6 +110,7 @@ class PythonSandbox:
         self._refusal_pending = False
         self._last_cp: Any = None  # an input's checkpoint: the one it was started with, then its latest
         self._dead_lettered = False  # the plugin called dead_letter() in the current call (outputs' -1)
+        self._fatal: str | None = None  # the host could not keep a refused message: the call fails
 
     # -- lifecycle ----------------------------------------------------------------------------
     def load(self) -> None:
@@ -151,10 +152,12 @@ class PythonSandbox:
             result = self._call(self._module.process_message, checkpoint)
         except _ShuttingDown:
             result = 0
-        except Exception as e:
+        except (Exception, _HostFailure) as e:
             self._flush()
             raise PluginError(f"process_message() {type(e).__name__}: {e}") from None
         self._flush()
+        if self._fatal:  # the plugin caught it
+            raise PluginError(f"process_message() {self._fatal}")
         rc, msg = _split_result(result)
         return rc, msg
 
@@ -180,7 +183,9 @@ class PythonSandbox:
                 try:
                     # analysis plugins take no argument; outputs get the sequence id (as upstream)
                     rc, msg = _split_result(pm(self._seq) if is_output else pm())
-                except Exception as e:
+                    if self._fatal:  # the plugin caught it
+                        raise _HostFailure(self._fatal)
+                except (Exception, _HostFailure) as e:
                     self._flush()
                     err = str(e) if isinstance(e, PluginError) else f"process_message() {type(e).__name__}: {e}"
                     return BatchResult(i - 1, "terminate", err, self._commit_index, self._failures - fails_before,
@@ -237,7 +242,9 @@ class PythonSandbox:
         self._dead_lettered = False
         try:
             rc, msg = _split_result(self._call(self._batch_fn, raws))
-        except Exception as e:
+            if self._fatal:  # the plugin caught it
+                raise _HostFailure(self._fatal)
+        except (Exception, _HostFailure) as e:
             self._flush()
             err = str(e) if isinstance(e, PluginError) else f"process_messages() {type(e).__name__}: {e}"
             return BatchResult(0, "terminate", err, 0, 0, self._batching)
@@ -276,7 +283,9 @@ class PythonSandbox:
         self._budget = ("timer_event_inject_limit", inject_limit)
         try:
             self._call(te, ns, shutdown)
-        except Exception as e:
+            if self._fatal:  # the plugin caught it
+                raise _HostFailure(self._fatal)
+        except (Exception, _HostFailure) as e:
             raise PluginError(f"timer_event() {type(e).__name__}: {e}") from None
         finally:
             self._flush()
@@ -490,7 +499,7 @@ class PythonSandbox:
         try:
             pending = self._host_refused(reason, msg, self._last_cp)
         except Exception as e:  # not something the plugin may catch and carry on from
-            raise _HostFailure(f"failed to write a refused message to the dead-letter file: {e}") from None
+            self._host_failure(e)
         if pending:
             self._refusal_pending = True
 
@@ -499,7 +508,11 @@ class PythonSandbox:
         try:
             self._host.settle_refused(next_cp)
         except Exception as e:
-            raise _HostFailure(f"failed to write a refused message to the dead-letter file: {e}") from None
+            self._host_failure(e)
+
+    def _host_failure(self, e: Exception) -> None:
+        self._fatal = f"failed to write a refused message to the dead-letter file: {e}"
+        raise _HostFailure(self._fatal) from None
 
     def _flush(self) -> None:
         if self._refusal_pending:
