@@ -229,6 +229,18 @@ class _Globals:
             raise self.fail(key, f"{key} invalid option {text}")
         return text
 
+    def choice(self, key: str, default: str, options: tuple[str, ...]) -> str:
+        """A hindsight-py key with a few string values: the error names them."""
+        value = self.take(key)
+        if value is None:
+            return default
+        allowed = " or ".join(f'"{o}"' for o in options)
+        text = _decode(value) if isinstance(value, bytes) else None
+        if text not in options:
+            shown = f'"{text}"' if text is not None else f"a {_lua_type(value)}"
+            raise self.fail(key, f"{self.qualified(key)} must be {allowed}, not {shown}")
+        return text
+
     def reject_unknown(self) -> None:
         for key in sorted(self.items, key=lambda k: (not isinstance(k, str), str(k))):
             if not isinstance(key, str):
@@ -247,7 +259,10 @@ _SANDBOX_BUILTINS: dict[str, DefaultValue] = {
     "preserve_data": False,
     "restricted_headers": True,
     "shutdown_on_terminate": False,
+    # hindsight-py: what becomes of a message inject_message/inject_payload refuses (docs/compatibility.md)
+    "refused_messages": "dead_letter",
 }
+REFUSED_MESSAGES = ("dead_letter", "drop")
 _TYPE_BUILTINS: dict[str, dict[str, DefaultValue]] = {
     "input": {**_SANDBOX_BUILTINS, "restricted_headers": False},
     "analysis": {**_SANDBOX_BUILTINS, "process_message_inject_limit": 0, "timer_event_inject_limit": 10},
@@ -416,6 +431,8 @@ def _load_sandbox_defaults(g: _Globals, plugin_type: str) -> dict[str, DefaultVa
     for name, default in result.items():
         if name == "read_queue":
             result[name] = d.option(name, str(default), READ_QUEUES)
+        elif name == "refused_messages":
+            result[name] = d.choice(name, str(default), REFUSED_MESSAGES)
         elif isinstance(default, bool):
             result[name] = d.boolean(name, default)
         else:
@@ -463,6 +480,7 @@ class PluginConfig:
     async_buffer_size: int
     remove_checkpoints_on_terminate: bool
     read_queue: str
+    refused_messages: str  # "dead_letter" | "drop"
     values: dict[str, Any]
     cfg_text: str
     hs: HindsightConfig
@@ -557,6 +575,8 @@ def load_plugin_config(
         pm_limit = g.unsigned("process_message_inject_limit", int(d["process_message_inject_limit"]))
         te_limit = g.unsigned("timer_event_inject_limit", int(d["timer_event_inject_limit"]))
 
+    refused_messages = g.choice("refused_messages", str(d["refused_messages"]), REFUSED_MESSAGES)
+
     async_buffer_size, rm_cp, read_queue = 0, False, "both"
     if plugin_type == "output":
         async_buffer_size = g.unsigned("async_buffer_size", 0)
@@ -579,6 +599,7 @@ def load_plugin_config(
         async_buffer_size=async_buffer_size,
         remove_checkpoints_on_terminate=rm_cp,
         read_queue=read_queue,
+        refused_messages=refused_messages,
         values=values,
         cfg_text=text,
         hs=hs,

@@ -22,6 +22,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
+from hindsight_py import dead_letters
 from hindsight_py import message as hmsg
 from hindsight_py.config import HindsightConfig, PluginConfig
 from hindsight_py.log import Logger
@@ -59,6 +60,7 @@ class _Stats:
     indexed: int = 0
     dead_lettered: int = 0
     set_aside: int = 0  # not documents at all (text payloads): in the dead-letter file, not a failure
+    dropped: int = 0  # refused messages dropped on purpose (refused_messages = "drop")
     retried: int = 0
     discarded_bytes: int = 0
     extra: dict[str, int] = field(default_factory=dict)
@@ -137,6 +139,7 @@ class _Host:
         self.stats = _Stats()
         self._es_types: bool | None = None
         self.pipelined_senders: list[Any] = []  # outputs/delivery.PipelinedSender
+        self.pending_refusal: dict[str, Any] | None = None  # an input's refused message (refused())
 
     # messages and checkpoints
     def write_messages(self, data: bytes, count: int) -> None:
@@ -164,9 +167,47 @@ class _Host:
     def create_matcher(self, expr: str) -> Callable[[bytes], bool] | None:
         return compile_raw_matcher(expr)
 
+    # dead letters: one file per plugin, one schema (hindsight_py/dead_letters.py)
+    def _dead_letter_records(self, records: list[dict[str, Any]]) -> None:
+        path = self.runner.output_path / "dead_letter" / f"{self.plugin.name}.jsonl"
+        dead_letters.dead_letter_file(path).append(records)  # fsync()ed before any checkpoint moves on
+        self.stats.dead_lettered += len(records)
+
     def dead_letter(self, reason: str, data: bytes) -> None:
-        self.runner.dead_letters.write(self.plugin.name, reason, data)
-        self.stats.dead_lettered += 1
+        """The plugin's own dead_letter(reason, data)."""
+        pending = self.pending_refusal
+        if pending is not None and dead_letters.data_bytes(pending) == data:
+            # the plugin sets aside what the host has just refused (hindsight-py's file.lua does):
+            # one record, with the plugin's reason, which says more
+            if pending["reason"] not in reason:
+                reason = f"{reason} ({pending['reason']})"
+            pending["reason"] = reason
+            return
+        self._dead_letter_records([dead_letters.record("data", reason, data)])
+
+    def refused(self, reason: str, message: Any, offset: Any = None) -> bool:
+        """A message the host refused (inject_message/inject_payload: a limit, an invalid message) or
+        an output failed (-1): a dict in lua_sandbox's table shape or protobuf bytes. It goes to the
+        dead-letter file whatever the plugin does with the error (refused_messages = "drop": it is
+        only counted). An input's is held until it moves on (settle_refused), so that the record
+        carries the checkpoint that skips it; returns True when it is held."""
+        if self.plugin.refused_messages == "drop":
+            self.stats.dropped += 1
+            return False
+        self.settle_refused(None)  # a plugin that ignores one refusal and makes another
+        rec = dead_letters.message_record(reason, message, offset=offset)
+        if self.plugin.type == "input":
+            self.pending_refusal = rec
+            return True
+        self._dead_letter_records([rec])
+        return False
+
+    def settle_refused(self, next_offset: Any) -> None:
+        """The input moved on (its next inject, a flush, the end of its call): write what it refused."""
+        rec, self.pending_refusal = self.pending_refusal, None
+        if rec is not None:
+            rec["next_offset"] = dead_letters.jsonable(next_offset)
+            self._dead_letter_records([rec])
 
     # Elasticsearch
     def new_es_sender(self, cfg: dict) -> tuple[Callable[..., Any], Callable[[], bool]]:
@@ -213,30 +254,6 @@ class _Host:
         return not self._es_types
 
 
-class DeadLetters:
-    """Messages hindsight-py could not deliver, with the reason: one JSON line each, a file per plugin."""
-
-    def __init__(self, directory: Path) -> None:
-        self.directory = directory
-        self._files: dict[str, Any] = {}
-
-    def write(self, plugin: str, reason: str, data: bytes) -> None:
-        import json
-
-        fh = self._files.get(plugin)
-        if fh is None:
-            self.directory.mkdir(parents=True, exist_ok=True)
-            fh = self._files[plugin] = open(self.directory / f"{plugin}.jsonl", "a", encoding="utf-8")
-        rec = {
-            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "plugin": plugin,
-            "reason": reason,
-            "data": data.decode("utf-8", "surrogateescape").encode("utf-8", "backslashreplace").decode(),
-        }
-        fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
-        fh.flush()
-
-
 class _Runner:
     def __init__(self, spec: ProcessSpec, channel: _Channel) -> None:
         self.spec = spec
@@ -244,7 +261,6 @@ class _Runner:
         self.hs = spec.hs
         self.logger = Logger(spec.log_level)
         self.output_path = self.hs.output_dir
-        self.dead_letters = DeadLetters(self.output_path / "dead_letter")
         self._input_writer: QueueWriter | None = None
         self.writer: QueueWriter  # where this process's plugins inject (outputs have none)
         self._commit_cb: Callable[[], None] = lambda: None
@@ -266,6 +282,9 @@ class _Runner:
         return sandbox, host
 
     def terminated(self, plugin: PluginConfig, err: str, host: _Host | None) -> None:
+        if host is not None:
+            host.settle_refused(None)  # normally written already, when the sandbox flushed
+        err += _limit_hint(plugin, err, host)
         log = self.logger.bind(plugin.name)
         if plugin.type == "input":
             log(3, f"detaching received: 1 msg: {err}")
@@ -276,6 +295,26 @@ class _Runner:
         self.channel.send("exit", plugin.name, STATUS_BITS[plugin.type], err, _stats_dict(host))
         if plugin.shutdown_on_terminate:
             os.kill(self.spec.supervisor_pid, signal.SIGTERM)
+
+
+_LIMITS = {"not enough memory": "memory_limit", "instruction_limit exceeded": "instruction_limit"}
+
+
+def _limit_hint(plugin: PluginConfig, err: str, host: _Host | None) -> str:
+    """For a plugin a sandbox limit terminated: which limit, where it was, and what to change."""
+    key = next((k for text, k in _LIMITS.items() if err.endswith(text)), None)
+    if key is None or plugin.language != "lua":
+        return ""
+    try:
+        cfg = plugin.cfg_path.relative_to(plugin.hs.base_dir)
+    except ValueError:
+        cfg = plugin.cfg_path
+    hint = f": {key} = {getattr(plugin, key)} ({cfg}) was reached"
+    if plugin.type == "input":
+        cp = host.checkpoint_value if host is not None else None
+        hint += (f" on the record at checkpoint {cp!r} (a file input: the record's byte offset)" if cp is not None
+                 else " on its first record (no checkpoint yet)")
+    return hint + f"; raise {key} in {cfg} to let the plugin through it"
 
 
 def _write_err_file(plugin: PluginConfig, err: str) -> None:
@@ -297,6 +336,7 @@ def _stats_dict(host: _Host | None) -> dict[str, int]:
         "indexed": s.indexed,
         "dead_lettered": s.dead_lettered,
         "set_aside": s.set_aside,
+        "dropped": s.dropped,
         "retried": s.retried,
         "discarded_bytes": s.discarded_bytes,
     }
@@ -340,6 +380,7 @@ def _run_input(r: _Runner) -> None:
             time.sleep(min(0.1, max(0.0, deadline - time.monotonic())))
         if r.channel.stop:
             break
+    host.settle_refused(None)
     if plugin.preserve_data:  # inputs keep state across clean restarts too (lsb_heka_destroy_sandbox)
         try:
             sandbox.save_state()

@@ -514,12 +514,14 @@ def run(cfg_path: str, log_level: int = 6) -> int:
     for name, err in summary.errors.items():
         log(3, f"{name}: {err}")
     aside = summary.total("set_aside")
+    dropped = summary.total("dropped")
     read = sum(s.get("injected", 0) for name, s in summary.stats.items() if name.startswith("input."))
     log(
         5 if status == 0 else 3,
         f"summary: read {read} messages, delivered {summary.total('indexed')} documents, "
         f"dead-lettered {dead}, retried {summary.total('retried')} requests, "
         + (f"set aside {aside} non-JSON payloads, " if aside else "")
+        + (f'dropped {dropped} refused messages (refused_messages = "drop"), ' if dropped else "")
         + f"{elapsed:.1f}s, exit status {status}"
         + (f" (see {hs.output_dir / 'dead_letter'})" if dead or aside else ""),
     )

@@ -33,7 +33,9 @@ RUN_TIMEOUT = 600
 SUMMARY = re.compile(
     r"hindsight summary: read (?P<read>\d+) messages, delivered (?P<delivered>\d+) documents, "
     r"dead-lettered (?P<dead>\d+), retried (?P<retried>\d+) requests, "
-    r"(?:set aside (?P<aside>\d+) non-JSON payloads, )?[\d.]+s, exit status (?P<status>\d+)"
+    r"(?:set aside (?P<aside>\d+) non-JSON payloads, )?"
+    r"(?:dropped (?P<dropped>\d+) refused messages \(refused_messages = \"drop\"\), )?"
+    r"[\d.]+s, exit status (?P<status>\d+)"
 )
 
 EVENT_NAMES = ("ListRoles", "GetObject", "AssumeRole", "DescribeInstances", "PutObject")

@@ -62,6 +62,9 @@ class FakeHost:
         self.input_injected: list[bytes] = []
         self.commits = 0
         self.dead_letters: list[tuple[str, bytes]] = []
+        # refused messages: (reason, message, offset, next_offset), as the host would write them
+        self.refusals: list[tuple[str, Any, Any, Any]] = []
+        self.refused_pending: list[Any] | None = None
         self.running = running
         # upstream's inject callbacks, for the upstream test harness: (pb | None, cp) -> rv
         self.inject_callback: Callable[[bytes | None, Any], int] | None = None
@@ -98,6 +101,17 @@ class FakeHost:
 
     def dead_letter(self, reason: str, data: bytes) -> None:
         self.dead_letters.append((reason, data))
+
+    def refused(self, reason: str, message: Any, offset: Any) -> bool:
+        self.settle_refused(None)
+        self.refused_pending = [reason, message, offset]
+        return True  # held until settle_refused, as an input's
+
+    def settle_refused(self, next_offset: Any) -> None:
+        if self.refused_pending is not None:
+            reason, message, offset = self.refused_pending
+            self.refusals.append((reason, message, offset, next_offset))
+            self.refused_pending = None
 
     def bulk_takeover(self, host: str, port: int, body: bytes) -> tuple[bool, str | None]:
         raise NotImplementedError

@@ -50,9 +50,7 @@ LAST_WITHOUT_NEWLINE = _good(6)
 
 
 def _dead_letter_bytes(record: dict) -> bytes:
-    if "source" in record:  # the bulk sender's: exact bytes through surrogateescape
-        return record["source"].encode("utf-8", "surrogateescape")
-    return record["data"].encode("utf-8")  # the input's: text (the lines here that reach it are ASCII)
+    return record["data"].encode("utf-8", "surrogateescape")  # one schema: exact bytes for every writer
 
 
 def test_every_line_of_a_mixed_file_is_indexed_or_dead_lettered(es8_url: str, scratch_index,

@@ -337,7 +337,7 @@ def test_max_retries_dead_letters_with_the_last_reason(tmp_path, dead_port):
     assert (result.indexed, result.dead_lettered, result.retried) == (0, 2, 2)
     assert sender.stats.requests == 3 and delays == [0.01, 0.02]
     letters = dead_letters(sender)
-    assert [d["source"] for d in letters] == ['{"a": 1}', '{"a": 2}']
+    assert [d["data"] for d in letters] == ['{"a": 1}', '{"a": 2}']
     assert letters[0]["status"] is None
     assert letters[0]["reason"].startswith("gave up after 2 retries: ")
     assert "refused" in letters[0]["reason"].lower()
@@ -421,7 +421,7 @@ def test_413_on_a_single_document_dead_letters_it(serve, tmp_path):
 
     assert (result.indexed, result.dead_lettered) == (0, 2)
     assert len(server.requests) == 3
-    assert [(d["status"], d["source"]) for d in dead_letters(sender)] == [
+    assert [(d["status"], d["data"]) for d in dead_letters(sender)] == [
         (413, '{"a": 1}'),
         (413, '{"a": 2}'),
     ]
@@ -442,7 +442,7 @@ def test_400_for_the_request_dead_letters_every_document_with_the_reason(serve, 
     assert (result.indexed, result.dead_lettered, result.retried) == (0, 2, 0)
     assert len(server.requests) == 1 and delays == []
     letters = dead_letters(sender)
-    assert [d["source"] for d in letters] == ['{"a": 1}', '{"b": 2}']
+    assert [d["data"] for d in letters] == ['{"a": 1}', '{"b": 2}']
     assert letters[0]["status"] == 400
     assert letters[0]["error"] == error
     assert letters[0]["action"] == {"index": {"_index": "t", "_type": "doc"}}
@@ -481,7 +481,7 @@ def test_items_429_are_retried_alone_and_items_400_dead_lettered(serve, tmp_path
     assert delays == [0.01]
     [letter] = dead_letters(sender)
     assert letter["status"] == 400
-    assert letter["source"] == '{"x": "three"}'
+    assert letter["data"] == '{"x": "three"}'
     assert letter["error"] == mapping
     assert letter["reason"] == (
         "mapper_parsing_exception: failed to parse field [x] (caused by illegal_argument_exception: not an object)"
@@ -526,7 +526,7 @@ def test_items_map_to_documents_even_with_a_delete_action(serve, tmp_path):
 
     assert (result.indexed, result.dead_lettered) == (2, 1)
     [letter] = dead_letters(sender)
-    assert (letter["status"], letter["source"]) == (409, '{"c": 3}')
+    assert (letter["status"], letter["data"]) == (409, '{"c": 3}')
 
 
 def test_documents_without_an_item_are_dead_lettered_not_assumed_indexed(serve, tmp_path):
@@ -563,7 +563,7 @@ def test_dead_letter_keeps_invalid_utf8_recoverable(serve, tmp_path):
     source = b'{"a":"\xff\xfe"}'
     sender.send(b'{"index":{}}\n' + source + b"\n", 1)
     [letter] = dead_letters(sender)
-    assert letter["source"].encode("utf-8", "surrogateescape") == source
+    assert letter["data"].encode("utf-8", "surrogateescape") == source
 
 
 # -- detection and helpers -----------------------------------------------------------------
@@ -687,7 +687,7 @@ def test_real_server_mapping_conflict_is_dead_lettered_with_its_reason(cluster, 
     assert cluster.count() == 1
     [letter] = dead_letters(sender)
     assert letter["status"] == 400
-    assert letter["source"] == '{"x": "a string"}'
+    assert letter["data"] == '{"x": "a string"}'
     assert letter["action"] == {"index": {"_index": cluster.index}}
     assert letter["error"]["type"] in ("document_parsing_exception", "mapper_parsing_exception")
     assert "[x]" in letter["reason"]
@@ -730,5 +730,5 @@ def test_sources_that_are_not_json_objects_are_set_aside_without_being_sent(serv
     assert len(server.requests) == 1
     assert b"message analysed" not in server.requests[0].body
     letters = dead_letters(sender)
-    assert [d["source"] for d in letters] == ["1000 message analysed"]
+    assert [d["data"] for d in letters] == ["1000 message analysed"]
     assert "not a JSON object" in letters[0]["reason"]

@@ -380,7 +380,7 @@ def test_upstream_run_ships_every_line(upstream_shipped: Shipped, cloudtrail_hea
     assert summary["dead"] == 0 and summary["status"] == 0
     assert upstream_shipped.count_after_first == cloudtrail_head.count
     aside = counter_dead_letters(upstream_shipped)
-    sources = [record["source"] for record in aside]
+    sources = [record["data"] for record in aside]
     assert all(re.fullmatch(r"\d+ message analysed", s) for s in sources), sources
     assert f"{cloudtrail_head.count} message analysed" in sources
     # every payload set aside in the first run is on disk, and counted in its summary

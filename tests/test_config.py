@@ -108,6 +108,7 @@ def test_minimal_config_gets_upstream_defaults(root: Path) -> None:
         "preserve_data": False,
         "restricted_headers": False,
         "shutdown_on_terminate": False,
+        "refused_messages": "dead_letter",  # hindsight-py's
     }
     assert hs.analysis_defaults["restricted_headers"] is True
     assert hs.analysis_defaults["process_message_inject_limit"] == 0
@@ -292,6 +293,11 @@ def test_wrong_types_and_ranges(root: Path, line: str, key: str, reason: str) ->
         ),
         ("output_defaults = {read_queue = 1}", "output_defaults.read_queue", "read_queue must be set to a string"),
         (
+            "analysis_defaults = {refused_messages = 'lose'}",
+            "analysis_defaults.refused_messages",
+            'analysis_defaults.refused_messages must be "dead_letter" or "drop", not "lose"',
+        ),
+        (
             "input_defaults = {memory_limit = -5}",
             "input_defaults.memory_limit",
             "memory_limit must be an unsigned int",
@@ -458,6 +464,15 @@ def test_plugin_wrong_type_names_file_and_key(root: Path) -> None:
     assert info.value.file == "run/input/file.cfg"
 
 
+def test_refused_messages_per_plugin_over_the_type_default(root: Path) -> None:
+    hs = load_hs(root, tables=defaults(input='{refused_messages = "drop"}'))
+    assert hs.input_defaults["refused_messages"] == "drop" and hs.output_defaults["refused_messages"] == "dead_letter"
+    drop = load_plugin_config(write_plugin(root, "input", "a", 'filename = "x.lua"\n'), "input", hs)
+    keep = load_plugin_config(write_plugin(root, "input", "b", 'filename = "x.lua"\nrefused_messages = "dead_letter"\n'),
+                              "input", hs)
+    assert (drop.refused_messages, keep.refused_messages) == ("drop", "dead_letter")
+
+
 @pytest.mark.parametrize(
     ("body", "key", "reason"),
     [
@@ -468,6 +483,8 @@ def test_plugin_wrong_type_names_file_and_key(root: Path) -> None:
         # Upstream reports "preserve_data must be set to a bool" for these two.
         ("restricted_headers = 1", "restricted_headers", "restricted_headers must be set to a bool"),
         ("shutdown_on_terminate = 'no'", "shutdown_on_terminate", "shutdown_on_terminate must be set to a bool"),
+        ("refused_messages = 'keep'", "refused_messages", 'refused_messages must be "dead_letter" or "drop", not "keep"'),
+        ("refused_messages = false", "refused_messages", 'refused_messages must be "dead_letter" or "drop", not a boolean'),
     ],
 )
 def test_plugin_type_errors(root: Path, body: str, key: str, reason: str) -> None:

@@ -196,7 +196,7 @@ def test_a_rejected_document_is_dead_lettered_with_the_reason_and_the_rest_index
     finally:
         cluster.close()
     letters = pipeline.dead_letters()
-    assert [letter["source"].encode() for letter in letters] == [lines[7]]
+    assert [letter["data"].encode() for letter in letters] == [lines[7]]
     assert letters[0]["status"] == 400 and "rejected by the test" in letters[0]["reason"]
     assert pipeline.summary() == {"read": 20, "delivered": 19, "dead": 1}
 

@@ -30,9 +30,10 @@ def py_sandbox(tmp_path: Path, source: str, kind: str = "analysis", host: FakeHo
         name=f"{kind}.p{n}", type=kind, source_path=f, runtime_cfg=kw.pop("cfg", "") + "\nLogger = 'test.plugin'\n",
         rtc_path=tmp_path / f"{kind}.p{n}.rtc", restricted_headers=kw.pop("restricted", kind == "analysis"),
         output_limit=kw.pop("output_limit", 65536), async_buffer_size=kw.pop("async_buffer_size", 0),
-        preserve_data=kw.pop("preserve_data", False),
+        preserve_data=kw.pop("preserve_data", False), refused_messages=kw.pop("refused_messages", "dead_letter"),
     )
-    hs = SimpleNamespace(hostname="test.host", max_message_size=65536, output_dir=tmp_path)
+    hs = SimpleNamespace(hostname="test.host", max_message_size=kw.pop("max_message_size", 65536),
+                         output_dir=tmp_path)
     host = host or FakeHost()
     sb = PythonSandbox(plugin, hs, host, log_level=7, pid=0)
     sb.load()
@@ -74,7 +75,8 @@ def test_input_inject_forms_and_checkpoints(tmp_path: Path) -> None:
     assert host.messages()[0].logger == "input.p0" and host.checkpoints[-1] == 3
 
 
-def test_input_inject_lines(tmp_path: Path) -> None:
+@pytest.mark.parametrize("refused_messages", ["drop", "dead_letter"])
+def test_input_inject_lines(tmp_path: Path, refused_messages: str) -> None:
     long_line = "x" * 70000
     sb, host = py_sandbox(tmp_path, f"""
         def process_message(cp):
@@ -90,12 +92,19 @@ def test_input_inject_lines(tmp_path: Path) -> None:
             assert (n, too_long) == (4, [(70000, 5)]), (n, too_long)
             assert inject_lines(b"last", 3) == 1
             return 0
-    """, "input")
+    """, "input", refused_messages=refused_messages)
     assert sb.run_input(None) == (0, None)
-    assert [hmsg.payload_of(hmsg.encode(m)) for m in host.messages()] == [b"a", b"", b"b", b"c", b"last"]
-    assert [m.type for m in host.messages()] == ["t"] * 4 + [None]
-    assert [m.logger for m in host.messages()] == ["input.p0"] * 5
-    assert host.checkpoints[-1] == 3  # (the failed call queued nothing: the messages above)
+    payloads = [hmsg.payload_of(hmsg.encode(m)) for m in host.messages()]
+    if refused_messages == "drop":  # the failed call queued nothing (upstream's way): the messages above
+        assert payloads == [b"a", b"", b"b", b"c", b"last"]
+        assert [m.type for m in host.messages()] == ["t"] * 4 + [None]
+    else:  # the host kept the long line and queued the others, with the checkpoint, before the error
+        assert payloads == [b"a", b"", b"b", b"c", b"not yet", b"a", b"", b"b", b"c", b"last"]
+        [(reason, message, offset, next_offset)] = host.refusals
+        assert message == {"Payload": long_line.encode()} and (offset, next_offset) == (None, 1)
+        assert "the line at byte 5 (70000 bytes) exceeds max_message_size (65536)" in reason
+    assert {m.logger for m in host.messages()} == {"input.p0"}
+    assert host.checkpoints[-1] == 3
 
 
 def test_input_stop_at_the_sync_point(tmp_path: Path) -> None:

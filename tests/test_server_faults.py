@@ -247,7 +247,7 @@ def test_rejected_documents_are_dead_lettered_with_the_servers_reason(kind: str,
         assert letter["status"] == 400
         assert reason in letter["reason"], letter["reason"]
         assert letter["action"]["index"]["_index"] == index.name
-    assert sorted(json.loads(d["source"])["eventID"] for d in letters) == sorted(event_id(s) for s in rejected)
+    assert sorted(json.loads(d["data"])["eventID"] for d in letters) == sorted(event_id(s) for s in rejected)
     # reported at the default log level, with the server's reason
     assert any("documents dead-lettered" in line and reason in line for line in result.stderr.splitlines())
     assert index.refreshed_count() == 1000 - len(rejected)

@@ -19,14 +19,12 @@ from __future__ import annotations
 import gzip as gzip_module
 import json
 import logging
-import os
 import random
 import re
 import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
@@ -34,7 +32,7 @@ from urllib.parse import unquote, urlsplit
 import urllib3
 from urllib3.exceptions import HTTPError as Urllib3Error
 
-from hindsight_py import _accel
+from hindsight_py import _accel, dead_letters
 
 try:
     import orjson
@@ -679,30 +677,16 @@ class BulkSender:
     ) -> None:
         if not docs:
             return
-        stamp = datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-        lines = []
+        records = []
         for doc in docs:
             try:
                 action: Any = _loads(doc.action)
             except ValueError:
                 action = doc.action.decode("utf-8", "surrogateescape")
-            record = {
-                "time": stamp,
-                "status": status,
-                "reason": reason,
-                "error": error,
-                "action": action,
-                # surrogateescape + ASCII JSON keeps even invalid UTF-8 recoverable byte for byte.
-                "source": None if doc.source is None else doc.source.decode("utf-8", "surrogateescape"),
-            }
-            lines.append(json.dumps(record, separators=(",", ":")) + "\n")
-        self.dead_letter_path.parent.mkdir(parents=True, exist_ok=True)
-        # The caller commits its checkpoint right after send returns: the dead letters must
-        # be on disk first.
-        with open(self.dead_letter_path, "a", encoding="ascii") as fh:
-            fh.writelines(lines)
-            fh.flush()
-            os.fsync(fh.fileno())
+            records.append(dead_letters.record("document", reason, doc.source, status=status, error=error,
+                                               action=action))
+        # The caller commits its checkpoint right after send returns: the writer fsync()s first.
+        dead_letters.dead_letter_file(self.dead_letter_path).append(records)
         result.dead_lettered += len(docs)
         self.stats.dead_lettered += len(docs)
         self._log(LOG_WARNING, f"{len(docs)} documents dead-lettered to {self.dead_letter_path}: {reason}")

@@ -59,6 +59,7 @@ def create_sandbox(plugin: PluginConfig, hs: HindsightConfig, host: Any, *, log_
         async_buffer_size=plugin.async_buffer_size or 0,
         preserve_data=plugin.preserve_data,
         state_path=hs.output_dir / f"{plugin.name}.data",
+        refused_messages=plugin.refused_messages,
     )
 
 

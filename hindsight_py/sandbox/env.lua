@@ -731,7 +731,9 @@ if plugin_type == "output" then
     end
 end
 
-local function add_to_payload_from(first, depth, ...)
+-- overflow: inject_payload's function(i, s, ...), called before the output_limit error with the
+-- part that did not fit (s, the i-th argument) and all the arguments
+local function add_to_payload_from(first, depth, overflow, ...)
     for i = first, select("#", ...) do
         local v = select(i, ...)
         local t = type(v)
@@ -748,6 +750,7 @@ local function add_to_payload_from(first, depth, ...)
         end
         payload_len = payload_len + #s
         if output_limit > 0 and payload_len > output_limit then
+            if overflow then overflow(i, s, ...) end
             error("output_limit exceeded", depth + 3)
         end
         payload[#payload + 1] = s
@@ -756,7 +759,7 @@ end
 
 local function add_to_payload(...)
     if select("#", ...) == 0 then argerror(0, "must have at least one argument") end
-    add_to_payload_from(1, 0, ...)
+    add_to_payload_from(1, 0, nil, ...)
 end
 
 ----------------------------------------------------------------------------------------------------
@@ -797,7 +800,42 @@ local FLUSH_COUNT = host.flush_count or 1000
 local FLUSH_BYTES = host.flush_bytes or (256 * 1024)
 local max_message_size = host.max_message_size or 65536
 
+-- hindsight-py: a message the host refuses (a limit, an invalid message table) is not lost, whatever
+-- the plugin does with the error (docs/delivery.md). It crosses to the host, which dead-letters it
+-- (refused_messages = "dead_letter", the default) or counts it (= "drop"), and then the error is
+-- raised as upstream raises it. An input's refusal is written when the plugin moves on: at its next
+-- inject (whose checkpoint the record gets) or the next flush, always before a checkpoint passes it.
+-- Only the refused path crosses: the normal path pays one nil check per inject.
+local host_refused, host_settle = host.refused, host.settle_refused
+local take_refused = host_refused ~= nil and host.refused_messages ~= "drop" -- the host keeps what it refuses
+local refusal_pending = false
+local last_cp = nil -- an input's checkpoint: the one it was started with, then the latest it passed
+
+local function host_call(fn, ...)
+    internal = true
+    local ok, r = pcall(fn, ...)
+    internal = false
+    if not ok then
+        -- the refused message could not be set aside: the call fails even if the plugin pcalls it
+        limit_tripped = "failed to write a refused message to the dead-letter file: " .. tostring(r)
+        error(limit_tripped, 0)
+    end
+    return r
+end
+
+local function settle_refusal(next_cp)
+    refusal_pending = false
+    host_call(host_settle, next_cp)
+end
+
+-- msg: a message table, protobuf string, or nil (nothing that can be kept)
+local function refuse(msg, reason)
+    if host_refused == nil or msg == nil then return end
+    if host_call(host_refused, reason, msg, last_cp) then refusal_pending = true end
+end
+
 local function flush()
+    if refusal_pending then settle_refusal(nil) end
     if out_msgs == 0 and not have_cp then return end
     internal = true
     local data = out_n > 0 and tconcat(out, "", 1, out_n) or ""
@@ -837,13 +875,17 @@ local function queue_table(t, what, depth)
     if not ok then
         for i = out_n + 1, #out do out[i] = nil end
         internal = false
-        local e = n2
-        if e == nil or e == "" then e = "exceeded output_limit" end
-        error(what .. "() failed: " .. tostring(e), 3 + (depth or 0))
+        local e, detail = n2, ""
+        if e == nil or e == "" then e, detail = "exceeded output_limit", sformat(" (output_limit = %d)", output_limit) end
+        e = what .. "() failed: " .. tostring(e)
+        refuse(t, e .. detail)
+        error(e, 3 + (depth or 0))
     end
     if size > max_message_size then
         for i = out_n + 1, n2 do out[i] = nil end
         internal = false
+        refuse(t, sformat("%s() failed: exceeded max_message_size (the message is %d bytes, max_message_size = %d)",
+            what, size, max_message_size))
         error(what .. "() failed: exceeded max_message_size", 3 + (depth or 0))
     end
     for i = out_n + 1, n2 do out_bytes = out_bytes + #out[i] end
@@ -859,13 +901,20 @@ end
 
 -- The protobuf of message table t, or an error worded for `what` at the caller of the API function
 -- (depth: the frames between encode_checked and that function).
-local function encode_checked(t, what, empty_reason, depth)
+local function encode_checked(t, what, empty_reason, depth, injecting)
     local ok, s = pcall(pb.encode, t, penv)
     if not ok then
-        if s == nil or s == "" then s = empty_reason end
-        error(what .. "() failed: " .. tostring(s), depth + 3)
+        local detail = ""
+        if s == nil or s == "" then s, detail = empty_reason, sformat(" (output_limit = %d)", output_limit) end
+        s = what .. "() failed: " .. tostring(s)
+        if injecting then refuse(t, s .. detail) end
+        error(s, depth + 3)
     end
     if #s > max_message_size then
+        if injecting then
+            refuse(t, sformat("%s() failed: exceeded max_message_size (the message is %d bytes, "
+                .. "max_message_size = %d)", what, #s, max_message_size))
+        end
         error(what .. "() failed: exceeded max_message_size", depth + 3)
     end
     return s
@@ -884,6 +933,11 @@ local function callback_rejected(rv, depth)
 end
 
 local inject_budget = -1 -- analysis only; -1 = unlimited
+local inject_budget_limit, inject_budget_name = -1, "process_message_inject_limit" -- for the dead letter
+
+local function set_inject_budget(limit, name)
+    inject_budget, inject_budget_limit, inject_budget_name = limit, limit, name
+end
 
 ----------------------------------------------------------------------------------------------------
 -- Stream readers (inputs): userdata, as lua_sandbox's, with the state kept here
@@ -998,11 +1052,22 @@ end
 ----------------------------------------------------------------------------------------------------
 -- inject_message
 ----------------------------------------------------------------------------------------------------
+-- what of an inject_message argument the host can keep: a table, a string, a stream reader's message
+local function keepable(msg)
+    local t = type(msg)
+    if t == "table" or t == "string" then return msg end
+    if t == "userdata" and readers[msg] then return readers[msg].raw end
+    return nil
+end
+
 local function inject_input(msg, cp)
     local ct = type(cp)
     if ct ~= "nil" and ct ~= "number" and ct ~= "string" then
-        error("inject_message() unsupported checkpoint type: " .. ct, 2)
+        local e = "inject_message() unsupported checkpoint type: " .. ct
+        refuse(keepable(msg), e)
+        error(e, 2)
     end
+    if refusal_pending then settle_refusal(cp) end -- the plugin moved on: cp is the one that skips it
     local t = type(msg)
     if inject_cb then -- upstream's per-message callback (test harness): encode, ask, then queue
         local raw
@@ -1029,7 +1094,10 @@ local function inject_input(msg, cp)
         if not raw then error("inject_message() attempted to inject a nil message", 2) end
         queue_framed(pb.frame(raw))
     elseif t == "string" then
-        if not pb.valid(msg) then error("inject_message() attempted to inject a invalid protobuf string", 2) end
+        if not pb.valid(msg) then
+            refuse(msg, "inject_message() attempted to inject a invalid protobuf string")
+            error("inject_message() attempted to inject a invalid protobuf string", 2)
+        end
         queue_framed(pb.frame(msg))
     elseif t == "nil" then
         if cp == nil then error("inject_message() message cannot be nil without a checkpoint update", 2) end
@@ -1040,6 +1108,7 @@ local function inject_input(msg, cp)
         if ct == "string" and #cp >= 8192 then error("inject_message() failed: checkpoint update", 2) end
         pending_cp = cp
         have_cp = true
+        last_cp = cp
         if msg == nil then -- a shutdown sync point (upstream asks its host at every one)
             if out_msgs == 0 then running = host.is_running() end
             if not running then error("shutting down", 0) end -- a clean stop requested here
@@ -1061,7 +1130,11 @@ local function inject_table_only(msg, depth)
         queue_framed(pb.frame(raw))
         return
     end
-    if inject_budget == 0 then error("inject_message() failed: injection limit exceeded", 2 + depth) end
+    if inject_budget == 0 then
+        refuse(msg, sformat("inject_message() failed: injection limit exceeded (%s = %d)", inject_budget_name,
+            inject_budget_limit))
+        error("inject_message() failed: injection limit exceeded", 2 + depth)
+    end
     if inject_budget > 0 then inject_budget = inject_budget - 1 end
     queue_table(msg, "inject_message", depth)
 end
@@ -1085,9 +1158,11 @@ end
 
 -- hindsight-py extension: a message a plugin cannot pass on goes to the dead-letter file, with its
 -- reason, and is counted; plugins test `if dead_letter then` to stay portable to upstream.
+local dead_lettered = false -- the plugin called dead_letter() for the current message (run_batch)
 env.dead_letter = function(reason, data)
     if type(reason) ~= "string" then typeerror(1, "string", 0, reason, data) end
     if data ~= nil and type(data) ~= "string" then typeerror(2, "string", 0, reason, data) end
+    dead_lettered = true
     host.dead_letter(reason, data or "")
 end
 
@@ -1127,7 +1202,23 @@ elseif plugin_type == "analysis" then
         local ptype, pname = ...
         if n > 0 and type(ptype) ~= "string" then error("inject_payload() payload_type argument must be a string", 2) end
         if n > 1 and type(pname) ~= "string" then error("inject_payload() payload_name argument must be a string", 2) end
-        if n > 2 then add_to_payload_from(3, 0, ...) end
+        if n > 2 then
+            add_to_payload_from(3, 0, function(i, s, ...)
+                -- the payload the host was handed goes to the dead-letter file whole: the buffer,
+                -- this part and the parts after it (as text, however they would have failed)
+                local whole = { tconcat(payload), s }
+                for j = i + 1, select("#", ...) do
+                    local v = select(j, ...)
+                    local tv = type(v)
+                    whole[#whole + 1] = tv == "string" and v or tv == "number" and format_number(v)
+                        or tv == "userdata" and userdata_output(v) or tostring(v)
+                end
+                refuse({ Type = "inject_payload", Payload = tconcat(whole),
+                    Fields = { payload_type = ptype or "txt", payload_name = pname } },
+                    sformat("inject_payload() output_limit exceeded (output_limit = %d)", output_limit))
+                if take_refused then clear_payload() end -- the host has it: it is not sent later
+            end, ...)
+        end
         if payload_len == 0 then return end
         -- built as upstream builds it (two hash slots up front), so `next` gives the same field order
         local fields = { payload_type = ptype or "txt", payload_name = pname }
@@ -1142,7 +1233,7 @@ else -- output
         -- hindsight-py: an output may inject into the input queue (a table only)
         env.inject_message = function(msg)
             if type(msg) ~= "table" then typeerror(1, "table", 0, msg) end
-            host.inject_input(pb.frame(encode_checked(msg, "inject_message", "exceeded output_limit", 0)))
+            host.inject_input(pb.frame(encode_checked(msg, "inject_message", "exceeded output_limit", 0, true)))
         end
     end
     env.read_message = read_message
@@ -1215,6 +1306,7 @@ local control = {}
 function control.flush_files() flush_written_files() end
 
 local PM_NOT_FOUND = "process_message() function was not found"
+local PM_LIMIT = "process_message_inject_limit"
 
 -- an error value as lua_tostring sees it
 local function error_text(e)
@@ -1274,6 +1366,7 @@ function control.run_input(cp)
     local pm = rawget(env, "process_message")
     if type(pm) ~= "function" then return false, PM_NOT_FOUND end
     reset_instructions()
+    last_cp = cp
     local ok, rc, msg = pcall(pm, cp)
     local good, a, b = check_rc("process_message", ok, rc, msg)
     if not good and a == "process_message() shutting down" then good, a, b = true, 0, nil end
@@ -1291,7 +1384,7 @@ local function fire_timer(ns, shutdown, inject_limit, index)
     local te = rawget(env, "timer_event")
     if type(te) ~= "function" then return false, "timer_event() function was not found" end
     reset_instructions()
-    inject_budget = inject_limit
+    set_inject_budget(inject_limit, "timer_event_inject_limit")
     cur_index = index
     local ok, err = pcall(te, ns, shutdown)
     flush()
@@ -1342,7 +1435,8 @@ function control.run_batch(msgs, n, inject_limit)
         current = msgs[i]
         cur_index = i
         reset_instructions()
-        inject_budget = inject_limit
+        inject_budget, inject_budget_limit, inject_budget_name = inject_limit, inject_limit, PM_LIMIT
+        dead_lettered = false
         seq_counter = seq_counter + 1
         local ok, rc, msg = pcall(pm, seq_counter)
         local good, a, b = check_rc("process_message", ok, rc, msg)
@@ -1359,6 +1453,12 @@ function control.run_batch(msgs, n, inject_limit)
             if rc == -1 then
                 failures = failures + 1
                 if b then log(4, sformat("received: %d msg: %s", rc, b)) end
+                -- an output that failed a message has not delivered it: the host keeps it, unless the
+                -- plugin dead-lettered it itself (hindsight-py's elasticsearch_bulk_api.lua does)
+                if plugin_type == "output" and not dead_lettered then
+                    refuse(current, b and "process_message() returned -1: " .. tostring(b)
+                        or "process_message() returned -1")
+                end
             end
             if not batching and async_size == 0 then commit_index = i end
         elseif rc == -3 then

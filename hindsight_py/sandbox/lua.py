@@ -40,6 +40,9 @@ class SandboxHost(Protocol):
     def new_es_sender(self, cfg: dict) -> tuple[Callable[..., Any], Callable[[], bool]]: ...
     def drop_es_types(self) -> bool: ...
     def dead_letter(self, reason: str, data: bytes) -> None: ...
+    # optional: refused messages (runner._Host.refused)
+    # def refused(self, reason: str, message: Any, offset: Any) -> bool: ...
+    # def settle_refused(self, next_offset: Any) -> None: ...
     def bulk_takeover(self, host: str, port: int, body: bytes) -> tuple[bool, str | None]: ...
 
 
@@ -67,6 +70,7 @@ class LuaSandbox:
         disable_modules: Sequence[str] = (),
         preserve_data: bool = False,
         state_path: Path | None = None,
+        refused_messages: str = "dead_letter",
     ) -> None:
         self._preserve_data = preserve_data
         self._state_path = state_path
@@ -80,7 +84,7 @@ class LuaSandbox:
             plugin_type=plugin_type, name=name, path=path, cpath=cpath, logger=logger, hostname=hostname,
             pid=pid, log_level=log_level, output_limit=output_limit, restricted_headers=restricted_headers,
             max_message_size=max_message_size, runtime_cfg=runtime_cfg, async_buffer_size=async_buffer_size,
-            disable_modules=tuple(disable_modules),
+            disable_modules=tuple(disable_modules), refused_messages=refused_messages,
         )
         self._build(**self._settings)
 
@@ -101,6 +105,7 @@ class LuaSandbox:
         runtime_cfg: str,
         async_buffer_size: int,
         disable_modules: Sequence[str],
+        refused_messages: str,
     ) -> None:
         """A fresh Lua runtime with the sandbox environment, the plugin not loaded yet."""
         host = self._host
@@ -148,6 +153,10 @@ class LuaSandbox:
                 "preload_provider": self._preload,
                 "drop_es_types": host.drop_es_types,
                 "dead_letter": self._dead_letter_from_lua,
+                # refused messages (hosts without them: the upstream test harness)
+                "refused": self._refused_from_lua if hasattr(host, "refused") else None,
+                "settle_refused": self._settle_from_lua,
+                "refused_messages": refused_messages,
                 "bulk_takeover": self._bulk_takeover,
                 # upstream's per-call callbacks, when the host has them (the lua_sandbox test harness)
                 "inject_callback": getattr(host, "inject_callback", None),
@@ -187,6 +196,14 @@ class LuaSandbox:
 
     def _dead_letter_from_lua(self, reason: bytes, data: bytes) -> None:
         self._host.dead_letter(reason.decode("utf-8", "replace"), data)
+
+    def _refused_from_lua(self, reason: bytes, msg: Any, offset: Any) -> bool:
+        # a protobuf string stays bytes; a message table becomes a dict (its strings as text)
+        message = msg if isinstance(msg, bytes) else lua_to_python(msg)
+        return bool(self._host.refused(reason.decode("utf-8", "replace"), message, lua_to_python(offset)))
+
+    def _settle_from_lua(self, next_offset: Any) -> None:
+        self._host.settle_refused(lua_to_python(next_offset))
 
     def _create_matcher(self, expr: bytes) -> Any:
         m = self._host.create_matcher(expr.decode("utf-8", "surrogateescape"))

@@ -97,12 +97,20 @@ class PythonSandbox:
         self._current: bytes | None = None
         self._current_msg: hmsg.Message | None = None
         self._inject_budget = -1
+        self._budget = ("process_message_inject_limit", -1)  # the limit _inject_budget started from
         self._seq = 0
         self._cur_index = 0
         self._commit_index = 0
         self._batching = False
         self._acks: list[int] = []
         self._failures = 0
+        # refused messages (docs/delivery.md): the host keeps them unless refused_messages = "drop"
+        self._host_refused = getattr(host, "refused", None)
+        self._take_refused = self._host_refused is not None and plugin.refused_messages != "drop"
+        self._refusal_pending = False
+        self._last_cp: Any = None  # an input's checkpoint: the one it was started with, then its latest
+        self._dead_lettered = False  # the plugin called dead_letter() in the current call (outputs' -1)
+        self._fatal: str | None = None  # the host could not keep a refused message: the call fails
 
     # -- lifecycle ----------------------------------------------------------------------------
     def load(self) -> None:
@@ -139,14 +147,17 @@ class PythonSandbox:
             api._current = prev
 
     def run_input(self, checkpoint: Any) -> tuple[int, str | None]:
+        self._last_cp = checkpoint
         try:
             result = self._call(self._module.process_message, checkpoint)
         except _ShuttingDown:
             result = 0
-        except Exception as e:
+        except (Exception, _HostFailure) as e:
             self._flush()
             raise PluginError(f"process_message() {type(e).__name__}: {e}") from None
         self._flush()
+        if self._fatal:  # the plugin caught it
+            raise PluginError(f"process_message() {self._fatal}")
         rc, msg = _split_result(result)
         return rc, msg
 
@@ -155,6 +166,7 @@ class PythonSandbox:
             return self._run_whole_batch(raws, inject_limit)
         pm = self._module.process_message
         is_output = self.plugin_type == "output"
+        budget = ("process_message_inject_limit", inject_limit)
         self._commit_index = 0
         fails_before = self._failures
         prev = api._current
@@ -165,11 +177,15 @@ class PythonSandbox:
                 self._current_msg = None
                 self._cur_index = i
                 self._inject_budget = inject_limit
+                self._budget = budget
                 self._seq += 1
+                self._dead_lettered = False
                 try:
                     # analysis plugins take no argument; outputs get the sequence id (as upstream)
                     rc, msg = _split_result(pm(self._seq) if is_output else pm())
-                except Exception as e:
+                    if self._fatal:  # the plugin caught it
+                        raise _HostFailure(self._fatal)
+                except (Exception, _HostFailure) as e:
                     self._flush()
                     err = str(e) if isinstance(e, PluginError) else f"process_message() {type(e).__name__}: {e}"
                     return BatchResult(i - 1, "terminate", err, self._commit_index, self._failures - fails_before,
@@ -182,6 +198,8 @@ class PythonSandbox:
                         self._failures += 1
                         if msg:
                             self.log(4, f"received: {rc} msg: {msg}")
+                        if is_output and not self._dead_lettered:  # not delivered: the host keeps it
+                            self._refuse(raw, _failed_reason("process_message", msg))
                     if not self._batching and not self.plugin.async_buffer_size:
                         self._commit_index = i
                 elif rc == -3:
@@ -219,10 +237,14 @@ class PythonSandbox:
         the batch, -4 holds it (commit later with update_checkpoint()), -3 offers it again, -1/-2
         skip it, > 0 terminates."""
         self._inject_budget = inject_limit
+        self._budget = ("process_message_inject_limit", inject_limit)
         self._seq += len(raws)
+        self._dead_lettered = False
         try:
             rc, msg = _split_result(self._call(self._batch_fn, raws))
-        except Exception as e:
+            if self._fatal:  # the plugin caught it
+                raise _HostFailure(self._fatal)
+        except (Exception, _HostFailure) as e:
             self._flush()
             err = str(e) if isinstance(e, PluginError) else f"process_messages() {type(e).__name__}: {e}"
             return BatchResult(0, "terminate", err, 0, 0, self._batching)
@@ -244,6 +266,9 @@ class PythonSandbox:
             if msg:
                 self.log(4, f"received: {rc} msg: {msg}")
             failed = n if rc == -1 else 0
+            if failed and self.plugin_type == "output" and not self._dead_lettered:
+                for raw in raws:  # a batch the output failed is not delivered: the host keeps it
+                    self._refuse(raw, _failed_reason("process_messages", msg))
             return BatchResult(n, "ok", None, 0 if self._batching else n, failed, self._batching)
         if rc > 0:
             return BatchResult(0, "terminate", "process_messages() received a termination status code", 0, 0,
@@ -255,9 +280,12 @@ class PythonSandbox:
         if te is None:
             raise PluginError("timer_event() function was not found")
         self._inject_budget = inject_limit
+        self._budget = ("timer_event_inject_limit", inject_limit)
         try:
             self._call(te, ns, shutdown)
-        except Exception as e:
+            if self._fatal:  # the plugin caught it
+                raise _HostFailure(self._fatal)
+        except (Exception, _HostFailure) as e:
             raise PluginError(f"timer_event() {type(e).__name__}: {e}") from None
         finally:
             self._flush()
@@ -321,22 +349,35 @@ class PythonSandbox:
     def inject(self, msg: Any, checkpoint: Any) -> None:
         if checkpoint is not None:
             if self.plugin_type != "input":
+                self._refuse(msg, "inject_message() checkpoints are for input plugins")
                 raise ValueError("inject_message() checkpoints are for input plugins")
             if not isinstance(checkpoint, (int, float, str)) or isinstance(checkpoint, bool):
-                raise TypeError(f"inject_message() unsupported checkpoint type: {type(checkpoint).__name__}")
+                err = f"inject_message() unsupported checkpoint type: {type(checkpoint).__name__}"
+                self._refuse(msg, err)
+                raise TypeError(err)
             if isinstance(checkpoint, str) and len(checkpoint.encode()) >= 8192:
+                self._refuse(msg, "inject_message() failed: checkpoint update (8192 bytes or more)")
                 raise ValueError("inject_message() failed: checkpoint update")
+        if self._refusal_pending:
+            self._settle(checkpoint)  # the plugin moved on: this checkpoint is the one that skips it
         if msg is None:
             if checkpoint is None or self.plugin_type != "input":
                 raise ValueError("inject_message() message cannot be nil without a checkpoint update")
         else:
             if self.plugin_type == "analysis":
                 if self._inject_budget == 0:
+                    self._refuse(msg, "inject_message() failed: injection limit exceeded ({} = {})".format(*self._budget))
                     raise RuntimeError("inject_message() failed: injection limit exceeded")
                 if self._inject_budget > 0:
                     self._inject_budget -= 1
-            raw = self._encode(msg)
+            try:
+                raw = self._encode(msg)
+            except Exception as e:
+                self._refuse(msg, str(e) if str(e).startswith("inject_message()") else f"inject_message() failed: {e}")
+                raise
             if len(raw) > self._max_message_size:
+                self._refuse(raw, f"inject_message() failed: exceeded max_message_size (the message is {len(raw)} "
+                                  f"bytes, max_message_size = {self._max_message_size})")
                 raise ValueError("inject_message() failed: exceeded max_message_size")
             framed = hmsg.frame(raw)
             if self.plugin_type == "output":
@@ -348,6 +389,7 @@ class PythonSandbox:
         if checkpoint is not None:
             self._cp = checkpoint
             self._has_cp = True
+            self._last_cp = checkpoint
         if self._out_count >= FLUSH_COUNT or self._out_bytes >= FLUSH_BYTES:
             self._flush()
         elif self._has_cp and time.monotonic() - self._out_time >= 1.0:
@@ -364,8 +406,13 @@ class PythonSandbox:
         if payloads:
             limit = self._max_message_size - 200  # room for the headers
             if max(map(len, payloads)) > limit:
-                big = next(i for i, p in enumerate(payloads) if len(p) > limit)
-                raise ValueError(f"inject_payloads() failed: payload {big} exceeds max_message_size")
+                big = [i for i, p in enumerate(payloads) if len(p) > limit]
+                for i in big:  # the host keeps them (refused_messages = "drop": counts them)
+                    self._refuse(self._payload_message(payloads[i], type_), f"inject_payloads() failed: payload {i} "
+                                 f"({len(payloads[i])} bytes) exceeds max_message_size ({self._max_message_size})")
+                if self._take_refused:  # and queues the others, so that none is lost if the plugin carries on
+                    self.inject_payloads([p for p in payloads if len(p) <= limit], checkpoint, type_)
+                raise ValueError(f"inject_payloads() failed: payload {big[0]} exceeds max_message_size")
             framed = hmsg.encode_payloads(payloads, logger=self._logger, hostname=self._hostname, pid=self._pid,
                                           now_ns=time.time_ns(), type=type_)
             self._out.append(framed)
@@ -385,6 +432,7 @@ class PythonSandbox:
         now_ns = time.time_ns()
         parts: list[bytes] = []
         count = pos = 0
+        refused: ValueError | None = None  # the first too long line, without a too_long callback
         while pos < end:
             framed, n, stop = hmsg.encode_lines(data, pos, end, limit, logger=self._logger, hostname=self._hostname,
                                                 pid=self._pid, now_ns=now_ns, type=type_)
@@ -395,10 +443,16 @@ class PythonSandbox:
                 break
             nl = data.find(b"\n", stop, end)
             line_end = end if nl < 0 else nl
-            if too_long is None:  # nothing is queued
-                raise ValueError(f"inject_lines() failed: the line at byte {stop} ({line_end - stop} bytes) "
-                                 "exceeds max_message_size")
-            too_long(data[stop:line_end], stop)
+            if too_long is not None:
+                too_long(data[stop:line_end], stop)
+            else:
+                err = f"the line at byte {stop} ({line_end - stop} bytes) exceeds max_message_size"
+                # the host keeps it; refused_messages = "drop": nothing is queued
+                self._refuse(self._payload_message(data[stop:line_end], type_),
+                             f"inject_lines() failed: {err} ({self._max_message_size})")
+                refused = refused or ValueError(f"inject_lines() failed: {err}")
+                if not self._take_refused:
+                    raise refused
             pos = line_end + 1
         for framed in parts:
             self._out.append(framed)
@@ -408,7 +462,13 @@ class PythonSandbox:
             self.inject(None, checkpoint)  # records it, flushes when due, honours a stop request
         else:
             self._maybe_flush()
+        if refused is not None:  # raised once the other lines are queued
+            raise refused
         return count
+
+    @staticmethod
+    def _payload_message(payload: bytes, type_: str | None) -> dict[str, Any]:
+        return {"Payload": payload} if type_ is None else {"Type": type_, "Payload": payload}
 
     def _maybe_flush(self) -> None:
         if self._out_count >= FLUSH_COUNT or self._out_bytes >= FLUSH_BYTES:
@@ -430,7 +490,33 @@ class PythonSandbox:
             return hmsg.encode(m)
         raise TypeError("inject_message() unsupported message type")
 
+    def _refuse(self, msg: Any, reason: str) -> None:
+        """Hand a refused message to the host before the error is raised (it dead-letters it)."""
+        if self._host_refused is None or msg is None:
+            return
+        if isinstance(msg, hmsg.Message):
+            msg = msg.to_dict()
+        try:
+            pending = self._host_refused(reason, msg, self._last_cp)
+        except Exception as e:  # not something the plugin may catch and carry on from
+            self._host_failure(e)
+        if pending:
+            self._refusal_pending = True
+
+    def _settle(self, next_cp: Any) -> None:
+        self._refusal_pending = False
+        try:
+            self._host.settle_refused(next_cp)
+        except Exception as e:
+            self._host_failure(e)
+
+    def _host_failure(self, e: Exception) -> None:
+        self._fatal = f"failed to write a refused message to the dead-letter file: {e}"
+        raise _HostFailure(self._fatal) from None
+
     def _flush(self) -> None:
+        if self._refusal_pending:
+            self._settle(None)
         if self._out:
             data = b"".join(self._out)
             count = self._out_count
@@ -450,37 +536,41 @@ class PythonSandbox:
             self._running = self._host.is_running()
         return self._running
 
-    def add_to_payload(self, parts: Sequence[Any]) -> None:
+    def add_to_payload(self, parts: Sequence[Any], overflow: Any = None) -> None:
+        """overflow(i): inject_payload's, called before the output_limit error (parts[i] did not fit)."""
         if self.plugin_type != "analysis":
             raise RuntimeError("add_to_payload() is only available to analysis plugins")
         if not parts:
             raise ValueError("add_to_payload() must have at least one argument")
-        for v in parts:
-            if isinstance(v, str):
-                s = v
-            elif isinstance(v, bool):
-                s = "true" if v else "false"
-            elif isinstance(v, (int, float)):
-                s = _format_number(float(v))
-            elif v is None:
-                s = "nil"
-            elif isinstance(v, bytes):
-                s = v.decode("utf-8", "surrogateescape")
-            else:
+        for i, v in enumerate(parts):
+            s = _payload_text(v)
+            if s is None:
                 raise TypeError("add_to_payload() unsupported type")
             self._payload_len += len(s)
             if self._output_limit and self._payload_len > self._output_limit:
+                if overflow is not None:
+                    overflow(i)
                 raise ValueError("output_limit exceeded")
             self._payload.append(s)
 
     def inject_payload(self, payload_type: str, payload_name: str | None, parts: Sequence[Any]) -> None:
-        if parts:
-            self.add_to_payload(parts)
-        if not self._payload_len:
-            return
         fields: dict[str, Any] = {"payload_type": payload_type or "txt"}
         if payload_name:
             fields["payload_name"] = payload_name
+
+        def overflow(i: int) -> None:
+            # the payload the host was handed goes to the dead-letter file whole: the buffer and every part
+            rest = (repr(v) if t is None else t for v in parts[i:] for t in (_payload_text(v),))
+            whole = "".join(self._payload) + "".join(rest)
+            self._refuse({"Type": "inject_payload", "Payload": whole, "Fields": fields},
+                         f"inject_payload() output_limit exceeded (output_limit = {self._output_limit})")
+            if self._take_refused:  # the host has it: it is not sent later
+                self._payload, self._payload_len = [], 0
+
+        if parts:
+            self.add_to_payload(parts, overflow)
+        if not self._payload_len:
+            return
         payload = "".join(self._payload)
         self._payload, self._payload_len = [], 0
         self.inject({"Type": "inject_payload", "Payload": payload, "Fields": fields}, None)
@@ -541,6 +631,7 @@ class PythonSandbox:
             raise ValueError("invalid message matcher expression") from None
 
     def dead_letter(self, reason: str, data: bytes | str) -> None:
+        self._dead_lettered = True
         if isinstance(data, str):
             data = data.encode("utf-8", "surrogateescape")
         self._host.dead_letter(reason, data)
@@ -550,6 +641,29 @@ class PythonSandbox:
 
     def background_delivery(self, sender: Any, abort: bool) -> Any:
         return self._host.background_delivery(sender, abort=abort)
+
+
+class _HostFailure(BaseException):
+    """The host could not keep a refused message: the call fails, even where the plugin catches errors."""
+
+
+def _payload_text(v: Any) -> str | None:
+    """A part of add_to_payload as text (None: a type it refuses)."""
+    if isinstance(v, str):
+        return v
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int | float):
+        return _format_number(float(v))
+    if v is None:
+        return "nil"
+    if isinstance(v, bytes):
+        return v.decode("utf-8", "surrogateescape")
+    return None
+
+
+def _failed_reason(callback: str, msg: str | None) -> str:
+    return f"{callback}() returned -1: {msg}" if msg else f"{callback}() returned -1"
 
 
 class _ShuttingDown(Exception):
