@@ -284,12 +284,14 @@ class _Runner:
     def terminated(self, plugin: PluginConfig, err: str, host: _Host | None) -> None:
         if host is not None:
             host.settle_refused(None)  # normally written already, when the sandbox flushed
-        err += _limit_hint(plugin, err, host)
+        # The log line says which limit, which record and what to change; the .err file and the
+        # exit report keep upstream's text, which tools written for Hindsight may match.
+        said = err + _limit_hint(plugin, err, host)
         log = self.logger.bind(plugin.name)
         if plugin.type == "input":
-            log(3, f"detaching received: 1 msg: {err}")
+            log(3, f"detaching received: 1 msg: {said}")
         else:
-            log(3, f"terminated: {err}")
+            log(3, f"terminated: {said}")
         _write_err_file(plugin, err)
         self.channel.send_checkpoints()
         self.channel.send("exit", plugin.name, STATUS_BITS[plugin.type], err, _stats_dict(host))

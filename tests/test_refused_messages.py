@@ -153,7 +153,7 @@ def test_cloudtracker_record_beyond_memory_limit_names_limit_record_and_cfg(es8_
 
     assert run.returncode == 2, run.tail()
     offset = len(lines[0]) + len(lines[1]) + 2
-    assert (f"input.file: process_message() not enough memory: memory_limit = 8388608 (run/input/file.cfg) was "
+    assert (f"input.file detaching received: 1 msg: process_message() not enough memory: memory_limit = 8388608 (run/input/file.cfg) was "
             f"reached on the record at checkpoint {offset} (a file input: the record's byte offset); raise "
             f"memory_limit in run/input/file.cfg") in run.stderr, run.tail()
     assert set(index.event_counts()) == {event_id(0), event_id(1)}
