@@ -309,12 +309,11 @@ class Index:
 
     def count(self) -> int:
         response = self.http.post(f"{self.base_url}/{self.name}/_count", timeout=120)
-        if response.status_code == 503:
-            # An index created a moment ago answers 503 until its primary shard is allocated
-            # (a loaded machine makes that window long): wait for it, then ask again.
-            health = self.http.get(f"{self.base_url}/_cluster/health/{self.name}",
-                                   params={"wait_for_status": "yellow", "timeout": "60s"}, timeout=120)
-            self._ok(health)
+        deadline = time.monotonic() + 60
+        while response.status_code == 503 and time.monotonic() < deadline:
+            # An index created a moment ago answers 503 until its primary shard is started (a
+            # loaded machine makes that window long): ask again until it is.
+            time.sleep(0.5)
             response = self.http.post(f"{self.base_url}/{self.name}/_count", timeout=120)
         if response.status_code == 404:
             return 0
