@@ -61,6 +61,32 @@ def data_file(lines: int) -> Path:
     return path
 
 
+def tree_dir(lines: int, files: int = 200) -> Path:
+    """data_file(lines) as `aws s3 sync` leaves a trail: ~`files` .json.gz files of {"Records": [...]}
+    under AWSLogs/<account>/CloudTrail/<region>/YYYY/MM/DD/, named after their first record."""
+    root = WORK / f"cloudtrail-tree-{lines}"
+    if not root.exists():
+        import gzip
+
+        tmp = root.with_suffix(".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        per_file = max(1, -(-lines // files))
+        with open(data_file(lines), "rb") as fh:
+            for n, chunk in enumerate(iter(lambda: [fh.readline() for _ in range(per_file)], [b""] * per_file)):
+                chunk = [line.strip() for line in chunk if line.strip()]
+                if not chunk:
+                    break
+                first = json.loads(chunk[0])
+                day = first["eventTime"][:10].replace("-", "/")
+                account, region = first["recipientAccountId"], first["awsRegion"]
+                name = f"{account}_CloudTrail_{region}_{first['eventTime'][:10].replace('-', '')}_{n:05d}.json.gz"
+                path = tmp / "AWSLogs" / account / "CloudTrail" / region / day / name
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_bytes(gzip.compress(b'{"Records":[' + b",".join(chunk) + b"]}", 6))
+        tmp.rename(root)
+    return root
+
+
 class Endpoint:
     """The fast fake _bulk endpoint (tests/bulk_sink.py), or a real server (--es)."""
 
@@ -271,7 +297,20 @@ def setup_native(work: Path, data: Path, ep: Endpoint, index: str) -> None:
     (work / "run/output/elasticsearch_bulk.cfg").write_text(NATIVE_OUTPUT.format(port=ep.port, index=index))
 
 
-PIPELINES = {"lua": setup_lua, "upstream": setup_upstream, "native": setup_native, "native_pure": setup_native}
+def setup_s3tree(work: Path, data: Path, ep: Endpoint, index: str) -> None:
+    """examples/cloudtrail-tree as it ships (template, _id, daily index, type conflicts), pointed at
+    tree_dir() of the same records and at the endpoint; its indices are named after `index`."""
+    shutil.copytree(REPO / "examples/cloudtrail-tree", work, dirs_exist_ok=True)
+    _sub(work / "hindsight.cfg", {"sandbox_install_path": '""'})
+    lines = sum(1 for _ in open(data, "rb"))
+    _sub(work / "run/input/cloudtrail.cfg", {"root": json.dumps(str(tree_dir(lines)))})
+    out = work / "run/output/elasticsearch.cfg"
+    out.write_text(out.read_text().replace('"cloudtrail-', f'"{index}-'))
+    _sub(out, {"url": json.dumps(ep.url)})
+
+
+PIPELINES = {"lua": setup_lua, "upstream": setup_upstream, "native": setup_native, "native_pure": setup_native,
+             "s3tree": setup_s3tree}
 # extra environment of a pipeline's hindsight_cli
 PIPELINE_ENV = {"native_pure": {"HINDSIGHT_PY_PURE": "1"}}
 

@@ -11,6 +11,7 @@
  * shape) is left for the Python code, which stays the one place that handles it.
  */
 #define PY_SSIZE_T_CLEAN
+#define _GNU_SOURCE /* memmem */
 #include <Python.h>
 #include <string.h>
 
@@ -347,6 +348,739 @@ every_line_is_an_object(PyObject *self, PyObject *arg)
     return PyBool_FromLong(ok);
 }
 
+/* -- frame_records ---------------------------------------------------------------------- */
+
+/* frame_records(payloads, stamps, uuids, head, tail, names, columns) -> bytes
+ *
+ * The stream frames of messages with their own Timestamp and string Fields:
+ * 0x0A 0x10 uuid, 0x10 varint(stamp), head, varint(len(p)), p, tail, then for each column k
+ * whose value v is not None: 0x52 varint(size), names[k], varint(len(v)), v (UTF-8). `head`
+ * ends with the Payload key, `names[k]` is the field's 0x0A varint(len) name 0x22. A value
+ * that is not a str (or does not encode to UTF-8) raises: the Python twin handles those. */
+static PyObject *
+frame_records(PyObject *self, PyObject *args)
+{
+    PyObject *payloads, *stamps, *names, *columns;
+    Py_buffer uuids, head, tail;
+    if (!PyArg_ParseTuple(args, "O!O!y*y*y*O!O!", &PyList_Type, &payloads, &PyList_Type, &stamps, &uuids, &head,
+                          &tail, &PyList_Type, &names, &PyList_Type, &columns))
+        return NULL;
+    PyObject *result = NULL;
+    unsigned long long *ts = NULL;
+    Py_ssize_t n = PyList_GET_SIZE(payloads), nf = PyList_GET_SIZE(names);
+    if (uuids.len < 16 * n || PyList_GET_SIZE(stamps) != n || PyList_GET_SIZE(columns) != nf) {
+        PyErr_SetString(PyExc_ValueError, "frame_records: lengths differ");
+        goto done;
+    }
+    for (Py_ssize_t k = 0; k < nf; k++) {
+        PyObject *col = PyList_GET_ITEM(columns, k);
+        if (!PyBytes_Check(PyList_GET_ITEM(names, k)) || !PyList_Check(col) || PyList_GET_SIZE(col) != n) {
+            PyErr_SetString(PyExc_TypeError, "frame_records: names must be bytes, columns lists of n values");
+            goto done;
+        }
+    }
+    ts = PyMem_Malloc(sizeof(*ts) * (n ? n : 1));
+    if (!ts) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    Py_ssize_t total = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *p = PyList_GET_ITEM(payloads, i);
+        if (!PyBytes_Check(p)) {
+            PyErr_Format(PyExc_TypeError, "payload %zd is not bytes", i);
+            goto done;
+        }
+        long long t = PyLong_AsLongLong(PyList_GET_ITEM(stamps, i));
+        if (t == -1 && PyErr_Occurred())
+            goto done;
+        ts[i] = (unsigned long long)t;
+        Py_ssize_t plen = PyBytes_GET_SIZE(p);
+        Py_ssize_t size = 18 + 1 + varint_len(ts[i]) + head.len + varint_len(plen) + plen + tail.len;
+        for (Py_ssize_t k = 0; k < nf; k++) {
+            PyObject *v = PyList_GET_ITEM(PyList_GET_ITEM(columns, k), i);
+            if (v == Py_None)
+                continue;
+            Py_ssize_t vlen;
+            if (!PyUnicode_Check(v) || !PyUnicode_AsUTF8AndSize(v, &vlen)) {
+                if (!PyErr_Occurred())
+                    PyErr_Format(PyExc_TypeError, "field value %zd is not a str", i);
+                goto done;
+            }
+            Py_ssize_t inner = PyBytes_GET_SIZE(PyList_GET_ITEM(names, k)) + varint_len(vlen) + vlen;
+            size += 1 + varint_len(inner) + inner;
+        }
+        total += 4 + varint_len(size) + size;
+    }
+    result = PyBytes_FromStringAndSize(NULL, total);
+    if (!result)
+        goto done;
+    unsigned char *out = (unsigned char *)PyBytes_AS_STRING(result);
+    const unsigned char *u = uuids.buf;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *p = PyList_GET_ITEM(payloads, i);
+        Py_ssize_t plen = PyBytes_GET_SIZE(p);
+        Py_ssize_t size = 18 + 1 + varint_len(ts[i]) + head.len + varint_len(plen) + plen + tail.len;
+        for (Py_ssize_t k = 0; k < nf; k++) {
+            PyObject *v = PyList_GET_ITEM(PyList_GET_ITEM(columns, k), i);
+            if (v == Py_None)
+                continue;
+            Py_ssize_t vlen;
+            PyUnicode_AsUTF8AndSize(v, &vlen); /* cached by the first pass */
+            Py_ssize_t inner = PyBytes_GET_SIZE(PyList_GET_ITEM(names, k)) + varint_len(vlen) + vlen;
+            size += 1 + varint_len(inner) + inner;
+        }
+        *out++ = 0x1E;
+        *out++ = (unsigned char)(1 + varint_len(size));
+        *out++ = 0x08;
+        out += put_varint(out, size);
+        *out++ = 0x1F;
+        *out++ = 0x0A;
+        *out++ = 0x10;
+        memcpy(out, u + 16 * i, 16);
+        out += 16;
+        *out++ = 0x10;
+        out += put_varint(out, ts[i]);
+        memcpy(out, head.buf, head.len);
+        out += head.len;
+        out += put_varint(out, plen);
+        memcpy(out, PyBytes_AS_STRING(p), plen);
+        out += plen;
+        memcpy(out, tail.buf, tail.len);
+        out += tail.len;
+        for (Py_ssize_t k = 0; k < nf; k++) {
+            PyObject *v = PyList_GET_ITEM(PyList_GET_ITEM(columns, k), i), *name = PyList_GET_ITEM(names, k);
+            if (v == Py_None)
+                continue;
+            Py_ssize_t vlen;
+            const char *value = PyUnicode_AsUTF8AndSize(v, &vlen);
+            Py_ssize_t nlen = PyBytes_GET_SIZE(name), inner = nlen + varint_len(vlen) + vlen;
+            *out++ = 0x52;
+            out += put_varint(out, inner);
+            memcpy(out, PyBytes_AS_STRING(name), nlen);
+            out += nlen;
+            out += put_varint(out, vlen);
+            memcpy(out, value, vlen);
+            out += vlen;
+        }
+    }
+done:
+    PyMem_Free(ts);
+    PyBuffer_Release(&uuids);
+    PyBuffer_Release(&head);
+    PyBuffer_Release(&tail);
+    return result;
+}
+
+/* -- walking messages ------------------------------------------------------------------- */
+
+/* A varint at r[*pos] (at most 10 bytes, all before n) into *v; 0 when there is none. */
+static int
+get_varint(const unsigned char *r, Py_ssize_t n, Py_ssize_t *pos, unsigned long long *v)
+{
+    unsigned long long x = 0;
+    for (int k = 0; k < 10 && *pos < n; k++) {
+        unsigned char b = r[(*pos)++];
+        x |= (unsigned long long)(b & 0x7F) << (7 * k);
+        if (b < 0x80) {
+            *v = x;
+            return 1;
+        }
+    }
+    return 0;
+}
+
+/* Walks the top-level keys of a message as message.header_of does: the start and length of the
+ * last length-delimited value of `tag` (*start = -1: none), and the last varint of tag 2 (the
+ * Timestamp) in *stamp (*has_stamp = 0: none). 0 when the framing is malformed. */
+static int
+walk_message(const unsigned char *r, Py_ssize_t n, unsigned tag, Py_ssize_t *start, Py_ssize_t *len,
+             unsigned long long *stamp, int *has_stamp)
+{
+    Py_ssize_t pos = 0;
+    *start = -1;
+    *has_stamp = 0;
+    while (pos < n) {
+        unsigned key = r[pos++];
+        unsigned long long v;
+        if ((key & 7) == 2) {
+            if (!get_varint(r, n, &pos, &v) || v > (unsigned long long)(n - pos))
+                return 0;
+            if ((key >> 3) == tag) {
+                *start = pos;
+                *len = (Py_ssize_t)v;
+            }
+            pos += (Py_ssize_t)v;
+        } else if ((key & 7) == 0) {
+            if (!get_varint(r, n, &pos, &v))
+                return 0;
+            if ((key >> 3) == 2) {
+                *stamp = v;
+                *has_stamp = 1;
+            }
+        } else {
+            return 0;
+        }
+    }
+    return 1;
+}
+
+/* header_selection(raws, tag, value) -> list of int
+ *
+ * For each message: 1 when its last top-level string header `tag` (3 Type, 4 Logger, 7
+ * EnvVersion, 9 Hostname) is exactly `value`, 0 when it is another or absent, -1 when its
+ * framing cannot be walked (or it has no 16-byte Uuid first): the caller decodes those. */
+static PyObject *
+header_selection(PyObject *self, PyObject *args)
+{
+    PyObject *raws;
+    unsigned tag;
+    Py_buffer value;
+    if (!PyArg_ParseTuple(args, "O!Iy*", &PyList_Type, &raws, &tag, &value))
+        return NULL;
+    Py_ssize_t n = PyList_GET_SIZE(raws);
+    PyObject *out = PyList_New(n);
+    for (Py_ssize_t i = 0; out && i < n; i++) {
+        PyObject *item = PyList_GET_ITEM(raws, i);
+        long verdict = -1;
+        if (PyBytes_Check(item)) {
+            const unsigned char *r = (const unsigned char *)PyBytes_AS_STRING(item);
+            Py_ssize_t len = PyBytes_GET_SIZE(item), start, vlen;
+            unsigned long long stamp;
+            int has_stamp;
+            if (len > 18 && r[0] == 0x0A && r[1] == 0x10 &&
+                walk_message(r, len, tag, &start, &vlen, &stamp, &has_stamp) && has_stamp)
+                verdict = start >= 0 && vlen == value.len && memcmp(r + start, value.buf, vlen) == 0;
+        }
+        PyObject *v = PyLong_FromLong(verdict);
+        if (!v) {
+            Py_CLEAR(out);
+            break;
+        }
+        PyList_SET_ITEM(out, i, v);
+    }
+    PyBuffer_Release(&value);
+    return out;
+}
+
+/* payloads_and_stamps(raws) -> (payloads, stamps)
+ *
+ * message._walk_payloads(raws) and, for each message, its last Timestamp as a signed 64-bit
+ * int (None when it has none, or its framing is malformed). */
+static PyObject *
+payloads_and_stamps(PyObject *self, PyObject *arg)
+{
+    if (!PyList_Check(arg)) {
+        PyErr_SetString(PyExc_TypeError, "payloads_and_stamps: a list is needed");
+        return NULL;
+    }
+    Py_ssize_t n = PyList_GET_SIZE(arg);
+    PyObject *payloads = PyList_New(n), *stamps = PyList_New(n);
+    if (!payloads || !stamps)
+        goto fail;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *item = PyList_GET_ITEM(arg, i), *p = NULL, *t = NULL;
+        Py_ssize_t start = -1, len = 0;
+        unsigned long long stamp = 0;
+        int has_stamp = 0;
+        if (PyBytes_Check(item) && walk_message((const unsigned char *)PyBytes_AS_STRING(item),
+                                                PyBytes_GET_SIZE(item), 6, &start, &len, &stamp, &has_stamp)) {
+            if (start >= 0)
+                p = PyBytes_FromStringAndSize(PyBytes_AS_STRING(item) + start, len);
+            if (has_stamp)
+                t = PyLong_FromLongLong((long long)stamp);
+            if ((start >= 0 && !p) || (has_stamp && !t)) {
+                Py_XDECREF(p);
+                Py_XDECREF(t);
+                goto fail;
+            }
+        }
+        PyList_SET_ITEM(payloads, i, p ? p : Py_NewRef(Py_None));
+        PyList_SET_ITEM(stamps, i, t ? t : Py_NewRef(Py_None));
+    }
+    return Py_BuildValue("NN", payloads, stamps);
+fail:
+    Py_XDECREF(payloads);
+    Py_XDECREF(stamps);
+    return NULL;
+}
+
+/* -- bulk action lines ---------------------------------------------------------------------- */
+
+/* id_action_lines(payloads, key, heads, tail) -> list of bytes or None
+ *
+ * For each payload holding `key` (b'"eventID":"') exactly once, followed by a value of
+ * printable ASCII without a quote or backslash: heads[i] + value + tail. None otherwise (and
+ * for a None payload or head): the caller builds those lines the long way. */
+static PyObject *
+id_action_lines(PyObject *self, PyObject *args)
+{
+    PyObject *payloads, *heads;
+    Py_buffer key, tail;
+    if (!PyArg_ParseTuple(args, "O!y*O!y*", &PyList_Type, &payloads, &key, &PyList_Type, &heads, &tail))
+        return NULL;
+    Py_ssize_t n = PyList_GET_SIZE(payloads);
+    PyObject *out = NULL;
+    if (PyList_GET_SIZE(heads) != n || key.len == 0) {
+        PyErr_SetString(PyExc_ValueError, "id_action_lines: one head per payload, and a key");
+        goto done;
+    }
+    out = PyList_New(n);
+    for (Py_ssize_t i = 0; out && i < n; i++) {
+        PyObject *p = PyList_GET_ITEM(payloads, i), *h = PyList_GET_ITEM(heads, i), *line = NULL;
+        if (PyBytes_Check(p) && PyBytes_Check(h)) {
+            const char *s = PyBytes_AS_STRING(p);
+            Py_ssize_t len = PyBytes_GET_SIZE(p);
+            const char *at = len >= key.len ? memmem(s, len, key.buf, key.len) : NULL;
+            if (at && !memmem(at + 1, s + len - at - 1, key.buf, key.len)) {
+                const char *v = at + key.len, *e = v;
+                while (e < s + len && *e >= 0x20 && *e < 0x7F && *e != '"' && *e != '\\')
+                    e++;
+                if (e < s + len && *e == '"' && e > v) {
+                    Py_ssize_t hl = PyBytes_GET_SIZE(h);
+                    line = PyBytes_FromStringAndSize(NULL, hl + (e - v) + tail.len);
+                    if (!line) {
+                        Py_CLEAR(out);
+                        break;
+                    }
+                    char *o = PyBytes_AS_STRING(line);
+                    memcpy(o, PyBytes_AS_STRING(h), hl);
+                    memcpy(o + hl, v, e - v);
+                    memcpy(o + hl + (e - v), tail.buf, tail.len);
+                }
+            }
+        }
+        PyList_SET_ITEM(out, i, line ? line : Py_NewRef(Py_None));
+    }
+done:
+    PyBuffer_Release(&key);
+    PyBuffer_Release(&tail);
+    return out;
+}
+
+/* -- frame_json_records ------------------------------------------------------------------- */
+
+#define JR_MAX_DEPTH 64
+#define JR_MAX_KEYS 64   /* per object */
+#define JR_MAX_NAMES 16
+
+typedef struct {
+    Py_ssize_t start, end;  /* the record, its final '}' at end - 1 */
+    unsigned long long ts;
+    Py_ssize_t time_at;     /* eventTime's 20 bytes, or -1 */
+    int add_stamp;
+    Py_ssize_t field_at[JR_MAX_NAMES], field_len[JR_MAX_NAMES];
+} jr_record;
+
+/* A string as json.dumps(ensure_ascii=False) writes it, from the '"' at p: the index after its
+ * closing quote, or -1. *escaped: it holds an escape. */
+static Py_ssize_t
+jr_string(const unsigned char *b, Py_ssize_t p, Py_ssize_t end, int *escaped)
+{
+    *escaped = 0;
+    for (p++; p < end; p++) {
+        unsigned char c = b[p];
+        if (c == '"')
+            return p + 1;
+        if (c < 0x20)
+            return -1;
+        if (c == '\\') {
+            if (p + 1 >= end)
+                return -1;
+            unsigned char e = b[p + 1];
+            *escaped = 1;
+            if (e == '"' || e == '\\' || e == 'n' || e == 'r' || e == 't' || e == 'b' || e == 'f') {
+                p++;
+            } else if (e == 'u' && p + 5 < end && b[p + 2] == '0' && b[p + 3] == '0' &&
+                       (b[p + 4] == '0' || b[p + 4] == '1') &&
+                       ((b[p + 5] >= '0' && b[p + 5] <= '9') || (b[p + 5] >= 'a' && b[p + 5] <= 'f'))) {
+                int v = (b[p + 4] - '0') * 16 + (b[p + 5] <= '9' ? b[p + 5] - '0' : b[p + 5] - 'a' + 10);
+                if (v == 8 || v == 9 || v == 10 || v == 12 || v == 13)
+                    return -1;
+                p += 5;
+            } else {
+                return -1;
+            }
+        }
+    }
+    return -1;
+}
+
+static int
+jr_digits(const unsigned char *b, Py_ssize_t p, int n)
+{
+    int v = 0;
+    for (int k = 0; k < n; k++) {
+        if (b[p + k] < '0' || b[p + k] > '9')
+            return -1;
+        v = v * 10 + (b[p + k] - '0');
+    }
+    return v;
+}
+
+/* eventTime "YYYY-MM-DDTHH:MM:SSZ" (years 1970-2200) in ns since the epoch; 0 if it is not that. */
+static int
+jr_time(const unsigned char *b, Py_ssize_t p, unsigned long long *ns)
+{
+    static const int mdays[] = {31, 28, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31};
+    if (b[p + 4] != '-' || b[p + 7] != '-' || b[p + 10] != 'T' || b[p + 13] != ':' || b[p + 16] != ':' ||
+        b[p + 19] != 'Z')
+        return 0;
+    int y = jr_digits(b, p, 4), m = jr_digits(b, p + 5, 2), d = jr_digits(b, p + 8, 2);
+    int h = jr_digits(b, p + 11, 2), mi = jr_digits(b, p + 14, 2), s = jr_digits(b, p + 17, 2);
+    if (y < 1970 || y > 2200 || m < 1 || m > 12 || d < 1 || h < 0 || h > 23 || mi < 0 || mi > 59 || s < 0 || s > 59)
+        return 0;
+    int leap = (y % 4 == 0 && y % 100 != 0) || y % 400 == 0;
+    if (d > mdays[m - 1] + (m == 2 && leap))
+        return 0;
+    /* days from civil (Howard Hinnant) */
+    int yy = y - (m <= 2);
+    long long era = yy / 400, yoe = yy - era * 400;
+    long long doy = (153LL * (m + (m > 2 ? -3 : 9)) + 2) / 5 + d - 1;
+    long long doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    long long days = era * 146097 + doe - 719468;
+    *ns = (unsigned long long)((days * 86400 + h * 3600 + mi * 60 + s) * 1000000000LL);
+    return 1;
+}
+
+/* One record written as json.dumps(separators=(",", ":"), ensure_ascii=False) would write it
+ * (an object, no whitespace, no duplicate keys, integers only, short escapes), with a string
+ * eventTime as above and string Fields without escapes. 1 and *r filled, or 0. */
+static int
+jr_record_scan(const unsigned char *b, Py_ssize_t p, Py_ssize_t end, Py_ssize_t nnames,
+               const Py_buffer *names, const Py_buffer *stamp_key, jr_record *r)
+{
+    char kind[JR_MAX_DEPTH];                  /* '{' or '[' */
+    int nkeys[JR_MAX_DEPTH];
+    Py_ssize_t key_at[JR_MAX_DEPTH][JR_MAX_KEYS], key_len[JR_MAX_DEPTH][JR_MAX_KEYS];
+    int depth = 0, escaped;
+    Py_ssize_t top_key = -1, top_key_len = 0;
+    r->start = p;
+    r->time_at = -1;
+    r->add_stamp = stamp_key->len > 0;
+    for (Py_ssize_t k = 0; k < nnames; k++)
+        r->field_at[k] = -1;
+    if (p >= end || b[p] != '{')
+        return 0;
+    for (;;) {
+        /* a value at p */
+        if (p >= end)
+            return 0;
+        Py_ssize_t vstart = p;
+        unsigned char c = b[p];
+        if (c == '{' || c == '[') {
+            if (depth == JR_MAX_DEPTH)
+                return 0;
+            kind[depth] = (char)c;
+            nkeys[depth++] = 0;
+            p++;
+            if (p < end && b[p] == (c == '{' ? '}' : ']')) {
+                depth--;
+                p++;
+            } else if (c == '[') {
+                continue; /* its first value */
+            } else {
+                goto key;
+            }
+        } else if (c == '"') {
+            p = jr_string(b, p, end, &escaped);
+            if (p < 0)
+                return 0;
+            if (depth == 1 && top_key >= 0) {
+                for (Py_ssize_t k = 0; k < nnames; k++) {
+                    if (top_key_len == names[k].len && memcmp(b + top_key, names[k].buf, top_key_len) == 0) {
+                        if (escaped)
+                            return 0;
+                        r->field_at[k] = vstart + 1;
+                        r->field_len[k] = p - vstart - 2;
+                    }
+                }
+                if (top_key_len == 9 && memcmp(b + top_key, "eventTime", 9) == 0) {
+                    if (p - vstart != 22 || !jr_time(b, vstart + 1, &r->ts))
+                        return 0;
+                    r->time_at = vstart + 1;
+                }
+            }
+        } else if (c == '-' || (c >= '0' && c <= '9')) {
+            if (c == '-')
+                p++;
+            if (p >= end || b[p] < '0' || b[p] > '9')
+                return 0;
+            if (b[p] == '0') {
+                p++;
+                if (c == '-')
+                    return 0; /* -0 is written 0 */
+            } else {
+                while (p < end && b[p] >= '0' && b[p] <= '9')
+                    p++;
+            }
+            if (p < end && (b[p] == '.' || b[p] == 'e' || b[p] == 'E' || (b[p] >= '0' && b[p] <= '9')))
+                return 0; /* a float: its repr may differ */
+        } else if (c == 't' && end - p >= 4 && memcmp(b + p, "true", 4) == 0) {
+            p += 4;
+        } else if (c == 'f' && end - p >= 5 && memcmp(b + p, "false", 5) == 0) {
+            p += 5;
+        } else if (c == 'n' && end - p >= 4 && memcmp(b + p, "null", 4) == 0) {
+            p += 4;
+        } else {
+            return 0;
+        }
+        if (depth == 1 && top_key >= 0 && b[vstart] != '"') {
+            if (top_key_len == 9 && memcmp(b + top_key, "eventTime", 9) == 0)
+                return 0; /* not a string: no Timestamp from it */
+        }
+        /* after a value */
+        for (;;) {
+            if (depth == 0) {
+                r->end = p;
+                return r->time_at >= 0;
+            }
+            if (p >= end)
+                return 0;
+            if (b[p] == ',') {
+                p++;
+                if (kind[depth - 1] == '{')
+                    goto key;
+                break; /* the next value of the array */
+            }
+            if (b[p] != (kind[depth - 1] == '{' ? '}' : ']'))
+                return 0;
+            p++;
+            depth--;
+        }
+        continue;
+    key:
+        if (p >= end || b[p] != '"')
+            return 0;
+        {
+            Py_ssize_t kstart = p + 1;
+            p = jr_string(b, p, end, &escaped);
+            if (p < 0 || p >= end || b[p] != ':')
+                return 0;
+            Py_ssize_t klen = p - kstart - 1;
+            int d = depth - 1, n = nkeys[d];
+            if (n == JR_MAX_KEYS)
+                return 0;
+            for (int k = 0; k < n; k++)
+                if (key_len[d][k] == klen && memcmp(b + key_at[d][k], b + kstart, klen) == 0)
+                    return 0; /* a duplicate key: json keeps the last */
+            key_at[d][n] = kstart;
+            key_len[d][n] = klen;
+            nkeys[d] = n + 1;
+            if (depth == 1) {
+                top_key = kstart;
+                top_key_len = klen;
+                if (klen == stamp_key->len && memcmp(b + kstart, stamp_key->buf, klen) == 0)
+                    r->add_stamp = 0;
+            }
+            p++;
+        }
+    }
+}
+
+/* The end of the JSON value at p, found by its brackets and strings alone (any JSON), or -1. */
+static Py_ssize_t
+jr_skip(const unsigned char *b, Py_ssize_t p, Py_ssize_t end)
+{
+    Py_ssize_t depth = 0;
+    for (; p < end; p++) {
+        unsigned char c = b[p];
+        if (c == '"') {
+            for (p++; p < end && b[p] != '"'; p++)
+                if (b[p] == '\\')
+                    p++;
+            if (p >= end)
+                return -1;
+            if (depth == 0)
+                return p + 1;
+        } else if (c == '{' || c == '[') {
+            depth++;
+        } else if (c == '}' || c == ']') {
+            if (--depth < 0)
+                return -1;
+            if (depth == 0)
+                return p + 1;
+        } else if (depth == 0 && (c == ',' || c == ' ' || c == '\t' || c == '\r' || c == '\n')) {
+            return p;
+        }
+    }
+    return depth == 0 ? p : -1;
+}
+
+static int
+jr_space(unsigned char c)
+{
+    return c == ' ' || c == '\t' || c == '\r' || c == '\n';
+}
+
+/* frame_json_records(data, pos, max_records, uuids, head, tail, names, stamp_key, max_size)
+ *   -> (framed, count, pos, status, odd_end)
+ *
+ * The elements of a JSON array from `pos` (the start of one, or whitespace before it), as
+ * messages: Payload = the record's bytes, with ,"<stamp_key>":"<eventTime>" before its final
+ * '}' unless it has that key (or stamp_key is b""), Timestamp = eventTime, then string Fields
+ * names[k] (JSON-escaped key text) where the record has them. Only records written exactly as
+ * json.dumps(separators=(",", ":"), ensure_ascii=False) writes them are taken (see
+ * jr_record_scan), and only whole messages of at most max_size bytes. Stops: status 0 after
+ * max_records, pos at the next element; 1 at the array's ']' (pos there); 2 at an element it
+ * does not take (pos its start, odd_end its end, -1 when its end cannot be found); 3 when the
+ * text after an element is neither ',' nor ']' (pos there). */
+static PyObject *
+frame_json_records(PyObject *self, PyObject *args)
+{
+    Py_buffer data, uuids, head, tail, stamp_key;
+    Py_ssize_t pos, max_records, max_size;
+    PyObject *names;
+    if (!PyArg_ParseTuple(args, "y*nny*y*y*O!y*n", &data, &pos, &max_records, &uuids, &head, &tail, &PyList_Type,
+                          &names, &stamp_key, &max_size))
+        return NULL;
+    PyObject *result = NULL;
+    jr_record *recs = NULL;
+    Py_buffer nb[JR_MAX_NAMES];
+    Py_ssize_t nnames = PyList_GET_SIZE(names), got = 0;
+    if (nnames > JR_MAX_NAMES || uuids.len < 16 * max_records) {
+        PyErr_SetString(PyExc_ValueError, "frame_json_records: too many names, or too few uuids");
+        goto done;
+    }
+    for (; got < nnames; got++) {
+        if (PyObject_GetBuffer(PyList_GET_ITEM(names, got), &nb[got], PyBUF_SIMPLE) < 0)
+            goto done;
+    }
+    recs = PyMem_Malloc(sizeof(jr_record) * (max_records > 0 ? max_records : 1));
+    if (!recs) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    const unsigned char *b = data.buf;
+    Py_ssize_t end = data.len, n = 0, total = 0, odd_end = -1;
+    int status = 0;
+    Py_ssize_t stamp_extra = stamp_key.len + 26; /* ,"key":"<20 bytes>" */
+    Py_ssize_t fixed = 18 + 1 + head.len + tail.len;
+    if (pos < 0)
+        pos = 0;
+    while (pos < end && jr_space(b[pos]))
+        pos++;
+    while (n < max_records) {
+        if (pos < end && b[pos] == ']') {
+            status = 1;
+            break;
+        }
+        jr_record *r = &recs[n];
+        Py_ssize_t size = 0;
+        int ok = jr_record_scan(b, pos, end, nnames, nb, &stamp_key, r);
+        if (ok) {
+            Py_ssize_t plen = r->end - r->start + (r->add_stamp ? stamp_extra : 0);
+            size = fixed + varint_len(r->ts) + varint_len(plen) + plen;
+            for (Py_ssize_t k = 0; k < nnames; k++) {
+                if (r->field_at[k] < 0)
+                    continue;
+                Py_ssize_t inner = 1 + varint_len(nb[k].len) + nb[k].len + 1 + varint_len(r->field_len[k]) +
+                                   r->field_len[k];
+                size += 1 + varint_len(inner) + inner;
+            }
+            ok = size <= max_size;
+        }
+        if (!ok) {
+            status = 2;
+            odd_end = jr_skip(b, pos, end);
+            break;
+        }
+        total += 4 + varint_len(size) + size;
+        n++;
+        pos = r->end;
+        while (pos < end && jr_space(b[pos]))
+            pos++;
+        if (pos < end && b[pos] == ',') {
+            pos++;
+            while (pos < end && jr_space(b[pos]))
+                pos++;
+        } else if (pos < end && b[pos] == ']') {
+            status = 1;
+            break;
+        } else {
+            status = 3;
+            break;
+        }
+    }
+    result = PyBytes_FromStringAndSize(NULL, total);
+    if (!result)
+        goto done;
+    unsigned char *out = (unsigned char *)PyBytes_AS_STRING(result);
+    const unsigned char *u = uuids.buf;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        jr_record *r = &recs[i];
+        Py_ssize_t body = r->end - r->start - 1, plen = body + 1 + (r->add_stamp ? stamp_extra : 0);
+        Py_ssize_t size = fixed + varint_len(r->ts) + varint_len(plen) + plen;
+        for (Py_ssize_t k = 0; k < nnames; k++) {
+            if (r->field_at[k] < 0)
+                continue;
+            Py_ssize_t inner = 1 + varint_len(nb[k].len) + nb[k].len + 1 + varint_len(r->field_len[k]) +
+                               r->field_len[k];
+            size += 1 + varint_len(inner) + inner;
+        }
+        *out++ = 0x1E;
+        *out++ = (unsigned char)(1 + varint_len(size));
+        *out++ = 0x08;
+        out += put_varint(out, size);
+        *out++ = 0x1F;
+        *out++ = 0x0A;
+        *out++ = 0x10;
+        memcpy(out, u + 16 * i, 16);
+        out += 16;
+        *out++ = 0x10;
+        out += put_varint(out, r->ts);
+        memcpy(out, head.buf, head.len);
+        out += head.len;
+        out += put_varint(out, plen);
+        memcpy(out, b + r->start, body);
+        out += body;
+        if (r->add_stamp) {
+            *out++ = ',';
+            *out++ = '"';
+            memcpy(out, stamp_key.buf, stamp_key.len);
+            out += stamp_key.len;
+            memcpy(out, "\":\"", 3);
+            out += 3;
+            memcpy(out, b + r->time_at, 20);
+            out += 20;
+            *out++ = '"';
+        }
+        *out++ = '}';
+        memcpy(out, tail.buf, tail.len);
+        out += tail.len;
+        for (Py_ssize_t k = 0; k < nnames; k++) {
+            if (r->field_at[k] < 0)
+                continue;
+            Py_ssize_t flen = r->field_len[k];
+            Py_ssize_t inner = 1 + varint_len(nb[k].len) + nb[k].len + 1 + varint_len(flen) + flen;
+            *out++ = 0x52;
+            out += put_varint(out, inner);
+            *out++ = 0x0A;
+            out += put_varint(out, nb[k].len);
+            memcpy(out, nb[k].buf, nb[k].len);
+            out += nb[k].len;
+            *out++ = 0x22;
+            out += put_varint(out, flen);
+            memcpy(out, b + r->field_at[k], flen);
+            out += flen;
+        }
+    }
+    {
+        PyObject *t = Py_BuildValue("Nnnin", result, n, pos, status, odd_end);
+        result = t;
+    }
+done:
+    for (Py_ssize_t k = 0; k < got; k++)
+        PyBuffer_Release(&nb[k]);
+    PyMem_Free(recs);
+    PyBuffer_Release(&data);
+    PyBuffer_Release(&uuids);
+    PyBuffer_Release(&head);
+    PyBuffer_Release(&tail);
+    PyBuffer_Release(&stamp_key);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"scan_quick", scan_quick, METH_VARARGS, "The common frames of a trusted queue buffer (see the C source)."},
     {"frame_payloads", frame_payloads, METH_VARARGS, "Framed Payload-only messages (see the C source)."},
@@ -355,6 +1089,11 @@ static PyMethodDef methods[] = {
     {"cut_payloads", cut_payloads, METH_VARARGS, "Payloads of messages of one learned shape (see the C source)."},
     {"every_line_is_an_object", every_line_is_an_object, METH_O, "Every line of a bulk body starts with '{'."},
     {"one_line_objects", one_line_objects, METH_O, "Every payload starts with '{' and has no line feed."},
+    {"frame_records", frame_records, METH_VARARGS, "Framed messages with Timestamp and Fields (see the C source)."},
+    {"header_selection", header_selection, METH_VARARGS, "Which messages have a header equal to a value."},
+    {"payloads_and_stamps", payloads_and_stamps, METH_O, "Payload and Timestamp of each message (see the C source)."},
+    {"id_action_lines", id_action_lines, METH_VARARGS, "Bulk action lines with an _id from the payload."},
+    {"frame_json_records", frame_json_records, METH_VARARGS, "CloudTrail-style records of a JSON array, framed."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -54,16 +54,42 @@ class Matcher:
     decoding; ``headers_only`` when no ``Fields[...]`` is looked at.
     """
 
-    __slots__ = ("expression", "always", "headers_only", "match")
+    __slots__ = ("expression", "always", "headers_only", "match", "header_test")
 
-    def __init__(self, expression: str, match: Callable[[Any], bool], always: bool, headers_only: bool) -> None:
+    def __init__(self, expression: str, match: Callable[[Any], bool], always: bool, headers_only: bool,
+                 header_test: tuple[int, bytes, bool] | None = None) -> None:
         self.expression = expression
         self.match = match
         self.always = always
         self.headers_only = headers_only
+        # (tag, literal, equal) for `Type == '...'` and the like: select() needs no decoding
+        self.header_test = header_test
 
     def __call__(self, msg: Any) -> bool:
         return self.match(msg)
+
+    def select(self, raws: list[bytes]) -> list[int] | None:
+        """The indices of the messages (protobuf bytes, as a queue reader hands them over: valid
+        ones) that match, or None when this matcher needs them decoded. For a single comparison of
+        a string header with a literal (`Type == 'cloudtrail'`, `Logger != 'x'`), the header is
+        compared as bytes in one pass over the batch; a message that pass cannot walk is decoded."""
+        if self.header_test is None:
+            return None
+        from hindsight_py import message as hmsg
+
+        tag, literal, equal = self.header_test
+        verdicts = hmsg.header_selection(raws, tag, literal)
+        if -1 in verdicts:
+            for i, verdict in enumerate(verdicts):
+                if verdict == -1:
+                    try:
+                        msg = hmsg.decode(raws[i], fields=False, payload=tag == hmsg.PAYLOAD)
+                    except hmsg.DecodeError:
+                        verdicts[i] = 0 if equal else -2  # matches neither way
+                    else:
+                        verdicts[i] = int(self.match(msg)) if equal else int(not self.match(msg))
+        want = 1 if equal else 0
+        return [i for i, verdict in enumerate(verdicts) if verdict == want]
 
     def __repr__(self) -> str:
         return f"<Matcher {self.expression!r}>"
@@ -852,7 +878,17 @@ def compile_matcher(expression: str | bytes) -> Matcher:
     namespace: dict[str, Any] = {}
     exec(compile(code, f"<message_matcher {text[:60]!r}>", "exec"), namespace)
     match = namespace["_factory"](*constants)
-    return Matcher(text, match, always=tree is True, headers_only=not _uses_fields(tree))
+    return Matcher(text, match, always=tree is True, headers_only=not _uses_fields(tree), header_test=_header_test(tree))
+
+
+_HEADER_TAGS = {"type": 3, "logger": 4, "env_version": 7, "hostname": 9, "payload": 6}
+
+
+def _header_test(tree: _Node) -> tuple[int, bytes, bool] | None:
+    """(tag, literal, equal) when the whole expression is `<string header> == '...'` (or !=)."""
+    if isinstance(tree, _Test) and tree.var in _HEADER_TAGS and tree.kind == "string" and tree.op in ("==", "!="):
+        return _HEADER_TAGS[tree.var], tree.value, tree.op == "=="
+    return None
 
 
 def compile_raw_matcher(expression: str) -> Callable[[bytes], bool] | None:

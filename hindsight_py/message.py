@@ -1246,6 +1246,113 @@ def encode_payloads(
     return b"".join(out)
 
 
+def field_prefix(name: str) -> bytes:
+    """The bytes of a one-string Field before its value's length: name, then the value_string key."""
+    nb = _b(name)
+    return b"\x0a" + _varint(len(nb)) + nb + b"\x22"
+
+
+def encode_records(
+    payloads: list[bytes],
+    stamps: list[int],
+    fields: dict[str, list[str | None]],
+    *,
+    logger: str,
+    hostname: str,
+    pid: int | None,
+    type: str | None = None,
+) -> bytes:
+    """Framed protobuf for one message per payload, each with its own Timestamp and string Fields,
+    as ``encode(from_dict({"Payload": p, "Timestamp": t, "Type": type, "Fields": {...}}, ...))``
+    would build them (restricted headers off) but for the Uuid. ``fields`` maps each field name to
+    one value per message (a str, or None where that message has no such field), in order.
+    (_speedups.frame_records is the loop below, in C.)"""
+    n = len(payloads)
+    uuids = random_uuids(n)
+    head, tail = _payload_message_parts(logger, hostname, pid, 0, type)
+    head = head[2:]  # without the Timestamp (0x10, varint(0))
+    names = [field_prefix(name) for name in fields]
+    columns = list(fields.values())
+    fast = _accel.speedups
+    if fast is not None:
+        try:
+            return fast.frame_records(payloads, stamps, uuids, head, tail, names, columns)
+        except (TypeError, ValueError, OverflowError):  # not bytes/str, lone surrogates: the loop takes those
+            pass
+    out: list[bytes] = []
+    for i, p in enumerate(payloads):
+        parts = [b"\x0a\x10", uuids[16 * i:16 * i + 16], b"\x10", _varint(stamps[i]), head, _varint(len(p)), p, tail]
+        for prefix, column in zip(names, columns, strict=True):
+            value = column[i]
+            if value is not None:
+                inner = prefix + b"".join(_lenpref(b"", _b(value)))
+                parts += (b"\x52", _varint(len(inner)), inner)
+        raw = b"".join(parts)
+        out.append(frame_header(len(raw)))
+        out.append(raw)
+    return b"".join(out)
+
+
+def _walk(raw: bytes, tag: int) -> tuple[bool, int, int, int | None]:
+    """The top-level keys of ``raw`` as header_of walks them: (framing sound, start and length of
+    the last length-delimited ``tag`` (start -1: none), the last Timestamp as unsigned 64 bits or
+    None). (_speedups' walk_message.)"""
+    pos, n, start, length, stamp = 0, len(raw), -1, 0, None
+    try:
+        while pos < n:
+            key = raw[pos]
+            pos += 1
+            if key & 7 == 2:
+                v, pos = _read_varint_loop(raw, pos, n)
+                if v > n - pos:
+                    return False, -1, 0, None
+                if key >> 3 == tag:
+                    start, length = pos, v
+                pos += v
+            elif key & 7 == 0:
+                v, pos = _read_varint_loop(raw, pos, n)
+                if key >> 3 == TIMESTAMP:
+                    stamp = v
+            else:
+                return False, -1, 0, None
+    except _Bad:
+        return False, -1, 0, None
+    return True, start, length, stamp
+
+
+def header_selection(raws: list[bytes], tag: int, value: bytes) -> list[int]:
+    """For each message: 1 when its last top-level string header ``tag`` is exactly ``value``, 0
+    when another or absent, -1 when its framing cannot be walked or it lacks a leading 16-byte
+    Uuid or a Timestamp (decode those). (_speedups.header_selection is this loop in C.)"""
+    fast = _accel.speedups
+    if fast is not None:
+        return fast.header_selection(raws, tag, value)
+    out = []
+    for raw in raws:
+        verdict = -1
+        if type(raw) is bytes and len(raw) > 18 and raw[:2] == b"\x0a\x10":
+            ok, start, length, stamp = _walk(raw, tag)
+            if ok and stamp is not None:
+                verdict = int(start >= 0 and raw[start:start + length] == value)
+        out.append(verdict)
+    return out
+
+
+def payloads_and_stamps(raws: list[bytes]) -> tuple[list[bytes | None], list[int | None]]:
+    """Each message's Payload and Timestamp (signed), None where it has none or its framing is
+    broken. (_speedups.payloads_and_stamps is this loop in C.)"""
+    fast = _accel.speedups
+    if fast is not None:
+        return fast.payloads_and_stamps(raws)
+    payloads: list[bytes | None] = []
+    stamps: list[int | None] = []
+    for raw in raws:
+        ok, start, length, stamp = _walk(raw, PAYLOAD) if type(raw) is bytes else (False, -1, 0, None)
+        payloads.append(raw[start:start + length] if ok and start >= 0 else None)
+        stamps.append(_signed(stamp) if ok and stamp is not None else None)
+    return payloads, stamps
+
+
 def split_lines(data: bytes | memoryview, start: int = 0, end: int | None = None) -> list[bytes]:
     """The lines of ``data[start:end]``: split at b"\\n", a last piece without one is a line too."""
     lines = bytes(data[start:end]).split(b"\n")

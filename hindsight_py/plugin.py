@@ -63,6 +63,46 @@ def inject_payloads(payloads: list[bytes], checkpoint: float | str | None = None
     _sandbox().inject_payloads(payloads, checkpoint, type)
 
 
+def inject_records(
+    payloads: list[bytes],
+    stamps: list[int],
+    fields: dict[str, list[str | None]],
+    checkpoint: float | str | None = None,
+    *,
+    type: str | None = None,
+) -> None:
+    """Inputs: one message per payload with its own Timestamp (ns) and string Fields, then the checkpoint.
+
+    The same messages as ``inject_message({"Payload": p, "Timestamp": t, "Type": type, "Fields":
+    {name: value, ...}})`` for each payload (a None value: no such field in that message), framed
+    in one pass. The caller keeps each message within max_message_size (nothing checks it here).
+    """
+    _sandbox().inject_records(payloads, stamps, fields, checkpoint, type)
+
+
+def inject_json_records(
+    data: bytes,
+    pos: int,
+    max_records: int,
+    *,
+    fields: tuple[str, ...] = (),
+    stamp_key: str | None = None,
+    type: str | None = None,
+) -> tuple[int, int, int, int] | None:
+    """Inputs: up to ``max_records`` elements of the JSON array in ``data`` from ``pos`` (CloudTrail
+    records), one message each, framed in one pass without parsing them into objects.
+
+    Each message is ``inject_message({"Payload": <the record's bytes>, "Timestamp": eventTime, "Type":
+    type, "Fields": {name: the record's string value}})``, the record getting ``stamp_key`` (a copy
+    of eventTime) unless it has it. Only records already written as compact ``json.dumps(...,
+    ensure_ascii=False)`` would write them, with an eventTime "YYYY-MM-DDTHH:MM:SSZ", are taken:
+    hindsight_py/json_records.py. Returns (messages queued, where it stopped, status, end of the
+    element it stopped at) as frame_json_records says, or None where it cannot (restricted headers).
+    No checkpoint: the caller injects one after.
+    """
+    return _sandbox().inject_json_records(data, pos, max_records, fields, stamp_key, type)
+
+
 def inject_lines(
     data: bytes,
     checkpoint: float | str | None = None,
@@ -174,10 +214,12 @@ __all__ = [
     "decode_message",
     "deliver_in_background",
     "encode_message",
+    "inject_json_records",
     "inject_lines",
     "inject_message",
     "inject_payload",
     "inject_payloads",
+    "inject_records",
     "is_running",
     "log",
     "logger",

@@ -547,9 +547,11 @@ def _read_loop(r: _Runner, readers: list[_Reader], slots: list[_PluginSlot], *, 
                 idx = None
                 subset = records
             else:
-                if decoded is None:
-                    decoded = [_safe_decode(raw, need_fields, need_payload) for raw in records]
-                idx = [i for i, m in enumerate(decoded) if m is not None and slot.matcher(m)]
+                idx = slot.matcher.select(records) if decoded is None else None  # no decoding if it can
+                if idx is None:
+                    if decoded is None:
+                        decoded = [_safe_decode(raw, need_fields, need_payload) for raw in records]
+                    idx = [i for i, m in enumerate(decoded) if m is not None and slot.matcher(m)]
                 subset = [records[i] for i in idx]
             host = slot.host
             start = 0

@@ -36,17 +36,29 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import time
 import zlib
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
 
-from hindsight_py.plugin import dead_letter, inject_message, is_running, log, read_config
+from hindsight_py.plugin import (
+    dead_letter,
+    inject_json_records,
+    inject_message,
+    inject_records,
+    is_running,
+    log,
+    read_config,
+)
 
 try:  # several times faster; what it cannot read (an integer past 64 bits) goes to json
+    from orjson import dumps as _fast_dumps
     from orjson import loads as _fast_loads
 except ImportError:  # pragma: no cover - orjson is optional
     _fast_loads = json.loads
+    _fast_dumps = None
 
 LOG_WARNING, LOG_INFO = 4, 6
 CHECKPOINT_VERSION = 1
@@ -54,7 +66,9 @@ _FIELDS = ("eventID", "eventTime", "eventSource", "eventName", "awsRegion", "rec
 _DIGEST_DIR = "CloudTrail-Digest"
 _DIGEST_NAME = "_CloudTrail-Digest_"
 _CHUNK = 256 * 1024  # gzip input per step: a corrupt spot loses at most this much of what precedes it
-_STOP_CHECK_EVERY = 500  # records between two looks at is_running()
+_STOP_CHECK_EVERY = 500  # records between two looks at is_running(), and per batch of messages
+# orjson writes 1e-07 as 1e-7: a payload that may hold such a number is written by json instead
+_SHORT_EXPONENT = re.compile(rb"[0-9]e-[0-9][,}\]]").search
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
@@ -70,6 +84,7 @@ _stamp = read_config("timestamp_field")
 TIMESTAMP_FIELD: str | None = "@timestamp" if _stamp is None else (_stamp or None)
 if TIMESTAMP_FIELD is not None and not isinstance(TIMESTAMP_FIELD, str):
     raise ValueError("timestamp_field must be a string or false")
+MAX_MESSAGE_SIZE = int(read_config("max_message_size") or 64 * 1024)
 LEDGER_PATH = os.path.join(str(read_config("output_path")), "cloudtrail_tree", f"{read_config('Logger')}.files")
 
 
@@ -228,6 +243,12 @@ def _salvage(text: str) -> tuple[list[Any], str]:
 
 def read_records(path: str) -> tuple[list[Any], str | None]:
     """The records of one file, and what was wrong with it (None when it was read whole)."""
+    records, problem, _ = _parse(*_file_data(path))
+    return records, problem
+
+
+def _file_data(path: str) -> tuple[bytes, str | None]:
+    """The file's JSON text (decompressed), and what was wrong with the compression."""
     with open(path, "rb") as fh:
         data = fh.read()
     problem = None
@@ -235,13 +256,19 @@ def read_records(path: str) -> tuple[list[Any], str | None]:
         data, problem = _gunzip(data)
     elif path.endswith(".gz") and data.lstrip()[:1] not in (b"{", b"["):
         data, problem = b"", "not gzip data (and not plain JSON either)"
+    return data, problem
+
+
+def _parse(data: bytes, problem: str | None) -> tuple[list[Any], str | None, bool]:
+    """The records of a file's text, what was wrong, and whether orjson read it (then every
+    record is one it can write)."""
     if problem is None:
         try:
             doc = _fast_loads(data)
         except ValueError:
             doc = None
         if isinstance(doc, dict) and isinstance(doc.get("Records"), list):
-            return doc["Records"], None
+            return doc["Records"], None, _fast_dumps is not None
     text = data.decode("utf-8", "surrogateescape")
     if problem is None:
         try:
@@ -250,12 +277,12 @@ def read_records(path: str) -> tuple[list[Any], str | None]:
             problem = f"not valid JSON: {e}"
         else:
             if isinstance(doc, dict) and isinstance(doc.get("Records"), list):
-                return doc["Records"], None
+                return doc["Records"], None, False
             if isinstance(doc, list):
-                return doc, None
-            return [], "not a CloudTrail log file: no Records array"
+                return doc, None, False
+            return [], "not a CloudTrail log file: no Records array", False
     records, note = _salvage(text)
-    return records, f"{problem}; {note}"
+    return records, f"{problem}; {note}", False
 
 
 # -- messages ------------------------------------------------------------------------------------
@@ -286,6 +313,119 @@ def make_message(record: dict[str, Any]) -> dict[str, Any]:
     return msg
 
 
+def _send_one(rel: str, number: int, record: Any, checkpoint: str) -> None:
+    """One record as its own message (or dead-lettered with the reason): the way for odd ones."""
+    if isinstance(record, dict):
+        message = make_message(record)
+        try:
+            inject_message(message, checkpoint)
+        except ValueError as e:  # larger than max_message_size, say: set aside, not lost
+            dead_letter(f"{rel}: record {number}: {e}", message["Payload"])
+            inject_message(None, checkpoint)
+    else:
+        dead_letter(f"{rel}: record {number} is not a JSON object", json.dumps(record, ensure_ascii=False))
+        inject_message(None, checkpoint)
+
+
+def _fast_payload(record: dict[str, Any], limit: int) -> bytes | None:
+    """make_message's Payload, written by orjson; None where it could differ or be too large."""
+    assert _fast_dumps is not None
+    try:
+        payload = _fast_dumps(record)
+    except TypeError:  # a lone surrogate, say
+        return None
+    if b"e-" in payload and _SHORT_EXPONENT(payload):
+        return None
+    # the Fields repeat at most the payload's bytes: such a message surely fits
+    return payload if 2 * len(payload) + 1024 <= limit else None
+
+
+def _send_batch(rel: str, records: list[Any], first: int, prefix: str) -> None:
+    """make_message() of each record, sent as one batch of messages (inject_records): the records of
+    one file as orjson read them. Odd ones (not an object, too large) go one by one, in order."""
+    payloads: list[bytes] = []
+    stamps: list[int] = []
+    plain: list[dict[str, Any]] = []
+    now = time.time_ns()
+
+    def flush(last: int) -> None:
+        if plain:
+            fields = {k: [v if type(v := r.get(k)) is str else None for r in plain] for k in _FIELDS}
+            inject_records(payloads, stamps, fields, f"{prefix}{last}}}", type="cloudtrail")
+            payloads.clear()
+            stamps.clear()
+            plain.clear()
+
+    for number, record in enumerate(records, start=first):
+        payload = None
+        if type(record) is dict:
+            when = record.get("eventTime")
+            ns = _event_ns(when)
+            added = ns is not None and TIMESTAMP_FIELD is not None and TIMESTAMP_FIELD not in record
+            if added:
+                record[TIMESTAMP_FIELD] = when
+            payload = _fast_payload(record, MAX_MESSAGE_SIZE)
+            if added and payload is None:
+                del record[TIMESTAMP_FIELD]  # make_message adds it again
+        if payload is None:
+            flush(number - 1)
+            _send_one(rel, number, record, f"{prefix}{number}}}")
+            continue
+        payloads.append(payload)
+        stamps.append(now if ns is None else ns)
+        plain.append(record)
+    flush(first + len(records) - 1)
+
+
+_ARRAY_START = re.compile(rb'\s*\{\s*"Records"\s*:\s*\[').match
+_ARRAY_END = re.compile(rb"\]\s*\}\s*\Z").match
+_NEXT = re.compile(rb"\s*(?:,\s*|(?=\]))").match
+
+
+def _loads_one(text: bytes) -> Any:
+    """One record's text as the whole file's parse would have it; ValueError if it is not JSON."""
+    try:
+        return _fast_loads(text)
+    except ValueError:
+        return json.loads(text.decode("utf-8", "surrogateescape"))
+
+
+def _send_array(rel: str, data: bytes, prefix: str) -> int | None:
+    """The records of a `{"Records": [...]}` text, framed straight from its bytes (inject_json_records):
+    -1 when they were all sent, None when a stop was requested, else how many were sent before
+    something the scan does not vouch for (the caller parses the file and goes on from there)."""
+    start = _ARRAY_START(data)
+    if start is None or _ARRAY_END(data, data.rfind(b"]")) is None:
+        return 0
+    pos, number = start.end(), 0
+    while True:
+        done = inject_json_records(data, pos, _STOP_CHECK_EVERY, fields=_FIELDS, stamp_key=TIMESTAMP_FIELD,
+                                   type="cloudtrail")
+        if done is None:
+            return number
+        count, pos, status, odd_end = done
+        number += count
+        if count:
+            inject_message(None, f"{prefix}{number}}}")
+        if status == 1:  # the array's "]": the last one, as checked above?
+            return -1 if _ARRAY_END(data, pos) is not None else number
+        if status == 2 and odd_end > pos:  # a record to build the slow way, in its place
+            try:
+                record = _loads_one(data[pos:odd_end])
+            except ValueError:
+                return number
+            after = _NEXT(data, odd_end)
+            if after is None:
+                return number
+            number += 1
+            _send_one(rel, number, record, f"{prefix}{number}}}")
+            pos = after.end()
+        elif status != 0:
+            return number
+        if not is_running():
+            return None
+
+
 # -- the plugin ----------------------------------------------------------------------------------
 class _State:
     ledger: Ledger | None = None
@@ -311,26 +451,30 @@ def _read_file(ledger: Ledger, rel: str, size: int) -> bool:
     S.resume_file, S.resume_records = None, 0
     path = os.path.join(ROOT, rel)
     try:
-        records, problem = read_records(path)
+        data, problem = _file_data(path)
     except FileNotFoundError:
         log(LOG_WARNING, f"{rel} went away before it could be read")
         return True
     # the checkpoint of record n is this prefix, n, "}" (what checkpoint_text gives, built once)
     prefix = checkpoint_text(ledger.size, rel, 0)[:-2]
-    for number, record in enumerate(records[skip:], start=skip + 1):
-        checkpoint = f"{prefix}{number}}}"
-        if isinstance(record, dict):
-            message = make_message(record)
-            try:
-                inject_message(message, checkpoint)
-            except ValueError as e:  # larger than max_message_size, say: set aside, not lost
-                dead_letter(f"{rel}: record {number}: {e}", message["Payload"])
-                inject_message(None, checkpoint)
+    if problem is None and skip == 0 and _fast_dumps is not None:
+        sent = _send_array(rel, data, prefix)
+        if sent is None:
+            return False  # a stop was requested
+        if sent < 0:
+            inject_message(None, checkpoint_text(ledger.add(rel, size, "ok")))
+            return True
+        skip = sent  # the rest as parsed: what stopped the scan is odd, or damage
+    records, problem, fast = _parse(data, problem)
+    del data
+    for start in range(skip, len(records), _STOP_CHECK_EVERY):
+        batch = records[start:start + _STOP_CHECK_EVERY]
+        if fast:
+            _send_batch(rel, batch, start + 1, prefix)
         else:
-            dead_letter(f"{rel}: record {number} is not a JSON object",
-                        json.dumps(record, ensure_ascii=False))
-            inject_message(None, checkpoint)
-        if number % _STOP_CHECK_EVERY == 0 and not is_running():
+            for number, record in enumerate(batch, start=start + 1):
+                _send_one(rel, number, record, f"{prefix}{number}}}")
+        if not is_running():
             return False
     status = "ok"
     if problem is not None:

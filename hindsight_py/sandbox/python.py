@@ -22,6 +22,7 @@ from typing import Any
 
 from hindsight_py import message as hmsg
 from hindsight_py import plugin as api
+from hindsight_py.json_records import frame_json_records
 from hindsight_py.matcher import MatcherError, compile_matcher
 from hindsight_py.sandbox.base import BatchResult, PluginError
 
@@ -422,6 +423,45 @@ class PythonSandbox:
             self.inject(None, checkpoint)  # records it, flushes when due, honours a stop request
         else:
             self._maybe_flush()
+
+    def inject_records(self, payloads: list[bytes], stamps: list[int], fields: dict[str, list[str | None]],
+                       checkpoint: Any, type_: str | None) -> None:
+        if self.plugin_type != "input":
+            raise RuntimeError("inject_records() is for input plugins")
+        if payloads:
+            if self._restricted:
+                stamps = [time.time_ns()] * len(payloads)
+            framed = hmsg.encode_records(payloads, stamps, fields, logger=self._logger, hostname=self._hostname,
+                                         pid=self._pid, type=type_)
+            self._out.append(framed)
+            self._out_bytes += len(framed)
+            self._out_count += len(payloads)
+        if checkpoint is not None:
+            self.inject(None, checkpoint)  # records it, flushes when due, honours a stop request
+        else:
+            self._maybe_flush()
+
+    def inject_json_records(self, data: bytes, pos: int, max_records: int, fields: tuple[str, ...],
+                            stamp_key: str | None, type_: str | None) -> tuple[int, int, int, int] | None:
+        if self.plugin_type != "input":
+            raise RuntimeError("inject_json_records() is for input plugins")
+        if self._restricted:
+            return None  # the Timestamps would be the clock's: the caller builds the messages
+        head, tail = hmsg._payload_message_parts(self._logger, self._hostname, self._pid, 0, type_)
+        names = [name.encode() for name in fields]
+        if any(json.dumps(name)[1:-1] != name for name in fields):
+            raise ValueError("inject_json_records(): field names must be plain ASCII")
+        key = b"" if stamp_key is None else json.dumps(stamp_key, ensure_ascii=False).encode(
+            "utf-8", "surrogateescape")[1:-1]
+        framed, count, pos, status, odd_end = frame_json_records(
+            data, pos, max_records, hmsg.random_uuids(max_records), head[2:], tail, names, key,
+            self._max_message_size)
+        if count:
+            self._out.append(framed)
+            self._out_bytes += len(framed)
+            self._out_count += count
+            self._maybe_flush()
+        return count, pos, status, odd_end
 
     def inject_lines(self, data: bytes, checkpoint: Any, end: int | None, type_: str | None,
                      too_long: Any) -> int:
