@@ -119,7 +119,7 @@ class _State:
         self.stopped = False  # a stop request interrupted a send: nothing more is sent in this run
         self.time_key: int | None = None  # the last action line of a template that only uses the time
         self.time_line = b""
-        self.head_cache: dict[int, tuple[bytes, bytes]] = {}  # second of data time -> _heads()
+        self.head_cache: dict[int, bytes] = {}  # _take_keyed: time // _time_unit -> _heads()[0]
 
 
 S = _State()
@@ -257,6 +257,19 @@ _templates_time_only = all(_uses_message_only_for_time(t) for t in (index_templa
 # lines made per batch by _take_keyed: the message's time, if any, from its Timestamp, not the clock
 _time_keyed = _templates_time_only and not id_template and (
     index_from_timestamp or not any("%{" in t for t in (index_template, type_template or "")))
+# strftime directives that change at most daily, or hourly: a template of those alone gives the
+# same line for every second of a day (an hour); with any other, lines are made per second
+_DAILY = frozenset("YmdyjaAbBhuwCeDFGgVUWx%")
+_HOURLY = _DAILY | frozenset("HIpkl")
+
+
+def _time_unit_of(templates: tuple[str, ...]) -> int:
+    names = [name for t in templates for name in _PLACEHOLDER.findall(t)]
+    directives = {d for name in names for d in re.findall(r"%-?(.)", name)}
+    return 86400 if directives <= _DAILY else 3600 if directives <= _HOURLY else 1
+
+
+_time_unit = _time_unit_of((index_template, type_template or ""))
 _time_only = not id_field and all(_uses_message_only_for_time(t) for t in (index_template, type_template or "",
                                                                          id_template or ""))
 
@@ -379,23 +392,24 @@ def _take_keyed(raws: list[bytes]) -> None:
     one line of JSON object) goes the slow way, in its place."""
     payloads, stamps = hmsg.payloads_and_stamps(raws)
     cache = S.head_cache
-    if len(cache) > 100_000:  # bounded: one entry per second of data time
+    if len(cache) > 100_000:  # bounded: one entry per day (or hour, second) of data time
         cache.clear()
-    heads: list[bytes | None] = []
-    tails = b""
-    for stamp in stamps:
-        if stamp is None:
-            heads.append(None)
-            continue
-        secs = stamp / 1e9 if index_from_timestamp else 0.0
-        key = math.floor(secs)
-        pair = cache.get(key)
-        if pair is None:
-            pair = cache[key] = _heads(secs)
-        heads.append(pair[0])
-        tails = pair[1]
+    # the second _action_line would format, in units the templates can tell apart
+    unit, floor = _time_unit, math.floor
+    if index_from_timestamp:
+        keys = [None if t is None else floor(t / 1e9) // unit for t in stamps]
+    else:
+        keys = [None if t is None else 0 for t in stamps]
+    heads: list[bytes | None] = list(map(cache.get, keys))
+    if None in heads:
+        for i, key in enumerate(keys):
+            if heads[i] is None and key is not None:
+                pair = cache.get(key)
+                if pair is None:
+                    pair = cache[key] = _heads(key * unit)[0]
+                heads[i] = pair
     if id_field:
-        lines = id_action_lines(payloads, b'"' + id_field.encode() + b'":"', heads, tails)
+        lines = id_action_lines(payloads, b'"' + id_field.encode() + b'":"', heads, _heads(0.0)[1])
     else:
         lines = heads
     if None not in lines and None not in payloads and one_line_objects(payloads):  # type: ignore[arg-type]
