@@ -7,6 +7,7 @@ so that every early exit of the C code is reached.
 
 from __future__ import annotations
 
+import functools
 import os
 import random
 import shutil
@@ -288,3 +289,112 @@ def test_every_line_is_an_object(impl):
         want = body.startswith(b"{") and all(line.startswith(b"{") for line in body.split(b"\n")[1:-1]) and (
             body.endswith(b"\n") or body.split(b"\n")[-1].startswith(b"{"))
         assert _every_line_is_an_object(body) is want, body[:80]
+
+
+# -- the fast paths of issue 17: tree input, header matchers, per-batch action lines ------------------
+def _both(monkeypatch, call):
+    """call() with the C loops and with their Python twins: (c result, python result)."""
+    monkeypatch.setattr(_accel, "speedups", _speedups)
+    c = call()
+    monkeypatch.setattr(_accel, "speedups", None)
+    return c, call()
+
+
+needs_c = pytest.mark.skipif(_speedups is None, reason="hindsight_py._speedups is not built")
+
+
+@needs_c
+def test_frame_records_gives_the_same_bytes_in_c(monkeypatch):
+    rng = random.Random(17)
+    values = [None, "", "a", "ünï", "😀" * 50, "x" * 300, "\udcff", "q\"\\"]
+    for case in range(200):
+        n = rng.randrange(0, 20)
+        payloads = [bytes(rng.randrange(256) for _ in range(rng.choice([0, 5, 200, 20000]))) for _ in range(n)]
+        stamps = [rng.choice([0, 1, -1, 1 << 62, -(1 << 63), 1_700_000_000_000_000_000]) for _ in range(n)]
+        fields = {name: [rng.choice(values) for _ in range(n)] for name in rng.sample(["a", "eventID", "ü"], 2)}
+        uuids = hmsg.random_uuids(n)
+        monkeypatch.setattr(hmsg, "random_uuids", lambda k, u=uuids: u)
+        c, py = _both(monkeypatch, lambda p=payloads, s=stamps, f=fields: hmsg.encode_records(
+            p, s, f, logger="in", hostname="h", pid=3, type="t"))
+        assert c == py, case
+
+
+def test_encode_records_builds_what_inject_message_builds(impl):
+    from sandbox_fakes import split_framed
+
+    payloads = [b'{"a":1}', "ünï".encode(), b""]
+    stamps = [5, -7, 1_700_000_000_000_000_000]
+    fields = {"eventID": ["x", None, "😀"], "n": [None, None, "y"]}
+    framed = hmsg.encode_records(payloads, stamps, fields, logger="in", hostname="h", pid=9, type="t")
+    for i, raw in enumerate(split_framed(framed)):
+        msg = hmsg.decode(raw)
+        want = {"Payload": payloads[i].decode(), "Timestamp": stamps[i], "Type": "t", "Uuid": msg.uuid,
+                "Fields": {k: v[i] for k, v in fields.items() if v[i] is not None}}
+        assert raw == hmsg.encode(hmsg.from_dict(want, restricted=False, logger="in", hostname="h", pid=9, now_ns=0))
+
+
+def _walk_cases(rng: random.Random):
+    for case in range(200):
+        raws = _messages(rng, rng.randrange(1, 20), one_shape=case % 2 == 0)
+        if case % 2:
+            raws = [_damage(rng, r) if rng.random() < 0.5 else r for r in raws]
+        yield raws
+
+
+@needs_c
+def test_header_selection_and_payloads_and_stamps_give_the_same_in_c(monkeypatch):
+    rng = random.Random(19)
+    for raws in _walk_cases(rng):
+        for tag, value in ((3, b"t"), (4, b"input.file"), (9, b"h"), (6, b"")):
+            c, py = _both(monkeypatch, functools.partial(hmsg.header_selection, raws, tag, value))
+            assert c == py
+        c, py = _both(monkeypatch, functools.partial(hmsg.payloads_and_stamps, raws))
+        assert c == py
+
+
+def test_payloads_and_stamps_of_valid_messages_are_their_payload_and_timestamp(impl):
+    raws = [r for raws in _walk_cases(random.Random(23)) for r in raws if hmsg.is_valid(r)]
+    payloads, stamps = hmsg.payloads_and_stamps(raws)
+    assert payloads == [hmsg.payload_of(r) for r in raws]
+    assert stamps == [hmsg.timestamp_of(r) for r in raws]
+
+
+@needs_c
+def test_id_action_lines_give_the_same_in_c(monkeypatch):
+    from hindsight_py.outputs.bulk_lines import id_action_lines
+
+    rng = random.Random(29)
+    ids = [b"abc-123", b"", b'a\\"b', b"\xc3\xbc", b"a\x01", b"x" * 100, b"~ !"]
+    for case in range(300):
+        payloads = []
+        for _ in range(rng.randrange(0, 10)):
+            parts = [b'{"k":1', b',"eventID":"' + rng.choice(ids) + b'"', b',"n":{"eventID":"z"}', b"}",
+                     b',"eventID":"cut']
+            payloads.append(b"".join(rng.sample(parts, rng.randrange(1, 4))) if rng.random() < 0.9 else None)
+        heads = [rng.choice([b'{"index":{"_id":"', None]) for _ in payloads]
+        c, py = _both(monkeypatch, lambda p=payloads, h=heads: id_action_lines(p, b'"eventID":"', h, b'"}}'))
+        assert c == py, case
+
+
+@needs_c
+def test_frame_json_records_gives_the_same_in_c(monkeypatch):
+    from fastpath_records import odd_records, sample_records, texts
+
+    from hindsight_py.json_records import frame_json_records
+
+    rng = random.Random(31)
+    records = sample_records(200) + odd_records()
+    names = [b"eventID", b"eventTime", b"eventName"]
+    for case in range(150):
+        chosen = rng.sample(records, rng.randrange(0, 12))
+        data = b'{"Records":[' + rng.choice([b",", b" , "]).join(texts(chosen, rng)) + b"]}"
+        if case % 3 == 0:
+            data = _damage(rng, data)
+        pos = rng.choice([12, 12, rng.randrange(len(data) + 1)])
+        kw = {"max_records": rng.choice([0, 1, 5, 50]), "stamp_key": rng.choice([b"@timestamp", b""]),
+              "max_size": rng.choice([1 << 20, 3000])}
+        uuids = hmsg.random_uuids(kw["max_records"])
+        c, py = _both(monkeypatch, functools.partial(frame_json_records, data, pos, kw["max_records"], uuids,
+                                                     b"\x1a\x01t\x32", b"\x4a\x01h", names, kw["stamp_key"],
+                                                     kw["max_size"]))
+        assert c == py, (case, kw)
