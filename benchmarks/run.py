@@ -61,16 +61,16 @@ def data_file(lines: int) -> Path:
     return path
 
 
-def tree_dir(lines: int, files: int = 200) -> Path:
-    """data_file(lines) as `aws s3 sync` leaves a trail: ~`files` .json.gz files of {"Records": [...]}
-    under AWSLogs/<account>/CloudTrail/<region>/YYYY/MM/DD/, named after their first record."""
+def tree_dir(lines: int, per_file: int = 1000) -> Path:
+    """data_file(lines) as `aws s3 sync` leaves a trail: .json.gz files of `per_file` records each,
+    {"Records": [...]}, under AWSLogs/<account>/CloudTrail/<region>/YYYY/MM/DD/, named after their
+    first record."""
     root = WORK / f"cloudtrail-tree-{lines}"
     if not root.exists():
         import gzip
 
         tmp = root.with_suffix(".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        per_file = max(1, -(-lines // files))
         with open(data_file(lines), "rb") as fh:
             for n, chunk in enumerate(iter(lambda: [fh.readline() for _ in range(per_file)], [b""] * per_file)):
                 chunk = [line.strip() for line in chunk if line.strip()]
