@@ -128,6 +128,50 @@ put_message(unsigned char *out, const unsigned char *uuid, const Py_buffer *head
     return out + tail->len;
 }
 
+/* The bytes of a one-string Field whose name (with its keys: 0x0A varint(len) name 0x22) takes
+ * `nlen` bytes and whose value takes `vlen`, framed as a message field (0x52 varint(size) ...). */
+static Py_ssize_t
+field_size(Py_ssize_t nlen, Py_ssize_t vlen)
+{
+    Py_ssize_t inner = nlen + varint_len(vlen) + vlen;
+    return 1 + varint_len(inner) + inner;
+}
+
+/* Writes such a Field. */
+static unsigned char *
+put_field(unsigned char *out, const void *name, Py_ssize_t nlen, const void *value, Py_ssize_t vlen)
+{
+    *out++ = 0x52;
+    out += put_varint(out, nlen + varint_len(vlen) + vlen);
+    memcpy(out, name, nlen);
+    out += nlen;
+    out += put_varint(out, vlen);
+    memcpy(out, value, vlen);
+    return out + vlen;
+}
+
+/* Writes the frame of a `size`-byte message, its Uuid, its Timestamp, `head` (ending with the
+ * Payload key) and the payload's length: what comes before the payload. */
+static unsigned char *
+put_stamped_head(unsigned char *out, Py_ssize_t size, const unsigned char *uuid, unsigned long long ts,
+                 const Py_buffer *head, Py_ssize_t plen)
+{
+    *out++ = 0x1E;
+    *out++ = (unsigned char)(1 + varint_len(size));
+    *out++ = 0x08;
+    out += put_varint(out, size);
+    *out++ = 0x1F;
+    *out++ = 0x0A;
+    *out++ = 0x10;
+    memcpy(out, uuid, 16);
+    out += 16;
+    *out++ = 0x10;
+    out += put_varint(out, ts);
+    memcpy(out, head->buf, head->len);
+    out += head->len;
+    return out + put_varint(out, plen);
+}
+
 /* frame_payloads(payloads, uuids, head, tail) -> bytes
  *
  * For each payload p (and its 16 bytes of `uuids`): the stream frame of the message
@@ -350,6 +394,21 @@ every_line_is_an_object(PyObject *self, PyObject *arg)
 
 /* -- frame_records ---------------------------------------------------------------------- */
 
+/* The size of message i of frame_records (its str values already encoded, which caches them). */
+static Py_ssize_t
+record_size(Py_ssize_t plen, unsigned long long ts, const Py_buffer *head, const Py_buffer *tail, PyObject *names,
+            PyObject *columns, Py_ssize_t i)
+{
+    Py_ssize_t size = 18 + 1 + varint_len(ts) + head->len + varint_len(plen) + plen + tail->len;
+    for (Py_ssize_t k = 0; k < PyList_GET_SIZE(names); k++) {
+        PyObject *v = PyList_GET_ITEM(PyList_GET_ITEM(columns, k), i);
+        Py_ssize_t vlen;
+        if (v != Py_None && PyUnicode_AsUTF8AndSize(v, &vlen))
+            size += field_size(PyBytes_GET_SIZE(PyList_GET_ITEM(names, k)), vlen);
+    }
+    return size;
+}
+
 /* frame_records(payloads, stamps, uuids, head, tail, names, columns) -> bytes
  *
  * The stream frames of messages with their own Timestamp and string Fields:
@@ -395,21 +454,16 @@ frame_records(PyObject *self, PyObject *args)
         if (t == -1 && PyErr_Occurred())
             goto done;
         ts[i] = (unsigned long long)t;
-        Py_ssize_t plen = PyBytes_GET_SIZE(p);
-        Py_ssize_t size = 18 + 1 + varint_len(ts[i]) + head.len + varint_len(plen) + plen + tail.len;
         for (Py_ssize_t k = 0; k < nf; k++) {
             PyObject *v = PyList_GET_ITEM(PyList_GET_ITEM(columns, k), i);
-            if (v == Py_None)
-                continue;
-            Py_ssize_t vlen;
-            if (!PyUnicode_Check(v) || !PyUnicode_AsUTF8AndSize(v, &vlen)) {
-                if (!PyErr_Occurred())
-                    PyErr_Format(PyExc_TypeError, "field value %zd is not a str", i);
+            if (v != Py_None && !PyUnicode_Check(v)) {
+                PyErr_Format(PyExc_TypeError, "field value %zd is not a str", i);
                 goto done;
             }
-            Py_ssize_t inner = PyBytes_GET_SIZE(PyList_GET_ITEM(names, k)) + varint_len(vlen) + vlen;
-            size += 1 + varint_len(inner) + inner;
+            if (v != Py_None && !PyUnicode_AsUTF8AndSize(v, NULL))
+                goto done; /* cached for record_size() */
         }
+        Py_ssize_t size = record_size(PyBytes_GET_SIZE(p), ts[i], &head, &tail, names, columns, i);
         total += 4 + varint_len(size) + size;
     }
     result = PyBytes_FromStringAndSize(NULL, total);
@@ -420,30 +474,8 @@ frame_records(PyObject *self, PyObject *args)
     for (Py_ssize_t i = 0; i < n; i++) {
         PyObject *p = PyList_GET_ITEM(payloads, i);
         Py_ssize_t plen = PyBytes_GET_SIZE(p);
-        Py_ssize_t size = 18 + 1 + varint_len(ts[i]) + head.len + varint_len(plen) + plen + tail.len;
-        for (Py_ssize_t k = 0; k < nf; k++) {
-            PyObject *v = PyList_GET_ITEM(PyList_GET_ITEM(columns, k), i);
-            if (v == Py_None)
-                continue;
-            Py_ssize_t vlen;
-            PyUnicode_AsUTF8AndSize(v, &vlen); /* cached by the first pass */
-            Py_ssize_t inner = PyBytes_GET_SIZE(PyList_GET_ITEM(names, k)) + varint_len(vlen) + vlen;
-            size += 1 + varint_len(inner) + inner;
-        }
-        *out++ = 0x1E;
-        *out++ = (unsigned char)(1 + varint_len(size));
-        *out++ = 0x08;
-        out += put_varint(out, size);
-        *out++ = 0x1F;
-        *out++ = 0x0A;
-        *out++ = 0x10;
-        memcpy(out, u + 16 * i, 16);
-        out += 16;
-        *out++ = 0x10;
-        out += put_varint(out, ts[i]);
-        memcpy(out, head.buf, head.len);
-        out += head.len;
-        out += put_varint(out, plen);
+        Py_ssize_t size = record_size(plen, ts[i], &head, &tail, names, columns, i);
+        out = put_stamped_head(out, size, u + 16 * i, ts[i], &head, plen);
         memcpy(out, PyBytes_AS_STRING(p), plen);
         out += plen;
         memcpy(out, tail.buf, tail.len);
@@ -454,14 +486,7 @@ frame_records(PyObject *self, PyObject *args)
                 continue;
             Py_ssize_t vlen;
             const char *value = PyUnicode_AsUTF8AndSize(v, &vlen);
-            Py_ssize_t nlen = PyBytes_GET_SIZE(name), inner = nlen + varint_len(vlen) + vlen;
-            *out++ = 0x52;
-            out += put_varint(out, inner);
-            memcpy(out, PyBytes_AS_STRING(name), nlen);
-            out += nlen;
-            out += put_varint(out, vlen);
-            memcpy(out, value, vlen);
-            out += vlen;
+            out = put_field(out, PyBytes_AS_STRING(name), PyBytes_GET_SIZE(name), value, vlen);
         }
     }
 done:
@@ -565,8 +590,8 @@ header_selection(PyObject *self, PyObject *args)
 
 /* payloads_and_stamps(raws) -> (payloads, stamps)
  *
- * message._walk_payloads(raws) and, for each message, its last Timestamp as a signed 64-bit
- * int (None when it has none, or its framing is malformed). */
+ * For each message: its last Payload, and its last Timestamp as a signed 64-bit int (None when
+ * it has none, or its framing is malformed). message.payloads_and_stamps is the twin. */
 static PyObject *
 payloads_and_stamps(PyObject *self, PyObject *arg)
 {
@@ -666,6 +691,7 @@ done:
 
 typedef struct {
     Py_ssize_t start, end;  /* the record, its final '}' at end - 1 */
+    Py_ssize_t size;        /* of its message */
     unsigned long long ts;
     Py_ssize_t time_at;     /* eventTime's 20 bytes, or -1 */
     int add_stamp;
@@ -937,14 +963,27 @@ frame_json_records(PyObject *self, PyObject *args)
     PyObject *result = NULL;
     jr_record *recs = NULL;
     Py_buffer nb[JR_MAX_NAMES];
+    unsigned char prefix[JR_MAX_NAMES][104];
+    Py_ssize_t prefix_len[JR_MAX_NAMES];
     Py_ssize_t nnames = PyList_GET_SIZE(names), got = 0;
-    if (nnames > JR_MAX_NAMES || uuids.len < 16 * max_records) {
+    if (nnames > JR_MAX_NAMES || max_records < 0 || uuids.len < 16 * max_records) {
         PyErr_SetString(PyExc_ValueError, "frame_json_records: too many names, or too few uuids");
         goto done;
     }
     for (; got < nnames; got++) {
         if (PyObject_GetBuffer(PyList_GET_ITEM(names, got), &nb[got], PyBUF_SIMPLE) < 0)
             goto done;
+        if (nb[got].len > 100) {
+            got++;
+            PyErr_SetString(PyExc_ValueError, "frame_json_records: a name longer than 100 bytes");
+            goto done;
+        }
+        /* the Field's name with its keys: 0x0A varint(len) name 0x22 */
+        prefix[got][0] = 0x0A;
+        prefix_len[got] = 1 + put_varint(prefix[got] + 1, nb[got].len);
+        memcpy(prefix[got] + prefix_len[got], nb[got].buf, nb[got].len);
+        prefix_len[got] += nb[got].len;
+        prefix[got][prefix_len[got]++] = 0x22;
     }
     recs = PyMem_Malloc(sizeof(jr_record) * (max_records > 0 ? max_records : 1));
     if (!recs) {
@@ -971,14 +1010,11 @@ frame_json_records(PyObject *self, PyObject *args)
         if (ok) {
             Py_ssize_t plen = r->end - r->start + (r->add_stamp ? stamp_extra : 0);
             size = fixed + varint_len(r->ts) + varint_len(plen) + plen;
-            for (Py_ssize_t k = 0; k < nnames; k++) {
-                if (r->field_at[k] < 0)
-                    continue;
-                Py_ssize_t inner = 1 + varint_len(nb[k].len) + nb[k].len + 1 + varint_len(r->field_len[k]) +
-                                   r->field_len[k];
-                size += 1 + varint_len(inner) + inner;
-            }
+            for (Py_ssize_t k = 0; k < nnames; k++)
+                if (r->field_at[k] >= 0)
+                    size += field_size(prefix_len[k], r->field_len[k]);
             ok = size <= max_size;
+            r->size = size;
         }
         if (!ok) {
             status = 2;
@@ -1010,28 +1046,7 @@ frame_json_records(PyObject *self, PyObject *args)
     for (Py_ssize_t i = 0; i < n; i++) {
         jr_record *r = &recs[i];
         Py_ssize_t body = r->end - r->start - 1, plen = body + 1 + (r->add_stamp ? stamp_extra : 0);
-        Py_ssize_t size = fixed + varint_len(r->ts) + varint_len(plen) + plen;
-        for (Py_ssize_t k = 0; k < nnames; k++) {
-            if (r->field_at[k] < 0)
-                continue;
-            Py_ssize_t inner = 1 + varint_len(nb[k].len) + nb[k].len + 1 + varint_len(r->field_len[k]) +
-                               r->field_len[k];
-            size += 1 + varint_len(inner) + inner;
-        }
-        *out++ = 0x1E;
-        *out++ = (unsigned char)(1 + varint_len(size));
-        *out++ = 0x08;
-        out += put_varint(out, size);
-        *out++ = 0x1F;
-        *out++ = 0x0A;
-        *out++ = 0x10;
-        memcpy(out, u + 16 * i, 16);
-        out += 16;
-        *out++ = 0x10;
-        out += put_varint(out, r->ts);
-        memcpy(out, head.buf, head.len);
-        out += head.len;
-        out += put_varint(out, plen);
+        out = put_stamped_head(out, r->size, u + 16 * i, r->ts, &head, plen);
         memcpy(out, b + r->start, body);
         out += body;
         if (r->add_stamp) {
@@ -1048,22 +1063,9 @@ frame_json_records(PyObject *self, PyObject *args)
         *out++ = '}';
         memcpy(out, tail.buf, tail.len);
         out += tail.len;
-        for (Py_ssize_t k = 0; k < nnames; k++) {
-            if (r->field_at[k] < 0)
-                continue;
-            Py_ssize_t flen = r->field_len[k];
-            Py_ssize_t inner = 1 + varint_len(nb[k].len) + nb[k].len + 1 + varint_len(flen) + flen;
-            *out++ = 0x52;
-            out += put_varint(out, inner);
-            *out++ = 0x0A;
-            out += put_varint(out, nb[k].len);
-            memcpy(out, nb[k].buf, nb[k].len);
-            out += nb[k].len;
-            *out++ = 0x22;
-            out += put_varint(out, flen);
-            memcpy(out, b + r->field_at[k], flen);
-            out += flen;
-        }
+        for (Py_ssize_t k = 0; k < nnames; k++)
+            if (r->field_at[k] >= 0)
+                out = put_field(out, prefix[k], prefix_len[k], b + r->field_at[k], r->field_len[k]);
     }
     {
         PyObject *t = Py_BuildValue("Nnnin", result, n, pos, status, odd_end);

@@ -218,8 +218,8 @@ def frame_json_records(data: bytes, pos: int, max_records: int, uuids: bytes, he
     fast = _accel.speedups
     if fast is not None:
         return fast.frame_json_records(data, pos, max_records, uuids, head, tail, names, stamp_key, max_size)
-    if len(names) > 16 or len(uuids) < 16 * max_records:
-        raise ValueError("frame_json_records: too many names, or too few uuids")
+    if len(names) > 16 or max_records < 0 or len(uuids) < 16 * max_records or any(len(n) > 100 for n in names):
+        raise ValueError("frame_json_records: too many names or too long, or too few uuids")
     b, end = data, len(data)
     out: list[bytes] = []
     n, status, odd_end = 0, 0, -1
