@@ -416,13 +416,8 @@ class PythonSandbox:
                 raise ValueError(f"inject_payloads() failed: payload {big[0]} exceeds max_message_size")
             framed = hmsg.encode_payloads(payloads, logger=self._logger, hostname=self._hostname, pid=self._pid,
                                           now_ns=time.time_ns(), type=type_)
-            self._out.append(framed)
-            self._out_bytes += len(framed)
-            self._out_count += len(payloads)
-        if checkpoint is not None:
-            self.inject(None, checkpoint)  # records it, flushes when due, honours a stop request
-        else:
-            self._maybe_flush()
+            self._queue(framed, len(payloads))
+        self._end_injection(checkpoint)
 
     def inject_records(self, payloads: list[bytes], stamps: list[int], fields: dict[str, list[str | None]],
                        checkpoint: Any, type_: str | None) -> None:
@@ -433,13 +428,8 @@ class PythonSandbox:
                 stamps = [time.time_ns()] * len(payloads)
             framed = hmsg.encode_records(payloads, stamps, fields, logger=self._logger, hostname=self._hostname,
                                          pid=self._pid, type=type_)
-            self._out.append(framed)
-            self._out_bytes += len(framed)
-            self._out_count += len(payloads)
-        if checkpoint is not None:
-            self.inject(None, checkpoint)  # records it, flushes when due, honours a stop request
-        else:
-            self._maybe_flush()
+            self._queue(framed, len(payloads))
+        self._end_injection(checkpoint)
 
     def inject_json_records(self, data: bytes, pos: int, max_records: int, fields: tuple[str, ...],
                             stamp_key: str | None, type_: str | None) -> tuple[int, int, int, int] | None:
@@ -457,9 +447,7 @@ class PythonSandbox:
             data, pos, max_records, hmsg.random_uuids(max_records), head[2:], tail, names, key,
             self._max_message_size)
         if count:
-            self._out.append(framed)
-            self._out_bytes += len(framed)
-            self._out_count += count
+            self._queue(framed, count)
             self._maybe_flush()
         return count, pos, status, odd_end
 
@@ -498,10 +486,7 @@ class PythonSandbox:
             self._out.append(framed)
             self._out_bytes += len(framed)
         self._out_count += count
-        if checkpoint is not None:
-            self.inject(None, checkpoint)  # records it, flushes when due, honours a stop request
-        else:
-            self._maybe_flush()
+        self._end_injection(checkpoint)
         if refused is not None:  # raised once the other lines are queued
             raise refused
         return count
@@ -509,6 +494,20 @@ class PythonSandbox:
     @staticmethod
     def _payload_message(payload: bytes, type_: str | None) -> dict[str, Any]:
         return {"Payload": payload} if type_ is None else {"Type": type_, "Payload": payload}
+
+    def _queue(self, framed: bytes, count: int) -> None:
+        """Queue ``count`` framed messages (an input's, flushed with the next checkpoint or when due)."""
+        self._out.append(framed)
+        self._out_bytes += len(framed)
+        self._out_count += count
+
+    def _end_injection(self, checkpoint: Any) -> None:
+        """After a batch of messages: record the checkpoint (flushing when due, honouring a stop
+        request), or only flush when due."""
+        if checkpoint is not None:
+            self.inject(None, checkpoint)
+        else:
+            self._maybe_flush()
 
     def _maybe_flush(self) -> None:
         if self._out_count >= FLUSH_COUNT or self._out_bytes >= FLUSH_BYTES:
