@@ -12,6 +12,7 @@ import importlib.util
 import json
 import random
 import time
+import types
 from types import SimpleNamespace
 from typing import Any
 
@@ -34,6 +35,8 @@ def _host() -> Any:
     host = SimpleNamespace(_restricted=False, _logger="input.ct", _hostname="host", _pid=42, _max_message_size=MAX,
                            _out=[], _out_bytes=0, _out_count=0, plugin_type="input")
     host._maybe_flush = lambda: None
+    host._queue = types.MethodType(PythonSandbox._queue, host)
+    host._end_injection = lambda checkpoint: None
     return host
 
 
