@@ -12,6 +12,8 @@ Pipelines (hindsight_cli, one process per plugin):
             scripts/fetch_upstream.py, fetched first if need be)
   native    Python plugins: plugins/flat_file.py -> plugins/elasticsearch_bulk.py
   native_pure   the same without the C loops of hindsight_py/_speedups.c (HINDSIGHT_PY_PURE=1)
+  s3tree    examples/cloudtrail-tree as it ships (plugins/cloudtrail_tree.py -> elasticsearch_bulk.py), the
+            same records as .json.gz files of 1,000 in the AWSLogs/ layout (tree_dir); s3tree_pure: no C loops
 Baselines:
   streaming_bulk / parallel_bulk   elasticsearch-py's helpers reading the same file
   server_limit                     pre-built bulk bodies posted as fast as the server takes them
@@ -310,9 +312,9 @@ def setup_s3tree(work: Path, data: Path, ep: Endpoint, index: str) -> None:
 
 
 PIPELINES = {"lua": setup_lua, "upstream": setup_upstream, "native": setup_native, "native_pure": setup_native,
-             "s3tree": setup_s3tree}
+             "s3tree": setup_s3tree, "s3tree_pure": setup_s3tree}
 # extra environment of a pipeline's hindsight_cli
-PIPELINE_ENV = {"native_pure": {"HINDSIGHT_PY_PURE": "1"}}
+PIPELINE_ENV = {"native_pure": {"HINDSIGHT_PY_PURE": "1"}, "s3tree_pure": {"HINDSIGHT_PY_PURE": "1"}}
 
 
 def run_pipeline(name: str, data: Path, lines: int, ep: Endpoint) -> dict:

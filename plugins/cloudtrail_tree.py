@@ -11,6 +11,10 @@ eventSource, eventName, awsRegion, recipientAccountId (those that are strings). 
 `timestamp_field` (default "@timestamp") the record gets that key too, a copy of eventTime, for
 Kibana-style date fields; set it to false to leave records exactly as they are.
 
+A record written as that compact JSON already (CloudTrail's are) is framed straight from the
+file's bytes in C, batch by batch (inject_json_records); any other is parsed and built one by one,
+in its place, and a file the byte scan cannot follow is parsed whole. The messages are the same.
+
 Where it stands is kept in two places (docs/cloudtrail.md):
 - a ledger under output_path (`cloudtrail_tree/<plugin>.files`): one line per finished file,
   appended and fsynced before any checkpoint counts it;
@@ -43,6 +47,7 @@ from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
 
+from hindsight_py import _accel
 from hindsight_py.plugin import (
     dead_letter,
     inject_json_records,
@@ -457,7 +462,8 @@ def _read_file(ledger: Ledger, rel: str, size: int) -> bool:
         return True
     # the checkpoint of record n is this prefix, n, "}" (what checkpoint_text gives, built once)
     prefix = checkpoint_text(ledger.size, rel, 0)[:-2]
-    if problem is None and skip == 0 and _fast_dumps is not None:
+    # framed from the bytes with the C loop; without it (HINDSIGHT_PY_PURE) parsing is the faster way
+    if problem is None and skip == 0 and _fast_dumps is not None and _accel.speedups is not None:
         sent = _send_array(rel, data, prefix)
         if sent is None:
             return False  # a stop was requested
