@@ -698,6 +698,18 @@ typedef struct {
     Py_ssize_t field_at[JR_MAX_NAMES], field_len[JR_MAX_NAMES];
 } jr_record;
 
+/* 1 for the bytes a string holds as they are: not '"', '\\', or a control character. */
+static const unsigned char jr_plain[256] = {
+    0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+    1, 1, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1,
+    1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 1, 1, 1,
+    1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1,
+    1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1,
+    1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1,
+    1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1,
+    1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1,
+};
+
 /* A string as json.dumps(ensure_ascii=False) writes it, from the '"' at p: the index after its
  * closing quote, or -1. *escaped: it holds an escape. */
 static Py_ssize_t
@@ -705,6 +717,10 @@ jr_string(const unsigned char *b, Py_ssize_t p, Py_ssize_t end, int *escaped)
 {
     *escaped = 0;
     for (p++; p < end; p++) {
+        while (p < end && jr_plain[b[p]]) /* the usual bytes, at a table look-up each */
+            p++;
+        if (p >= end)
+            break;
         unsigned char c = b[p];
         if (c == '"')
             return p + 1;
