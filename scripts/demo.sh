@@ -10,7 +10,7 @@ PYTHON=${PYTHON:-$(command -v python || command -v python3)}
 export DEBIAN_FRONTEND=noninteractive PIP_DISABLE_PIP_VERSION_CHECK=1
 
 # javac builds the small GET / module of the Elasticsearch test distribution (search_servers.py)
-bash scripts/install_debian_packages.sh lua-lpeg lua-cjson lua-socket maven openjdk-17-jdk-headless
+bash scripts/install_debian_packages.sh lua-lpeg lua-cjson lua-socket lua-filesystem lua-zlib lua-bitop maven openjdk-17-jdk-headless
 "$PYTHON" -m pip install -q -e .
 
 url=$("$PYTHON" scripts/search_servers.py start es8 | tail -n 1)

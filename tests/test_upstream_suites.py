@@ -404,9 +404,6 @@ def _integration_cases() -> list[str]:
 # Cases that cannot pass here, and why (each was run and fails only for this reason).
 _C_MODULE = "needs C modules that are not available to hindsight-py here: "
 BLOCKED = {
-    "lfs/input_tail": _C_MODULE + "lfs",
-    "moz_ingest/decoder_common": _C_MODULE + "zlib",
-    "moz_ingest/decoder_json": _C_MODULE + "zlib",
     "moz_ingest/doctype_monitor": _C_MODULE + "hyperloglog, lfs",
     "moz_pioneer/decoder_moz_ingest_pioneer": _C_MODULE + "zlib",
     "moz_security/analysis_auth_any": _C_MODULE + "maxminddb",
@@ -419,7 +416,6 @@ BLOCKED = {
     "moz_security/analysis_webinj": _C_MODULE + "libinjection",
     "moz_telemetry/decoder_telemetry": _C_MODULE + "zlib, parquet",
     "moz_telemetry/doctype_monitor": _C_MODULE + "circular_buffer, lfs",
-    "moz_telemetry/moz_telemetry_s3": "needs io.popen (an `aws s3` pipe), which the Lua 5.1 of lupa lacks",
     "syslog/tutorial": _C_MODULE + "maxminddb; it also expects upstream's install path inside an error text",
     "taskcluster/taskcluster": "needs the third-party `date` module (luadate), which no extension ships",
     "taskcluster/taskcluster_backfill": "needs the third-party `date` module (luadate)",

@@ -293,14 +293,30 @@ if type(config.disable_modules) == "table" then
 end
 for _, name in ipairs(host.disable_modules or {}) do disabled[name] = true end
 
+local flush_pending -- forward declaration: the inject buffer's flush (below)
 local builtin_libs = {
     string = make_string_lib,
     table = function() return copy_table(table) end,
     math = make_math_lib,
     os = make_os_lib,
-    io = function() return copy_table(io) end,
+    io = function()
+        local t = copy_table(io)
+        local popen = io.popen
+        if popen and plugin_type == "input" then
+            -- a plugin that waits on a command (upstream's moz_telemetry_s3 test polls `ls` for the
+            -- files its injected messages produce) needs them in the queue first, as upstream writes
+            -- each one at once; hindsight-py batches them until process_message returns
+            t.popen = function(...)
+                flush_pending()
+                return popen(...)
+            end
+        end
+        return t
+    end,
     coroutine = function() return copy_table(coroutine) end,
 }
+-- LuaJIT's own `bit` is LuaBitOp's API (lua_sandbox_extensions' bit module is LuaBitOp)
+if real_G.bit then builtin_libs.bit = function() return copy_table(real_G.bit) end end
 
 local function split_paths(p)
     local t = {}
@@ -347,7 +363,8 @@ local function load_c_module(file, name)
 end
 
 -- Modules lua_sandbox ships as C code that hindsight-py provides through Debian's builds.
-local system_c_modules = { lpeg = true, cjson = true, ["socket.core"] = true, ["mime.core"] = true }
+local system_c_modules = { lpeg = true, cjson = true, ["socket.core"] = true, ["mime.core"] = true,
+    lfs = true, zlib = true, bit = true }
 
 -- Elasticsearch 8+ and OpenSearch 2+ reject `_type` in bulk action lines, and CloudTracker's config sends
 -- type_name = "doc". Whatever encoders.elasticsearch.common a user has (ours or upstream's), its action
@@ -522,7 +539,8 @@ function sandbox_require(name)
         file = search(system_path, name)
         if file then return finish_module(name, load_lua_module(file, name)) end
         if system_c_modules[name] then
-            error(sformat("module '%s' not found in %s (install Debian's lua-lpeg, lua-cjson and lua-socket, "
+            error(sformat("module '%s' not found in %s (install Debian's lua-lpeg, lua-cjson, lua-socket, "
+                .. "lua-filesystem, lua-zlib and lua-bitop, "
                 .. "or set HINDSIGHT_PY_LUA_CPATH to where Lua 5.1 C modules are)", name, host.system_cpath), 0)
         end
         error(sformat("module '%s' not found", name), 0)
@@ -852,6 +870,8 @@ local function flush()
     last_flush_sec = os_time()
     internal = false
 end
+
+flush_pending = flush
 
 local function queue_framed(framed)
     out_n = out_n + 1
