@@ -377,6 +377,11 @@ def _extensions() -> list[str]:
     return sorted(p.name for p in source(LUA_SANDBOX_EXTENSIONS).iterdir() if p.is_dir())
 
 
+# where upstream's packages install them (/usr/lib/luasandbox), under the test's root: error texts
+# that name a module's file then end as upstream's expectations do (syslog/tutorial)
+INSTALL = "usr/lib/luasandbox"
+
+
 @pytest.fixture(scope="module")
 def extensions_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     extensions = source(LUA_SANDBOX_EXTENSIONS)
@@ -384,8 +389,11 @@ def extensions_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for ext in _extensions():
         for kind in ("modules", "io_modules", "sandboxes"):
             if (extensions / ext / kind).is_dir():
-                copy_tree(LUA_SANDBOX_EXTENSIONS, f"{ext}/{kind}", root / "install" / kind)
+                copy_tree(LUA_SANDBOX_EXTENSIONS, f"{ext}/{kind}", root / INSTALL / kind)
     copy_tree(LUA_SANDBOX_EXTENSIONS, "common", root / "common")
+    for db in ("GeoIP2-City-Test.mmdb", "GeoIP2-ISP-Test.mmdb"):  # named by syslog/tutorial's cfg
+        (root / "maxminddb" / "tests").mkdir(parents=True, exist_ok=True)
+        (root / "maxminddb" / "tests" / db).write_bytes(read_bytes(LUA_SANDBOX_EXTENSIONS, f"maxminddb/tests/{db}"))
     return root
 
 
@@ -406,17 +414,11 @@ _C_MODULE = "needs C modules that are not available to hindsight-py here: "
 BLOCKED = {
     "moz_ingest/doctype_monitor": _C_MODULE + "hyperloglog, lfs",
     "moz_pioneer/decoder_moz_ingest_pioneer": _C_MODULE + "zlib",
-    "moz_security/analysis_auth_any": _C_MODULE + "maxminddb",
-    "moz_security/analysis_auth_ip_geo": _C_MODULE + "maxminddb, bit",
-    "moz_security/analysis_auth_lastx": _C_MODULE + "maxminddb",
     "moz_security/analysis_error_rate": _C_MODULE + "streaming_algorithms",
     "moz_security/analysis_hh": _C_MODULE + "streaming_algorithms",
-    "moz_security/analysis_simuse": _C_MODULE + "maxminddb",
-    "moz_security/analysis_sshd_login_monitor": _C_MODULE + "maxminddb",
     "moz_security/analysis_webinj": _C_MODULE + "libinjection",
     "moz_telemetry/decoder_telemetry": _C_MODULE + "zlib, parquet",
     "moz_telemetry/doctype_monitor": _C_MODULE + "circular_buffer, lfs",
-    "syslog/tutorial": _C_MODULE + "maxminddb; it also expects upstream's install path inside an error text",
     "taskcluster/taskcluster": "needs the third-party `date` module (luadate), which no extension ships",
     "taskcluster/taskcluster_backfill": "needs the third-party `date` module (luadate)",
     "taskcluster/worker_metrics": "needs the third-party `date` module (luadate)",
@@ -448,8 +450,11 @@ def test_integration_suite(case: str, extensions_root: Path, tmp_path: Path) -> 
     integration = extensions_root / "build" / ext / "integration"
     if not (integration / "hindsight.cfg").exists():
         copy_tree(LUA_SANDBOX_EXTENSIONS, f"{ext}/tests/integration", integration)
+        # cmake's COPY_TEST_MAXMINDDB: the extension's build directory gets maxminddb's test databases
+        for db in ("GeoIP2-City-Test.mmdb", "GeoIP2-ISP-Test.mmdb"):
+            (integration.parent / db).write_bytes(read_bytes(LUA_SANDBOX_EXTENSIONS, f"maxminddb/tests/{db}"))
         cfg = (integration / "hindsight.cfg").read_text()
-        install = extensions_root / "install"
+        install = extensions_root / INSTALL
         cfg = cfg.replace("/usr/lib/luasandbox/modules", str(install / "modules"))
         cfg = cfg.replace("/usr/lib/luasandbox/io_modules", str(install / "io_modules"))
         cfg += f'\nsandbox_install_path = "{install}/sandboxes/heka"\n'
@@ -484,7 +489,8 @@ MODULE_TESTS = {
     "elasticsearch/test.lua": None,
     "moz_security/taskcluster.lua": None,
     "moz_security/hawk.lua": _C_MODULE + "openssl",
-    "moz_security/iputils.lua": _C_MODULE + "bit",
+    "moz_security/iputils.lua": None,
+    "maxminddb/test.lua": None,
     "moz_telemetry/test.lua": _C_MODULE + "streaming_algorithms",
 }
 # Extensions whose tests exercise C modules only (cjson, rjson, lfs, zlib, ...) are not listed:
@@ -507,7 +513,7 @@ def test_module_tests(script: str, extensions_root: Path, tmp_path: Path, monkey
     ext, name = script.split("/")
     copy_tree(LUA_SANDBOX_EXTENSIONS, f"{ext}/tests", tmp_path)
     monkeypatch.chdir(tmp_path)
-    install = extensions_root / "install"
+    install = extensions_root / INSTALL
     path = f"{extensions_root}/common/?.lua;{install}/modules/?.lua;{install}/io_modules/?.lua"
     unlimited = ext == "lpeg"  # lpeg/test_sandbox.c: every limit 0, and ./?.lua on the path
     if unlimited:

@@ -183,7 +183,10 @@ if jit then
         fh:close()
         if sbyte(src, 1) == 35 then src = sgsub(src, "^[^\n]*", "", 1) end -- a "#!" line, as loadfile skips it
         if sbyte(src, 1) ~= 27 then src = as_lua51(src) end -- not precompiled
-        local chunk, lerr = loadstring(src, "@" .. path)
+        -- named as Lua 5.1 shows a file in messages (the last 52 bytes of a longer path after "..."),
+        -- where LuaJIT would keep 56: error texts then read as upstream's (syslog/tutorial)
+        local name = #path > 52 and "=..." .. ssub(path, -52) or "=" .. path
+        local chunk, lerr = loadstring(src, name)
         if chunk then
             if hook_budget > 0 then
                 jit.off(chunk, true) -- the chunk and every function in it: interpreted, counted
@@ -348,10 +351,15 @@ local function search(paths, name)
     return nil
 end
 
-local function load_lua_module(file, name)
+-- hindsight-py's modules that stand in for C modules reading files (maxminddb) get the host's
+-- io.open as their second argument, since an analysis plugin has no io (the C modules use fopen)
+local file_reading_modules = { maxminddb = true }
+
+local function load_lua_module(file, name, bundled)
     local chunk, err = loadfile51(file)
     if not chunk then error(err, 0) end
     setfenv(chunk, env)
+    if bundled and file_reading_modules[name] then return chunk(name, io_open) end
     return chunk(name)
 end
 
@@ -526,7 +534,7 @@ function sandbox_require(name)
             log(7, sformat("%s: %s not usable (%s); using hindsight-py's %s", plugin_name, file, tostring(err), name))
         end
         file = search(bundled_path, name)
-        if file then return finish_module(name, load_lua_module(file, name)) end
+        if file then return finish_module(name, load_lua_module(file, name, true)) end
         if system_c_modules[name] then
             file = search(system_cpath, name)
             if file then
