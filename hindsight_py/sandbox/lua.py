@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import subprocess
 import time
 from collections.abc import Callable, Sequence
 from importlib import resources
@@ -151,6 +152,8 @@ class LuaSandbox:
                 "erfc": math.erfc,
                 "disable_modules": lua_table([m.encode() for m in disable_modules]),
                 "preload_provider": self._preload,
+                "popen_read": _popen_read,
+                "popen_write": _popen_write,
                 "drop_es_types": host.drop_es_types,
                 "dead_letter": self._dead_letter_from_lua,
                 # refused messages (hosts without them: the upstream test harness)
@@ -365,6 +368,24 @@ return function(new_sender)
     return M
 end
 """
+
+
+def _popen_read(cmd: bytes) -> tuple[bool, bytes]:
+    """io.popen(cmd, "r") where the Lua has none: the command's whole standard output."""
+    try:
+        done = subprocess.run(cmd, shell=True, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, check=False)
+    except OSError as e:
+        return False, f"{cmd.decode(errors='replace')}: {e.strerror}".encode()
+    return True, done.stdout
+
+
+def _popen_write(cmd: bytes, data: bytes) -> tuple[bool, bytes | None]:
+    """io.popen(cmd, "w") where the Lua has none: the command runs at close, fed what was written."""
+    try:
+        subprocess.run(cmd, shell=True, input=data, check=False)
+    except OSError as e:
+        return False, f"{cmd.decode(errors='replace')}: {e.strerror}".encode()
+    return True, None
 
 
 def _nothing() -> None:
