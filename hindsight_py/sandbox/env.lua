@@ -444,8 +444,9 @@ local function load_c_module(file, name)
 end
 
 -- Modules lua_sandbox ships as C code that hindsight-py provides through Debian's builds.
-local system_c_modules = { lpeg = true, cjson = true, ["socket.core"] = true, ["mime.core"] = true,
-    lfs = true, zlib = true, bit = true }
+-- (name -> Debian package)
+local system_c_modules = { lpeg = "lua-lpeg", cjson = "lua-cjson", ["socket.core"] = "lua-socket",
+    ["mime.core"] = "lua-socket", lfs = "lua-filesystem", zlib = "lua-zlib", bit = "lua-bitop" }
 
 -- Elasticsearch 8+ and OpenSearch 2+ reject `_type` in bulk action lines, and CloudTracker's config sends
 -- type_name = "doc". Whatever encoders.elasticsearch.common a user has (ours or upstream's), its action
@@ -620,9 +621,9 @@ function sandbox_require(name)
         file = search(system_path, name)
         if file then return finish_module(name, load_lua_module(file, name)) end
         if system_c_modules[name] then
-            error(sformat("module '%s' not found in %s (install Debian's lua-lpeg, lua-cjson, lua-socket, "
-                .. "lua-filesystem, lua-zlib and lua-bitop, "
-                .. "or set HINDSIGHT_PY_LUA_CPATH to where Lua 5.1 C modules are)", name, host.system_cpath), 0)
+            error(sformat("module '%s' not found in %s (install Debian's %s, "
+                .. "or set HINDSIGHT_PY_LUA_CPATH to where Lua 5.1 C modules are)", name, host.system_cpath,
+                system_c_modules[name]), 0)
         end
         error(sformat("module '%s' not found", name), 0)
     end)
