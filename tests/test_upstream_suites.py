@@ -500,6 +500,7 @@ MODULE_TESTS = {
     "moz_security/iputils.lua": None,
     "maxminddb/test.lua": None,
     "cuckoo_filter/test.lua": None,
+    "bloom_filter/test.lua": None,
     "moz_telemetry/test.lua": _C_MODULE + "streaming_algorithms",
 }
 # Extensions whose tests exercise C modules only (cjson, rjson, lfs, zlib, ...) are not listed:

@@ -18,6 +18,7 @@
 --
 -- An entry is kept as one number, fingerprint * 256 + interval.
 
+local _, host_api = ...
 local string = require "string"
 local math = require "math"
 local table = require "table"
@@ -27,7 +28,8 @@ local bxor = require "bit".bxor
 local floor, ceil = math.floor, math.ceil
 local sbyte, schar, sformat = string.byte, string.char, string.format
 local tconcat = table.concat
-local type, error, select, setmetatable, getmetatable = type, error, select, setmetatable, getmetatable
+local pairs, type, error, select, setmetatable, getmetatable = pairs, type, error, select, setmetatable,
+    getmetatable
 
 local BUCKET_SIZE = 4
 local MAX_INTERVALS = 256
@@ -53,7 +55,7 @@ local function log2(x)
 end
 
 local function argerror(narg, fname, msg)
-    error(sformat("bad argument #%d to '%s' (%s)", narg, fname, msg), 3)
+    error(sformat("bad argument #%d to '%s' (%s)", narg, fname, msg), 0)
 end
 
 local function check(self, nargs, given, fname)
@@ -228,7 +230,7 @@ function CF:add(...)
                 break
             end
         end
-        if not done then error("the cuckoo filter is full", 2) end
+        if not done then error("the cuckoo filter is full", 0) end
     end
     self.cnt = self.cnt + 1
     return true, 0
@@ -284,7 +286,7 @@ function CF:fromstring(...)
     if type(cnt) ~= "number" then argerror(2, "fromstring", "number expected, got " .. type(cnt)) end
     if type(s) ~= "string" then argerror(3, "fromstring", "string expected, got " .. type(s)) end
     local bytes = self.num_buckets * 20
-    if #s ~= bytes then error(sformat("fromstring() bytes found: %d, expected %d", #s, bytes), 2) end
+    if #s ~= bytes then error(sformat("fromstring() bytes found: %d, expected %d", #s, bytes), 0) end
     local e = {}
     for b = 0, self.num_buckets - 1 do
         local p = b * 20 + 1
@@ -310,6 +312,12 @@ function CF:tostring()
         parts[#parts + 1] = tconcat(fps) .. tconcat(ivs)
     end
     return self.cnt, tconcat(parts)
+end
+
+-- in the sandbox: uncounted, as upstream's C (env.lua)
+if host_api then
+    for k, f in pairs(M) do M[k] = host_api.uncounted(f) end
+    for k, f in pairs(CF) do CF[k] = host_api.uncounted(f) end
 end
 
 return M

@@ -12,16 +12,16 @@
 --
 -- The file is read once into memory. Lookups decode only what the path names. It is loaded with
 -- the host's io.open (env.lua), so that analysis plugins, which have no io, can open databases as
--- with the C module.
+-- with the C module. Errors are raised at the plugin's call (env.lua's wrapper), as luaL_error.
 
-local name, host_open = ...
+local _, host_api = ...
 local string = require "string"
 local math = require "math"
 local sbyte, ssub, sfind, smatch, sformat = string.byte, string.sub, string.find, string.match, string.format
 local ldexp, floor, huge = math.ldexp, math.floor, math.huge
-local open = host_open or require("io").open
-local setmetatable, getmetatable, tonumber, tostring, type, error, select = setmetatable, getmetatable, tonumber,
-    tostring, type, error, select
+local open = host_api and host_api.io_open or require("io").open
+local pairs, setmetatable, getmetatable, tonumber, tostring, type, error, select = pairs, setmetatable,
+    getmetatable, tonumber, tostring, type, error, select
 
 local M = {}
 
@@ -186,7 +186,7 @@ local result_mt = { __index = Result, __metatable = "MMDB_lookup_result_s" }
 function M.open(filename)
     if type(filename) ~= "string" and type(filename) ~= "number" then
         error(sformat("bad argument #1 to 'open' (string expected, got %s)",
-            select("#", filename) == 0 and "no value" or type(filename)), 2)
+            select("#", filename) == 0 and "no value" or type(filename)), 0)
     end
     local fh = open(tostring(filename), "rb")
     if not fh then error(ERR_OPEN, 0) end
@@ -298,11 +298,11 @@ end
 
 function DB:lookup(address)
     if getmetatable(self) ~= "MMDB_s" then
-        error("bad argument #1 to 'lookup' (MMDB_s expected, got " .. type(self) .. ")", 2)
+        error("bad argument #1 to 'lookup' (MMDB_s expected, got " .. type(self) .. ")", 0)
     end
     if type(address) ~= "string" and type(address) ~= "number" then
         error(sformat("bad argument #2 to 'lookup' (string expected, got %s)",
-            address == nil and "no value" or type(address)), 2)
+            address == nil and "no value" or type(address)), 0)
     end
     address = tostring(address)
     local bytes = parse_ipv4(address)
@@ -337,7 +337,7 @@ end
 
 function Result:get(...)
     if getmetatable(self) ~= "MMDB_lookup_result_s" then
-        error("bad argument #1 to 'get' (MMDB_lookup_result_s expected, got " .. type(self) .. ")", 2)
+        error("bad argument #1 to 'get' (MMDB_lookup_result_s expected, got " .. type(self) .. ")", 0)
     end
     local db = self.db
     local s, base = db.s, db.data_base
@@ -347,7 +347,7 @@ function Result:get(...)
     for i = 1, n do
         local key = select(i, ...)
         if type(key) ~= "string" and type(key) ~= "number" then
-            error(sformat("bad argument #%d to 'get' (string expected, got %s)", i + 1, type(key)), 2)
+            error(sformat("bad argument #%d to 'get' (string expected, got %s)", i + 1, type(key)), 0)
         end
         key = tostring(key)
         local t, count, _, first = value_at(s, base, off)
@@ -381,6 +381,13 @@ function Result:get(...)
         return v
     end
     error(ERR_UNSUPPORTED, 0)
+end
+
+-- in the sandbox: uncounted, as upstream's C (env.lua)
+if host_api then
+    for k, f in pairs(M) do M[k] = host_api.uncounted(f) end
+    for k, f in pairs(DB) do DB[k] = host_api.uncounted(f) end
+    for k, f in pairs(Result) do Result[k] = host_api.uncounted(f) end
 end
 
 return M

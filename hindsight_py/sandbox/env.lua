@@ -176,7 +176,7 @@ end
 local loadfile51 = loadfile
 if jit then
     local loadstring = loadstring
-    loadfile51 = function(path)
+    loadfile51 = function(path, compiled)
         local fh, err = io_open(path, "rb")
         if not fh then return nil, "cannot open " .. err end
         local src = fh:read("*a")
@@ -188,7 +188,9 @@ if jit then
         local name = #path > 52 and "=..." .. ssub(path, -52) or "=" .. path
         local chunk, lerr = loadstring(src, name)
         if chunk then
-            if hook_budget > 0 then
+            if compiled then -- hindsight-py's stand-ins for C modules: compiled, uncounted
+                jit.on(chunk, true)
+            elseif hook_budget > 0 then
                 jit.off(chunk, true) -- the chunk and every function in it: interpreted, counted
             else
                 compiled_plugin_code = true
@@ -424,15 +426,34 @@ local function search(paths, name)
     return nil
 end
 
--- hindsight-py's modules that stand in for C modules reading files (maxminddb) get the host's
--- io.open as their second argument, since an analysis plugin has no io (the C modules use fopen)
-local file_reading_modules = { maxminddb = true }
+-- hindsight-py's Lua stand-ins for lua_sandbox_extensions' C modules. Upstream's C costs the plugin
+-- no instructions, so neither do they: they stay compiled under LuaJIT, and the functions they
+-- export run uncounted (raising their errors at the plugin's call, as luaL_error does). Their
+-- second argument is that host API, with the host's io.open (maxminddb reads files from analysis
+-- plugins too, which have no io; the C module uses fopen).
+local c_standins = { maxminddb = true, cuckoo_filter = true, cuckoo_filter_expire = true, bloom_filter = true,
+    ["hindsight_py.xxh64"] = true }
+
+local function pack(...) return { n = select("#", ...), ... } end
+
+local function uncounted(f)
+    return function(...)
+        if internal then return f(...) end
+        internal = true
+        local r = pack(pcall(f, ...))
+        internal = false
+        if not r[1] then error(r[2], 2) end
+        return unpack(r, 2, r.n)
+    end
+end
+local standin_api = { io_open = io_open, uncounted = uncounted }
 
 local function load_lua_module(file, name, bundled)
-    local chunk, err = loadfile51(file)
+    local standin = bundled and c_standins[name]
+    local chunk, err = loadfile51(file, standin)
     if not chunk then error(err, 0) end
     setfenv(chunk, env)
-    if bundled and file_reading_modules[name] then return chunk(name, io_open) end
+    if standin then return chunk(name, standin_api) end
     return chunk(name)
 end
 

@@ -1,4 +1,4 @@
--- hindsight_py.xxh64: the 64-bit xxHash (XXH64) in Lua, for the modules that stand in for
+-- hindsight_py.xxh64: the 64-bit xxHash (XXH64, and XXH32) in Lua, for the modules that stand in for
 -- lua_sandbox_extensions' C modules hashing with it (cuckoo filters), so that their results (which
 -- items collide, which bucket an item lands in) are the C modules' own.
 --
@@ -10,12 +10,16 @@
 -- M.u32(v, seed_lo)         -> XXH64 of 4 bytes holding that little-endian 32-bit value
 -- M.u16(v, seed_lo)         -> XXH64 of 2 bytes holding that little-endian 16-bit value
 -- M.double_bits(x)          -> hi, lo: the IEEE 754 bits of the number x (as C's double)
+-- M.double_string(x)        -> those bits as the 8 bytes C hashes for a number key
+-- M.xxh32(s, seed)          -> XXH32(s, #s, seed)
 
+local _, host_api = ...
 local string = require "string"
 local math = require "math"
 local bit = require "bit"
 local bxor = bit.bxor
 local sbyte = string.byte
+local pairs = pairs
 local floor, frexp, ldexp, huge = math.floor, math.frexp, math.ldexp, math.huge
 
 local M = {}
@@ -218,6 +222,76 @@ function M.double_bits(x)
     return sign + biased * 1048576 + mhi, mant - mhi * TWO32
 end
 
+-- XXH32 (the 32-bit xxHash), for bloom_filter: 32-bit words, products on 16-bit limbs
+local Q1, Q2, Q3, Q4, Q5 = 2654435761, 2246822519, 3266489917, 668265263, 374761393
+
+local function mul32(a, b)
+    local a0 = a % 65536
+    local a1 = (a - a0) / 65536
+    local b0 = b % 65536
+    local b1 = (b - b0) / 65536
+    return (a0 * b0 + ((a0 * b1 + a1 * b0) % 65536) * 65536) % TWO32
+end
+
+local function rotl32(x, n)
+    local q = 2 ^ (32 - n)
+    local xq = x % q
+    return xq * 2 ^ n + (x - xq) / q
+end
+
+local function round32(acc, input)
+    acc = (acc + mul32(input, Q2)) % TWO32
+    return mul32(rotl32(acc, 13), Q1)
+end
+
+function M.xxh32(s, seed)
+    seed = seed or 0
+    local len = #s
+    local p = 1
+    local h
+    if len >= 16 then
+        local v1 = (seed + Q1 + Q2) % TWO32
+        local v2 = (seed + Q2) % TWO32
+        local v3 = seed % TWO32
+        local v4 = (seed - Q1) % TWO32
+        while p + 15 <= len do
+            v1 = round32(v1, read32(s, p))
+            v2 = round32(v2, read32(s, p + 4))
+            v3 = round32(v3, read32(s, p + 8))
+            v4 = round32(v4, read32(s, p + 12))
+            p = p + 16
+        end
+        h = (rotl32(v1, 1) + rotl32(v2, 7) + rotl32(v3, 12) + rotl32(v4, 18)) % TWO32
+    else
+        h = (seed + Q5) % TWO32
+    end
+    h = (h + len) % TWO32
+    while p + 3 <= len do
+        h = mul32(rotl32((h + mul32(read32(s, p), Q3)) % TWO32, 17), Q4)
+        p = p + 4
+    end
+    while p <= len do
+        h = mul32(rotl32((h + mul32(sbyte(s, p), Q5)) % TWO32, 11), Q1)
+        p = p + 1
+    end
+    h = mul32(bxor(h, floor(h / 32768)) % TWO32, Q2)
+    h = mul32(bxor(h, floor(h / 8192)) % TWO32, Q3)
+    return bxor(h, floor(h / 65536)) % TWO32
+end
+
+-- the 8 bytes of a double, little-endian (what C hashes for a number key)
+function M.double_string(x)
+    local h, l = M.double_bits(x)
+    local b = {}
+    for i = 1, 4 do
+        b[i] = l % 256
+        l = floor(l / 256)
+        b[i + 4] = h % 256
+        h = floor(h / 256)
+    end
+    return string.char(b[1], b[2], b[3], b[4], b[5], b[6], b[7], b[8])
+end
+
 -- glibc's rand() (srand(1)'s sequence: the additive feedback generator of random(3)), for the
 -- modules whose C code draws from it
 function M.glibc_rand()
@@ -237,6 +311,11 @@ function M.glibc_rand()
     end
     for _ = 34, 343 do nextv() end
     return function() return floor(nextv() / 2) end
+end
+
+-- in the sandbox: uncounted, as upstream's C (env.lua)
+if host_api then
+    for k, f in pairs(M) do M[k] = host_api.uncounted(f) end
 end
 
 return M
