@@ -442,7 +442,23 @@ local function uncounted(f)
         internal = true
         local r = pack(pcall(f, ...))
         internal = false
-        if not r[1] then error(r[2], 2) end
+        if not r[1] then
+            local e = r[2]
+            -- luaL_argerror: a method's arguments are counted without self
+            local narg, fname, extra = smatch(type(e) == "string" and e or "", "^bad argument #(%-?%d+) to '([^']*)' (.*)$")
+            if narg then
+                local ar = getinfo(1, "n") -- how this function was called
+                if ar and ar.namewhat == "method" then
+                    narg = tonumber(narg) - 1
+                    if narg == 0 then
+                        e = sformat("calling '%s' on bad self %s", fname, extra)
+                    else
+                        e = sformat("bad argument #%d to '%s' %s", narg, fname, extra)
+                    end
+                end
+            end
+            error(e, 2)
+        end
         return unpack(r, 2, r.n)
     end
 end

@@ -1,0 +1,171 @@
+"""hindsight-py's stand-ins for lua_sandbox_extensions' C modules, inside a sandbox: what upstream's
+own module tests (tests/test_upstream_suites.py) do not look at — the cost the plugin is charged,
+where errors point, files opened from analysis plugins, the pipes of io.popen, and the Debian C
+modules the sandbox now loads.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sandbox_fakes import FakeHost, lua_sandbox
+from upstream_files import LUA_SANDBOX_EXTENSIONS, available, read_bytes
+
+from hindsight_py._lupa import FLAVOUR
+from hindsight_py.sandbox.base import PluginError
+
+
+def run(tmp_path: Path, kind: str, code: str, **kw: Any) -> Any:
+    plugin = tmp_path / "plugin.lua"
+    plugin.write_text(code)
+    kw.setdefault("path", str(tmp_path / "?.lua"))
+    sb, _ = lua_sandbox(plugin, kind, FakeHost(), **kw)
+    return sb
+
+
+def test_standins_cost_the_plugin_no_instructions(tmp_path: Path) -> None:
+    # 3000 adds hash ~20000 times: millions of VM instructions in Lua, none in upstream's C. The
+    # plugin's own loop stays well within the limit, and so does the whole call.
+    sb = run(tmp_path, "analysis", """
+        require "bloom_filter"
+        require "cuckoo_filter"
+        bf = bloom_filter.new(5000, 0.01)
+        cf = cuckoo_filter.new(5000)
+        function process_message()
+            for i = 1, 3000 do bf:add(i); cf:add(i) end
+            return 0
+        end
+        function timer_event() end
+    """, instruction_limit=100_000)
+    assert sb.process_message_direct(None)[:2] == (True, 0)
+
+
+def test_the_plugins_own_loop_is_still_counted(tmp_path: Path) -> None:
+    sb = run(tmp_path, "analysis", """
+        require "bloom_filter"
+        bf = bloom_filter.new(5000, 0.01)
+        function process_message()
+            local x = 0
+            for i = 1, 200000 do x = x + i end
+            bf:add(x)
+            return 0
+        end
+        function timer_event() end
+    """, instruction_limit=100_000)
+    ok, err, _ = sb.process_message_direct(None)
+    assert not ok and "instruction_limit exceeded" in str(err)
+
+
+def test_standin_errors_point_at_the_plugins_call_like_luaL_argerror(tmp_path: Path) -> None:
+    sb = run(tmp_path, "analysis", """
+        require "cuckoo_filter"
+        require "string"
+        local cf = cuckoo_filter.new(20)
+        local _, method = pcall(function() cf:add({}) end)
+        local _, field = pcall(function() cf.add(cf, {}) end)
+        local _, count = pcall(function() cf:add() end)
+        result = method .. "|" .. field .. "|" .. count
+        function process_message() return 0 end
+        function timer_event() end
+    """)
+    method, field, count = sb.globals_table()[b"result"].decode().split("|")
+    assert method.endswith(":5: bad argument #1 to 'add' (must be a string or number)"), method
+    assert field.endswith(":6: bad argument #2 to 'add' (must be a string or number)"), field
+    assert count.endswith(":7: bad argument #-1 to 'add' (incorrect number of arguments)"), count
+
+
+@pytest.mark.upstream
+@pytest.mark.skipif(not available(LUA_SANDBOX_EXTENSIONS), reason="lua_sandbox_extensions is not fetched")
+def test_maxminddb_opens_databases_from_an_analysis_plugin_which_has_no_io(tmp_path: Path) -> None:
+    (tmp_path / "city.mmdb").write_bytes(read_bytes(LUA_SANDBOX_EXTENSIONS, "maxminddb/tests/GeoIP2-City-Test.mmdb"))
+    sb = run(tmp_path, "analysis", f"""
+        local mm = require "maxminddb"
+        assert(not pcall(require, "io"))
+        local db = mm.open("{tmp_path}/city.mmdb")
+        local r = db:lookup("216.160.83.56")
+        city, country, lat = r:get("city", "names", "en"), r:get("country", "iso_code"), r:get("location", "latitude")
+        sub = r:get("subdivisions", "0", "iso_code")
+        local _, e1 = pcall(db.lookup, db, "192.168.1.1")
+        local _, e2 = pcall(db.lookup, db, "not an address")
+        local _, e3 = pcall(r.get, r, "city")
+        local _, e4 = pcall(mm.open, "{tmp_path}/missing.mmdb")
+        errors = table.concat({{e1, e2, e3, e4}}, "|")
+        function process_message() return 0 end
+        function timer_event() end
+    """.replace("table.concat", "require('table').concat"))
+    g = sb.globals_table()
+    assert (g[b"city"], g[b"country"], g[b"lat"], g[b"sub"]) == (b"Milton", b"US", 47.2513, b"WA")
+    assert g[b"errors"].decode().split("|") == [
+        "Success.",  # no entry: lua-maxminddb raises libmaxminddb's status text
+        "Name or service not known",
+        "Unsupported maxmind data type",
+        "Error opening the specified MaxMind DB file",
+    ]
+
+
+def test_io_popen_reads_and_writes_under_both_flavours(tmp_path: Path) -> None:
+    out = tmp_path / "written.txt"
+    sb = run(tmp_path, "input", f"""
+        require "io"
+        local p = assert(io.popen("printf 'one\\\\ntwo\\\\n'"))
+        first = p:read("*l")
+        rest = p:read("*a")
+        p:close()
+        local w = assert(io.popen("cat > {out}", "w"))
+        w:write("from ", "the plugin")
+        w:close()
+        function process_message() return 0 end
+    """)
+    g = sb.globals_table()
+    assert (g[b"first"], g[b"rest"]) == (b"one", b"two\n")
+    assert out.read_text() == "from the plugin"
+
+
+def test_an_inputs_popen_sees_what_it_injected_before(tmp_path: Path) -> None:
+    # upstream writes each injected message at once; hindsight-py flushes its batch before the pipe
+    host = FakeHost()
+    plugin = tmp_path / "plugin.lua"
+    plugin.write_text("""
+        require "io"
+        function process_message()
+            inject_message({Payload = "before the pipe"})
+            local p = io.popen("true"); p:close()
+            inject_message({Payload = "after the pipe"})
+            return 0
+        end
+    """)
+    seen: list[int] = []
+    original = host.write_messages
+
+    def write_messages(data: bytes, count: int) -> None:
+        seen.append(count)
+        original(data, count)
+
+    host.write_messages = write_messages  # type: ignore[method-assign]
+    sb, _ = lua_sandbox(plugin, "input", host)
+    sb.run_input(None)
+    assert seen == [1, 1]  # without the flush: one write of both
+
+
+@pytest.mark.parametrize("module, probe", [
+    ("lfs", "lfs.attributes('/', 'mode') == 'directory'"),
+    ("zlib", "zlib.crc32()('abc') == 891568578"),
+    ("bit", "bit.bxor(5, 3) == 6 and bit.tohex(255) == '000000ff'"),
+])
+def test_debian_c_modules_load_in_the_sandbox(tmp_path: Path, module: str, probe: str) -> None:
+    sb = run(tmp_path, "input", f"""
+        {module} = require "{module}"
+        ok = {probe}
+        function process_message() return 0 end
+    """)
+    assert sb.globals_table()[b"ok"] is True, FLAVOUR
+
+
+def test_a_missing_debian_module_names_its_package(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import hindsight_py.sandbox.lua as lua_mod
+
+    monkeypatch.setattr(lua_mod, "SYSTEM_LUA_CPATH", str(tmp_path / "none" / "?.so"))
+    with pytest.raises(PluginError, match=r"module 'zlib' not found in .* \(install Debian's lua-zlib, or set "):
+        run(tmp_path, "input", 'require "zlib"\nfunction process_message() return 0 end')
