@@ -6,6 +6,8 @@ modules the sandbox now loads.
 
 from __future__ import annotations
 
+import re
+
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +29,8 @@ def run(tmp_path: Path, kind: str, code: str, **kw: Any) -> Any:
 
 def test_standins_cost_the_plugin_no_instructions(tmp_path: Path) -> None:
     # 3000 adds hash ~20000 times: millions of VM instructions in Lua, none in upstream's C. The
-    # plugin's own loop stays well within the limit, and so does the whole call.
+    # plugin's own loop and calls (a few instructions each, as upstream counts a C call) stay well
+    # within the limit, and so does the whole call.
     sb = run(tmp_path, "analysis", """
         require "bloom_filter"
         require "cuckoo_filter"
@@ -38,7 +41,7 @@ def test_standins_cost_the_plugin_no_instructions(tmp_path: Path) -> None:
             return 0
         end
         function timer_event() end
-    """, instruction_limit=100_000)
+    """, instruction_limit=200_000)
     assert sb.process_message_direct(None)[:2] == (True, 0)
 
 
@@ -48,12 +51,12 @@ def test_the_plugins_own_loop_is_still_counted(tmp_path: Path) -> None:
         bf = bloom_filter.new(5000, 0.01)
         function process_message()
             local x = 0
-            for i = 1, 200000 do x = x + i end
+            for i = 1, 300000 do x = x + i end
             bf:add(x)
             return 0
         end
         function timer_event() end
-    """, instruction_limit=100_000)
+    """, instruction_limit=200_000)
     ok, err, _ = sb.process_message_direct(None)
     assert not ok and "instruction_limit exceeded" in str(err)
 
@@ -169,3 +172,40 @@ def test_a_missing_debian_module_names_its_package(tmp_path: Path, monkeypatch: 
     monkeypatch.setattr(lua_mod, "SYSTEM_LUA_CPATH", str(tmp_path / "none" / "?.so"))
     with pytest.raises(PluginError, match=r"module 'zlib' not found in .* \(install Debian's lua-zlib, or set "):
         run(tmp_path, "input", 'require "zlib"\nfunction process_message() return 0 end')
+
+
+def test_filters_are_preserved_and_restored_as_upstream_writes_them(tmp_path: Path) -> None:
+    code = """
+        require "cuckoo_filter"
+        require "cuckoo_filter_expire"
+        require "bloom_filter"
+        cf = cuckoo_filter.new(64)
+        cfe = cuckoo_filter_expire.new(1024, 5)
+        bf = bloom_filter.new(100, 0.01)
+        same = cf
+        function process_message()
+            for i = 1, 40 do cf:add(i); cfe:add("k" .. i, 1e9 * 3600); bf:add(i) end
+            cf:add("a\\n\\r\\"\\\\")
+            return 0
+        end
+        function timer_event() end
+    """
+    state = tmp_path / "state.data"
+    sb = run(tmp_path, "analysis", code, preserve_data=True, state_path=state)
+    sb.process_message_direct(None)
+    text, err = sb._control.serialize_state()
+    assert err is None
+    state.write_bytes(text)
+    lines = text.decode("latin-1").splitlines()
+    # cf and same are one filter: written once under the name walked first, aliased under the other
+    assert any(re.fullmatch(r'if _G\["(cf|same)"\] == nil then _G\["\1"\] = cuckoo_filter.new\(64\) end', line)
+               for line in lines)
+    assert 'if _G["cfe"] == nil then _G["cfe"] = cuckoo_filter_expire.new(1024, 5) end' in lines
+    assert 'if _G["bf"] == nil then _G["bf"] = bloom_filter.new(100, 0.01) end' in lines
+
+    sb2 = run(tmp_path, "analysis", code, preserve_data=True, state_path=state)
+    g = sb2.globals_table()
+    assert (g[b"cf"].count(g[b"cf"]), g[b"cfe"].count(g[b"cfe"]), g[b"bf"].count(g[b"bf"])) == (41, 40, 40)
+    assert g[b"cf"].query(g[b"cf"], b"a\n\r\"\\") and g[b"bf"].query(g[b"bf"], 7)
+    assert tuple(g[b"cfe"].query(g[b"cfe"], b"k3")) == (True, 12)  # 3600 s / 5 min intervals
+    assert '_G["same"] = _G["cf"]' in lines or '_G["cf"] = _G["same"]' in lines

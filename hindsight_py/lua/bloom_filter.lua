@@ -45,6 +45,8 @@ local function key_string(key, fname)
     argerror(2, fname, "must be a string or number")
 end
 
+local preserve -- below: what preserve_data writes
+
 function M.new(...)
     if select("#", ...) ~= 2 then argerror(0, "new", "incorrect number of arguments") end
     local items, probability = ...
@@ -61,7 +63,7 @@ function M.new(...)
     end
     local bits = ceil(items * log(probability) / log(1 / 2 ^ log(2)))
     local hashes = floor(log(2) * bits / items + 0.5)
-    return setmetatable({
+    local bf = setmetatable({
         items = items,
         bits = bits,
         bytes = ceil(bits / 8),
@@ -70,6 +72,8 @@ function M.new(...)
         cnt = 0,
         set = {}, -- bit index -> true
     }, mt)
+    if host_api then host_api.preserve(bf, preserve) end
+    return bf
 end
 
 function M.version() return "1.0.0" end
@@ -146,6 +150,18 @@ function BF:tostring()
         out[i] = schar(v)
     end
     return self.cnt, tconcat(out)
+end
+
+-- lsb_serialize_binary: the bytes in a Lua string literal, only \n \r " \\ escaped
+local function binary_literal(bytes)
+    return (string.gsub(bytes, '[\n\r"\\]', { ["\n"] = "\\n", ["\r"] = "\\r", ['"'] = '\\"', ["\\"] = "\\\\" }))
+end
+
+-- what preserve_data writes for it (upstream's serialize function), under `key`
+function preserve(self, key)
+    local cnt, bytes = BF.tostring(self)
+    return sformat("if %s == nil then %s = %s end\n%s:fromstring(%d, \"%s\")", key, key, sformat("bloom_filter.new(%d, %s)", self.items, sformat("%g", self.probability)), key, cnt,
+        binary_literal(bytes))
 end
 
 -- in the sandbox: uncounted, as upstream's C (env.lua)

@@ -71,6 +71,8 @@ local function key_hash(key, fname)
     argerror(2, fname, "must be a string or number")
 end
 
+local preserve -- below: what preserve_data writes
+
 function M.new(...)
     local n = select("#", ...)
     if n ~= 1 then argerror(0, "new", "incorrect number of arguments") end
@@ -89,6 +91,7 @@ function M.new(...)
         e = {}, -- entries: [bucket * 4 + slot], 0-based bucket, slot 1..4; 0 = empty
         rand = xxh.glibc_rand(),
     }, mt)
+    if host_api then host_api.preserve(cf, preserve) end
     return cf
 end
 
@@ -213,6 +216,18 @@ function CF:tostring()
         parts[j] = schar(v % 256, floor(v / 256))
     end
     return self.cnt, tconcat(parts)
+end
+
+-- lsb_serialize_binary: the bytes in a Lua string literal, only \n \r " \\ escaped
+local function binary_literal(bytes)
+    return (string.gsub(bytes, '[\n\r"\\]', { ["\n"] = "\\n", ["\r"] = "\\r", ['"'] = '\\"', ["\\"] = "\\\\" }))
+end
+
+-- what preserve_data writes for it (upstream's serialize function), under `key`
+function preserve(self, key)
+    local cnt, bytes = CF.tostring(self)
+    return sformat("if %s == nil then %s = %s end\n%s:fromstring(%d, \"%s\")", key, key, sformat("cuckoo_filter.new(%d)", self.items), key, cnt,
+        binary_literal(bytes))
 end
 
 -- in the sandbox: uncounted, as upstream's C (env.lua)

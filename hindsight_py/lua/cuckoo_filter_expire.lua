@@ -81,6 +81,8 @@ local function clear(cf)
     cf.e = {}
 end
 
+local preserve -- below: what preserve_data writes
+
 function M.new(...)
     if select("#", ...) ~= 2 then argerror(0, "new", "incorrect number of arguments") end
     local items, mins = ...
@@ -97,6 +99,7 @@ function M.new(...)
         rand = xxh.glibc_rand(),
     }, mt)
     clear(cf)
+    if host_api then host_api.preserve(cf, preserve) end
     return cf
 end
 
@@ -312,6 +315,18 @@ function CF:tostring()
         parts[#parts + 1] = tconcat(fps) .. tconcat(ivs)
     end
     return self.cnt, tconcat(parts)
+end
+
+-- lsb_serialize_binary: the bytes in a Lua string literal, only \n \r " \\ escaped
+local function binary_literal(bytes)
+    return (string.gsub(bytes, '[\n\r"\\]', { ["\n"] = "\\n", ["\r"] = "\\r", ['"'] = '\\"', ["\\"] = "\\\\" }))
+end
+
+-- what preserve_data writes for it (upstream's serialize function), under `key`
+function preserve(self, key)
+    local cnt, bytes = CF.tostring(self)
+    return sformat("if %s == nil then %s = %s end\n%s:fromstring(%d, \"%s\")", key, key, sformat("cuckoo_filter_expire.new(%d, %d)", self.items, self.interval_size / 60), key, cnt,
+        binary_literal(bytes))
 end
 
 -- in the sandbox: uncounted, as upstream's C (env.lua)

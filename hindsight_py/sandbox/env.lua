@@ -462,7 +462,11 @@ local function uncounted(f)
         return unpack(r, 2, r.n)
     end
 end
-local standin_api = { io_open = io_open, uncounted = uncounted }
+-- objects of the stand-ins that preserve_data writes (as upstream's serialize functions do): object
+-- -> function(object, key) returning the Lua source that restores it under `key`
+local preservers = setmetatable({}, { __mode = "k" })
+local standin_api = { io_open = io_open, uncounted = uncounted,
+    preserve = function(object, fn) preservers[object] = fn end }
 
 local function load_lua_module(file, name, bundled)
     local standin = bundled and c_standins[name]
@@ -1676,7 +1680,8 @@ end
 
 --- serialize_state() -> text | nil, err: the plugin's globals as lua_sandbox's preserve_global_data
 -- writes them. Skipped values: functions, threads, userdata (none of ours has a serializer), tables
--- with a metatable (module tables, API objects) and the globals table itself. A key that cannot be
+-- with a metatable (module tables, API objects) other than the C module stand-ins' objects (which
+-- write themselves, as upstream's serialize functions do) and the globals table itself. A key that cannot be
 -- written (a table, a function) fails the whole save, as upstream.
 function control.serialize_state()
     sethook() -- lua_sandbox saves with the limits off
@@ -1689,10 +1694,24 @@ function control.serialize_state()
         for k, v in next, tbl do
             if failure then return end
             local vt = type(v)
+            local preserver = vt == "table" and preservers[v]
             local skip = vt == "function" or vt == "thread" or vt == "userdata" or vt == "nil"
                 or (vt == "table" and (v == env or getmetatable(v) ~= nil))
                 or (tbl == env and k == "_PRESERVATION_VERSION")
-            if not skip then
+            if preserver and not failure then
+                local kl = serialize_value(k)
+                if not kl then
+                    failure = sformat("serialize_data cannot preserve type '%s'", type(k))
+                    return
+                end
+                local p = path .. "[" .. kl .. "]"
+                if seen[v] then
+                    lines[#lines + 1] = p .. " = " .. seen[v]
+                else
+                    seen[v] = p
+                    lines[#lines + 1] = preserver(v, p)
+                end
+            elseif not skip then
                 local kl = serialize_value(k)
                 if not kl then
                     failure = sformat("serialize_data cannot preserve type '%s'", type(k))
