@@ -7,7 +7,6 @@ modules the sandbox now loads.
 from __future__ import annotations
 
 import re
-
 from pathlib import Path
 from typing import Any
 
