@@ -417,15 +417,15 @@ BLOCKED = {
     "moz_ingest/decoder_json": "needs rjson's JSON Schema validation (parse_schema, doc:validate), which "
     "hindsight-py's rjson lacks",
     "moz_pioneer/decoder_moz_ingest_pioneer": _C_MODULE + "jose (JSON Web Encryption, on cjose)",
-    "moz_ingest/doctype_monitor": _C_MODULE + "hyperloglog, lfs",
+    "moz_ingest/doctype_monitor": _C_MODULE + "hyperloglog, streaming_algorithms",
     "moz_security/analysis_error_rate": _C_MODULE + "streaming_algorithms",
     "moz_security/analysis_hh": _C_MODULE + "streaming_algorithms",
     "moz_security/analysis_webinj": _C_MODULE + "libinjection",
-    "moz_telemetry/decoder_telemetry": _C_MODULE + "zlib, parquet",
-    "moz_telemetry/doctype_monitor": _C_MODULE + "circular_buffer, lfs",
-    "taskcluster/taskcluster": "needs the third-party `date` module (luadate), which no extension ships",
-    "taskcluster/taskcluster_backfill": "needs the third-party `date` module (luadate)",
-    "taskcluster/worker_metrics": "needs the third-party `date` module (luadate)",
+    "moz_telemetry/decoder_telemetry": _C_MODULE + "parquet",
+    "moz_telemetry/doctype_monitor": _C_MODULE + "circular_buffer",
+    "taskcluster/taskcluster": "needs the third-party `date` module (trink/lua_date, on the C++ date/tz library), which no extension ships, and rjson's JSON Schema validation",
+    "taskcluster/taskcluster_backfill": "needs the third-party `date` module (trink/lua_date) and rjson's JSON Schema validation",
+    "taskcluster/worker_metrics": "needs the third-party `date` module (trink/lua_date) and rjson's JSON Schema validation",
     "hindsight/plugin_monitor": "needs hindsight's plugin statistics messages and dynamic loading (.off files in "
     "sandbox_load_path), which hindsight-py's supervisor does not provide",
 }
