@@ -27,16 +27,9 @@ local M = {}
 local BF = {}
 local mt = { __index = BF, __metatable = MT_NAME }
 
-local function argerror(narg, fname, msg)
-    error(sformat("bad argument #%d to '%s' (%s)", narg, fname, msg), 0)
-end
-
-local function check(self, nargs, given, fname)
-    if getmetatable(self) ~= MT_NAME then
-        argerror(1, fname, sformat("%s expected, got %s", MT_NAME, type(self)))
-    end
-    if given ~= nargs then argerror(0, fname, "incorrect number of arguments") end
-end
+local standin = require "hindsight_py.standin"
+local clp2, log2, argerror = standin.clp2, standin.log2, standin.argerror
+local function check(self, nargs, given, fname) standin.check(self, MT_NAME, nargs, given, fname) end
 
 local function key_string(key, fname)
     local t = type(key)
@@ -45,7 +38,9 @@ local function key_string(key, fname)
     argerror(2, fname, "must be a string or number")
 end
 
-local preserve -- below: what preserve_data writes
+local preserve = standin.preserver(function(self)
+    return sformat("bloom_filter.new(%d, %s)", self.items, sformat("%g", self.probability))
+end)
 
 function M.new(...)
     if select("#", ...) ~= 2 then argerror(0, "new", "incorrect number of arguments") end
@@ -72,14 +67,13 @@ function M.new(...)
         cnt = 0,
         set = {}, -- bit index -> true
     }, mt)
-    if host_api then host_api.preserve(bf, preserve) end
-    return bf
+    return standin.track(host_api, bf, preserve)
 end
 
 function M.version() return "1.0.0" end
 
 function BF:add(...)
-    check(self, 2, select("#", ...) + 1, "add")
+    check(self, 2, standin.count(...), "add")
     local key = key_string((...), "add")
     local set, bits = self.set, self.bits
     local added = false
@@ -95,7 +89,7 @@ function BF:add(...)
 end
 
 function BF:query(...)
-    check(self, 2, select("#", ...) + 1, "query")
+    check(self, 2, standin.count(...), "query")
     local key = key_string((...), "query")
     local set, bits = self.set, self.bits
     for i = 0, self.hashes - 1 do
@@ -105,12 +99,12 @@ function BF:query(...)
 end
 
 function BF:count(...)
-    check(self, 1, select("#", ...) + 1, "count")
+    check(self, 1, standin.count(...), "count")
     return self.cnt
 end
 
 function BF:clear(...)
-    check(self, 1, select("#", ...) + 1, "clear")
+    check(self, 1, standin.count(...), "clear")
     self.set = {}
     self.cnt = 0
 end
@@ -152,22 +146,7 @@ function BF:tostring()
     return self.cnt, tconcat(out)
 end
 
--- lsb_serialize_binary: the bytes in a Lua string literal, only \n \r " \\ escaped
-local function binary_literal(bytes)
-    return (string.gsub(bytes, '[\n\r"\\]', { ["\n"] = "\\n", ["\r"] = "\\r", ['"'] = '\\"', ["\\"] = "\\\\" }))
-end
 
--- what preserve_data writes for it (upstream's serialize function), under `key`
-function preserve(self, key)
-    local cnt, bytes = BF.tostring(self)
-    return sformat("if %s == nil then %s = %s end\n%s:fromstring(%d, \"%s\")", key, key, sformat("bloom_filter.new(%d, %s)", self.items, sformat("%g", self.probability)), key, cnt,
-        binary_literal(bytes))
-end
-
--- in the sandbox: uncounted, as upstream's C (env.lua)
-if host_api then
-    for k, f in pairs(M) do M[k] = host_api.uncounted(f) end
-    for k, f in pairs(BF) do BF[k] = host_api.uncounted(f) end
-end
+standin.finish(host_api, M, BF) -- in the sandbox: uncounted, as upstream's C (env.lua)
 
 return M

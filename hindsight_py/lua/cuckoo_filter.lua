@@ -35,31 +35,9 @@ local M = {}
 local CF = {}
 local mt = { __index = CF, __metatable = MT_NAME }
 
-local function clp2(x)
-    local p = 1
-    while p < x do p = p * 2 end
-    return p
-end
-
-local function log2(x)
-    local n = 0
-    while x > 1 do
-        x = x / 2
-        n = n + 1
-    end
-    return n
-end
-
-local function argerror(narg, fname, msg)
-    error(sformat("bad argument #%d to '%s' (%s)", narg, fname, msg), 0)
-end
-
-local function check(self, nargs, given, fname)
-    if getmetatable(self) ~= MT_NAME then
-        argerror(1, fname, sformat("%s expected, got %s", MT_NAME, type(self)))
-    end
-    if given ~= nargs then argerror(0, fname, "incorrect number of arguments") end
-end
+local standin = require "hindsight_py.standin"
+local clp2, log2, argerror = standin.clp2, standin.log2, standin.argerror
+local function check(self, nargs, given, fname) standin.check(self, MT_NAME, nargs, given, fname) end
 
 local function key_hash(key, fname)
     local t = type(key)
@@ -71,7 +49,7 @@ local function key_hash(key, fname)
     argerror(2, fname, "must be a string or number")
 end
 
-local preserve -- below: what preserve_data writes
+local preserve = standin.preserver(function(self) return sformat("cuckoo_filter.new(%d)", self.items) end)
 
 function M.new(...)
     local n = select("#", ...)
@@ -91,8 +69,7 @@ function M.new(...)
         e = {}, -- entries: [bucket * 4 + slot], 0-based bucket, slot 1..4; 0 = empty
         rand = xxh.glibc_rand(),
     }, mt)
-    if host_api then host_api.preserve(cf, preserve) end
-    return cf
+    return standin.track(host_api, cf, preserve)
 end
 
 function M.version() return "1.1.1" end
@@ -128,7 +105,7 @@ local function locate(cf, key, fname)
 end
 
 function CF:add(...)
-    check(self, 2, select("#", ...) + 1, "add")
+    check(self, 2, standin.count(...), "add")
     local fp, i1 = locate(self, (...), "add")
     local i2 = alt(self, i1, fp)
     local e = self.e
@@ -154,7 +131,7 @@ function CF:add(...)
 end
 
 function CF:query(...)
-    check(self, 2, select("#", ...) + 1, "query")
+    check(self, 2, standin.count(...), "query")
     local fp, i1 = locate(self, (...), "query")
     local e = self.e
     if lookup(e, i1, fp) then return true end
@@ -173,7 +150,7 @@ local function remove(e, b, fp)
 end
 
 function CF:delete(...)
-    check(self, 2, select("#", ...) + 1, "delete")
+    check(self, 2, standin.count(...), "delete")
     local fp, i1 = locate(self, (...), "delete")
     local e = self.e
     local deleted = remove(e, i1, fp) or remove(e, alt(self, i1, fp), fp)
@@ -182,18 +159,18 @@ function CF:delete(...)
 end
 
 function CF:count(...)
-    check(self, 1, select("#", ...) + 1, "count")
+    check(self, 1, standin.count(...), "count")
     return self.cnt
 end
 
 function CF:clear(...)
-    check(self, 1, select("#", ...) + 1, "clear")
+    check(self, 1, standin.count(...), "clear")
     self.e = {}
     self.cnt = 0
 end
 
 function CF:fromstring(...)
-    check(self, 3, select("#", ...) + 1, "fromstring")
+    check(self, 3, standin.count(...), "fromstring")
     local cnt, s = ...
     if type(cnt) ~= "number" then argerror(2, "fromstring", "number expected, got " .. type(cnt)) end
     if type(s) ~= "string" then argerror(3, "fromstring", "string expected, got " .. type(s)) end
@@ -218,22 +195,7 @@ function CF:tostring()
     return self.cnt, tconcat(parts)
 end
 
--- lsb_serialize_binary: the bytes in a Lua string literal, only \n \r " \\ escaped
-local function binary_literal(bytes)
-    return (string.gsub(bytes, '[\n\r"\\]', { ["\n"] = "\\n", ["\r"] = "\\r", ['"'] = '\\"', ["\\"] = "\\\\" }))
-end
 
--- what preserve_data writes for it (upstream's serialize function), under `key`
-function preserve(self, key)
-    local cnt, bytes = CF.tostring(self)
-    return sformat("if %s == nil then %s = %s end\n%s:fromstring(%d, \"%s\")", key, key, sformat("cuckoo_filter.new(%d)", self.items), key, cnt,
-        binary_literal(bytes))
-end
-
--- in the sandbox: uncounted, as upstream's C (env.lua)
-if host_api then
-    for k, f in pairs(M) do M[k] = host_api.uncounted(f) end
-    for k, f in pairs(CF) do CF[k] = host_api.uncounted(f) end
-end
+standin.finish(host_api, M, CF) -- in the sandbox: uncounted, as upstream's C (env.lua)
 
 return M

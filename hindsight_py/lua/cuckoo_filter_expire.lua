@@ -39,31 +39,9 @@ local M = {}
 local CF = {}
 local mt = { __index = CF, __metatable = MT_NAME }
 
-local function clp2(x)
-    local p = 1
-    while p < x do p = p * 2 end
-    return p
-end
-
-local function log2(x)
-    local n = 0
-    while x > 1 do
-        x = x / 2
-        n = n + 1
-    end
-    return n
-end
-
-local function argerror(narg, fname, msg)
-    error(sformat("bad argument #%d to '%s' (%s)", narg, fname, msg), 0)
-end
-
-local function check(self, nargs, given, fname)
-    if getmetatable(self) ~= MT_NAME then
-        argerror(1, fname, sformat("%s expected, got %s", MT_NAME, type(self)))
-    end
-    if given ~= nargs then argerror(0, fname, "incorrect number of arguments") end
-end
+local standin = require "hindsight_py.standin"
+local clp2, log2, argerror = standin.clp2, standin.log2, standin.argerror
+local function check(self, nargs, given, fname) standin.check(self, MT_NAME, nargs, given, fname) end
 
 local function toint(v, narg, fname, default)
     if v == nil and default then return default end
@@ -81,7 +59,9 @@ local function clear(cf)
     cf.e = {}
 end
 
-local preserve -- below: what preserve_data writes
+local preserve = standin.preserver(function(self)
+    return sformat("cuckoo_filter_expire.new(%d, %d)", self.items, self.interval_size / 60)
+end)
 
 function M.new(...)
     if select("#", ...) ~= 2 then argerror(0, "new", "incorrect number of arguments") end
@@ -99,8 +79,7 @@ function M.new(...)
         rand = xxh.glibc_rand(),
     }, mt)
     clear(cf)
-    if host_api then host_api.preserve(cf, preserve) end
-    return cf
+    return standin.track(host_api, cf, preserve)
 end
 
 function M.version() return "1.1.1" end
@@ -189,7 +168,7 @@ local function prune_range(cf, first, last)
 end
 
 function CF:add(...)
-    check(self, 3, select("#", ...) + 1, "add")
+    check(self, 3, standin.count(...), "add")
     local key, ns = ...
     local fp, i1 = locate(self, key, "add")
     if type(ns) ~= "number" then
@@ -240,7 +219,7 @@ function CF:add(...)
 end
 
 function CF:query(...)
-    check(self, 2, select("#", ...) + 1, "query")
+    check(self, 2, standin.count(...), "query")
     local fp, i1 = locate(self, (...), "query")
     local e = self.e
     local j = find(e, i1, fp) or find(e, alt(self, i1, fp), fp)
@@ -249,7 +228,7 @@ function CF:query(...)
 end
 
 function CF:delete(...)
-    check(self, 2, select("#", ...) + 1, "delete")
+    check(self, 2, standin.count(...), "delete")
     local fp, i1 = locate(self, (...), "delete")
     local e = self.e
     local j = find(e, i1, fp) or find(e, alt(self, i1, fp), fp)
@@ -262,17 +241,17 @@ function CF:delete(...)
 end
 
 function CF:count(...)
-    check(self, 1, select("#", ...) + 1, "count")
+    check(self, 1, standin.count(...), "count")
     return self.cnt
 end
 
 function CF:clear(...)
-    check(self, 1, select("#", ...) + 1, "clear")
+    check(self, 1, standin.count(...), "clear")
     clear(self)
 end
 
 function CF:current_interval(...)
-    check(self, 1, select("#", ...) + 1, "current_interval")
+    check(self, 1, standin.count(...), "current_interval")
     return self.timet * 1e9, self.interval
 end
 
@@ -317,22 +296,7 @@ function CF:tostring()
     return self.cnt, tconcat(parts)
 end
 
--- lsb_serialize_binary: the bytes in a Lua string literal, only \n \r " \\ escaped
-local function binary_literal(bytes)
-    return (string.gsub(bytes, '[\n\r"\\]', { ["\n"] = "\\n", ["\r"] = "\\r", ['"'] = '\\"', ["\\"] = "\\\\" }))
-end
 
--- what preserve_data writes for it (upstream's serialize function), under `key`
-function preserve(self, key)
-    local cnt, bytes = CF.tostring(self)
-    return sformat("if %s == nil then %s = %s end\n%s:fromstring(%d, \"%s\")", key, key, sformat("cuckoo_filter_expire.new(%d, %d)", self.items, self.interval_size / 60), key, cnt,
-        binary_literal(bytes))
-end
-
--- in the sandbox: uncounted, as upstream's C (env.lua)
-if host_api then
-    for k, f in pairs(M) do M[k] = host_api.uncounted(f) end
-    for k, f in pairs(CF) do CF[k] = host_api.uncounted(f) end
-end
+standin.finish(host_api, M, CF) -- in the sandbox: uncounted, as upstream's C (env.lua)
 
 return M

@@ -432,7 +432,7 @@ end
 -- second argument is that host API, with the host's io.open (maxminddb reads files from analysis
 -- plugins too, which have no io; the C module uses fopen).
 local c_standins = { maxminddb = true, cuckoo_filter = true, cuckoo_filter_expire = true, bloom_filter = true,
-    ["hindsight_py.xxh64"] = true }
+    ["hindsight_py.xxh64"] = true, ["hindsight_py.standin"] = true }
 
 local function pack(...) return { n = select("#", ...), ... } end
 
@@ -1698,20 +1698,7 @@ function control.serialize_state()
             local skip = vt == "function" or vt == "thread" or vt == "userdata" or vt == "nil"
                 or (vt == "table" and (v == env or getmetatable(v) ~= nil))
                 or (tbl == env and k == "_PRESERVATION_VERSION")
-            if preserver and not failure then
-                local kl = serialize_value(k)
-                if not kl then
-                    failure = sformat("serialize_data cannot preserve type '%s'", type(k))
-                    return
-                end
-                local p = path .. "[" .. kl .. "]"
-                if seen[v] then
-                    lines[#lines + 1] = p .. " = " .. seen[v]
-                else
-                    seen[v] = p
-                    lines[#lines + 1] = preserver(v, p)
-                end
-            elseif not skip then
+            if preserver or not skip then
                 local kl = serialize_value(k)
                 if not kl then
                     failure = sformat("serialize_data cannot preserve type '%s'", type(k))
@@ -1721,6 +1708,9 @@ function control.serialize_state()
                 if vt == "table" then
                     if seen[v] then
                         lines[#lines + 1] = p .. " = " .. seen[v]
+                    elseif preserver then -- a stand-in's object writes itself
+                        seen[v] = p
+                        lines[#lines + 1] = preserver(v, p)
                     else
                         seen[v] = p
                         lines[#lines + 1] = p .. " = {}"

@@ -1,0 +1,76 @@
+-- hindsight_py.standin: what hindsight-py's Lua stand-ins for lua_sandbox_extensions' C modules
+-- share: their argument checks (luaL_argcheck's texts), sizes, and the sandbox's host API (uncounted
+-- calls, preserve_data), see env.lua.
+
+local string = require "string"
+local sformat, sgsub = string.format, string.gsub
+local pairs, type, error, getmetatable, select = pairs, type, error, getmetatable, select
+
+local M = {}
+
+-- least power of 2 >= x, and log2 of a power of 2
+function M.clp2(x)
+    local p = 1
+    while p < x do p = p * 2 end
+    return p
+end
+
+function M.log2(x)
+    local n = 0
+    while x > 1 do
+        x = x / 2
+        n = n + 1
+    end
+    return n
+end
+
+-- luaL_argerror's text (env.lua's wrapper renumbers a method's arguments and adds the position)
+function M.argerror(narg, fname, msg)
+    error(sformat("bad argument #%d to '%s' (%s)", narg, fname, msg), 0)
+end
+
+-- luaL_checkudata and the modules' "incorrect number of arguments" check: `given` counts self
+function M.check(self, mt_name, nargs, given, fname)
+    if getmetatable(self) ~= mt_name then
+        M.argerror(1, fname, sformat("%s expected, got %s", mt_name, type(self)))
+    end
+    if given ~= nargs then M.argerror(0, fname, "incorrect number of arguments") end
+end
+
+-- the number of the varargs plus self, for check()
+function M.count(...)
+    return select("#", ...) + 1
+end
+
+-- lsb_serialize_binary: the bytes in a Lua string literal, only \n \r " \\ escaped
+local ESCAPES = { ["\n"] = "\\n", ["\r"] = "\\r", ['"'] = '\\"', ["\\"] = "\\\\" }
+local function binary_literal(bytes)
+    return (sgsub(bytes, '[\n\r"\\]', ESCAPES))
+end
+
+-- What preserve_data writes for an object (upstream's serialize functions): `ctor(self)` is the
+-- constructor call, self:tostring() the count and bytes for fromstring.
+function M.preserver(ctor)
+    return function(self, key)
+        local cnt, bytes = self:tostring()
+        return sformat("if %s == nil then %s = %s end\n%s:fromstring(%d, \"%s\")", key, key, ctor(self), key, cnt,
+            binary_literal(bytes))
+    end
+end
+
+-- In the sandbox (host_api set): register `object` for preserve_data
+function M.track(host_api, object, preserve)
+    if host_api then host_api.preserve(object, preserve) end
+    return object
+end
+
+-- In the sandbox: the module's functions and methods run uncounted, as upstream's C
+function M.finish(host_api, ...)
+    if not host_api then return end
+    for i = 1, select("#", ...) do
+        local t = select(i, ...)
+        for k, f in pairs(t) do t[k] = host_api.uncounted(f) end
+    end
+end
+
+return M
