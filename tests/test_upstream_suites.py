@@ -503,6 +503,7 @@ MODULE_TESTS = {
     "maxminddb/test.lua": None,
     "cuckoo_filter/test.lua": None,
     "bloom_filter/test.lua": None,
+    "xxhash/test.lua": None,
     "moz_telemetry/test.lua": _C_MODULE + "streaming_algorithms",
 }
 # Extensions whose tests exercise C modules only (cjson, rjson, lfs, zlib, ...) are not listed:

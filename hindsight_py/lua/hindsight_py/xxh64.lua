@@ -5,7 +5,7 @@
 -- A 64-bit value is a pair of numbers (hi, lo), each in [0, 2^32): exact in Lua 5.1's doubles.
 -- Multiplication works on 16-bit limbs; xor uses the `bit` library (LuaJIT's own, or LuaBitOp).
 --
--- M.string(s, seed_lo)      -> hi, lo of XXH64(s, #s, seed) (seed < 2^32)
+-- M.string(s, seed_lo[, seed_hi]) -> hi, lo of XXH64(s, #s, seed_hi * 2^32 + seed_lo)
 -- M.u64(hi, lo, seed_lo)    -> XXH64 of 8 bytes holding that little-endian 64-bit value
 -- M.u32(v, seed_lo)         -> XXH64 of 4 bytes holding that little-endian 32-bit value
 -- M.u16(v, seed_lo)         -> XXH64 of 2 bytes holding that little-endian 16-bit value
@@ -120,8 +120,8 @@ local function step1(h, l, b)
     return mul(h, l, P1H, P1L)
 end
 
-local function start(seed, len)
-    local h, l = add(0, seed or 0, P5H, P5L)
+local function start(seed, len, seed_hi)
+    local h, l = add(seed_hi or 0, seed or 0, P5H, P5L)
     return add(h, l, 0, len)
 end
 
@@ -130,18 +130,18 @@ local function read32(s, i)
     return b1 + b2 * 256 + b3 * 65536 + b4 * 16777216
 end
 
-function M.string(s, seed)
-    seed = seed or 0
+function M.string(s, seed, seed_hi)
+    seed, seed_hi = seed or 0, seed_hi or 0
     local len = #s
     local p = 1
     local h, l
     if len >= 32 then
-        local v1h, v1l = add(0, seed, P1H, P1L)
+        local v1h, v1l = add(seed_hi, seed, P1H, P1L)
         v1h, v1l = add(v1h, v1l, P2H, P2L)
-        local v2h, v2l = add(0, seed, P2H, P2L)
-        local v3h, v3l = 0, seed
+        local v2h, v2l = add(seed_hi, seed, P2H, P2L)
+        local v3h, v3l = seed_hi, seed
         -- seed - P1
-        local v4h, v4l = add(0, seed, (TWO32 - P1H - 1) % TWO32, (TWO32 - P1L) % TWO32)
+        local v4h, v4l = add(seed_hi, seed, (TWO32 - P1H - 1) % TWO32, (TWO32 - P1L) % TWO32)
         while p + 31 <= len do
             v1h, v1l = round(v1h, v1l, read32(s, p + 4), read32(s, p))
             v2h, v2l = round(v2h, v2l, read32(s, p + 12), read32(s, p + 8))
@@ -164,7 +164,7 @@ function M.string(s, seed)
         end
         h, l = add(h, l, 0, len)
     else
-        h, l = start(seed, len)
+        h, l = start(seed, len, seed_hi)
     end
     while p + 7 <= len do
         h, l = step8(h, l, read32(s, p + 4), read32(s, p))
