@@ -178,12 +178,14 @@ def test_filters_are_preserved_and_restored_as_upstream_writes_them(tmp_path: Pa
         require "cuckoo_filter"
         require "cuckoo_filter_expire"
         require "bloom_filter"
+        require "hyperloglog"
+        hll = hyperloglog.new()
         cf = cuckoo_filter.new(64)
         cfe = cuckoo_filter_expire.new(1024, 5)
         bf = bloom_filter.new(100, 0.01)
         same = cf
         function process_message()
-            for i = 1, 40 do cf:add(i); cfe:add("k" .. i, 1e9 * 3600); bf:add(i) end
+            for i = 1, 40 do cf:add(i); cfe:add("k" .. i, 1e9 * 3600); bf:add(i); hll:add(i) end
             cf:add("a\\n\\r\\"\\\\")
             return 0
         end
@@ -201,10 +203,13 @@ def test_filters_are_preserved_and_restored_as_upstream_writes_them(tmp_path: Pa
                for line in lines)
     assert 'if _G["cfe"] == nil then _G["cfe"] = cuckoo_filter_expire.new(1024, 5) end' in lines
     assert 'if _G["bf"] == nil then _G["bf"] = bloom_filter.new(100, 0.01) end' in lines
+    assert 'if _G["hll"] == nil then _G["hll"] = hyperloglog.new() end' in lines
+    assert any(line.startswith('_G["hll"]:fromstring("HYLL') for line in lines)
 
     sb2 = run(tmp_path, "analysis", code, preserve_data=True, state_path=state)
     g = sb2.globals_table()
     assert (g[b"cf"].count(g[b"cf"]), g[b"cfe"].count(g[b"cfe"]), g[b"bf"].count(g[b"bf"])) == (41, 40, 40)
     assert g[b"cf"].query(g[b"cf"], b"a\n\r\"\\") and g[b"bf"].query(g[b"bf"], 7)
+    assert g[b"hll"].count(g[b"hll"]) == 40
     assert tuple(g[b"cfe"].query(g[b"cfe"], b"k3")) == (True, 12)  # 3600 s / 5 min intervals
     assert '_G["same"] = _G["cf"]' in lines or '_G["cf"] = _G["same"]' in lines

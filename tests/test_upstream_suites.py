@@ -504,6 +504,7 @@ MODULE_TESTS = {
     "cuckoo_filter/test.lua": None,
     "bloom_filter/test.lua": None,
     "xxhash/test.lua": None,
+    "hyperloglog/test.lua": None,
     "moz_telemetry/test.lua": _C_MODULE + "streaming_algorithms",
 }
 # Extensions whose tests exercise C modules only (cjson, rjson, lfs, zlib, ...) are not listed:

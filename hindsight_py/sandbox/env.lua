@@ -432,7 +432,7 @@ end
 -- second argument is that host API, with the host's io.open (maxminddb reads files from analysis
 -- plugins too, which have no io; the C module uses fopen).
 local c_standins = { maxminddb = true, cuckoo_filter = true, cuckoo_filter_expire = true, bloom_filter = true,
-    xxhash = true, ["hindsight_py.xxh64"] = true, ["hindsight_py.standin"] = true }
+    xxhash = true, hyperloglog = true, ["hindsight_py.xxh64"] = true, ["hindsight_py.standin"] = true }
 
 local function pack(...) return { n = select("#", ...), ... } end
 
@@ -445,16 +445,18 @@ local function uncounted(f)
         if not r[1] then
             local e = r[2]
             -- luaL_argerror: a method's arguments are counted without self
-            local narg, fname, extra = smatch(type(e) == "string" and e or "", "^bad argument #(%-?%d+) to '([^']*)' (.*)$")
+            -- luaL_argerror: the function named as the caller knows it ('?' through pcall), and a
+            -- method's arguments counted without self
+            local narg, extra = smatch(type(e) == "string" and e or "", "^bad argument #(%-?%d+) to '[^']*' (.*)$")
             if narg then
                 local ar = getinfo(1, "n") -- how this function was called
-                if ar and ar.namewhat == "method" then
-                    narg = tonumber(narg) - 1
-                    if narg == 0 then
-                        e = sformat("calling '%s' on bad self %s", fname, extra)
-                    else
-                        e = sformat("bad argument #%d to '%s' %s", narg, fname, extra)
-                    end
+                local fname = ar and ar.name or "?"
+                narg = tonumber(narg)
+                if ar and ar.namewhat == "method" then narg = narg - 1 end
+                if narg == 0 and ar and ar.namewhat == "method" then
+                    e = sformat("calling '%s' on bad self %s", fname, extra)
+                else
+                    e = sformat("bad argument #%d to '%s' %s", narg, fname, extra)
                 end
             end
             error(e, 2)

@@ -12,6 +12,7 @@
 -- M.double_bits(x)          -> hi, lo: the IEEE 754 bits of the number x (as C's double)
 -- M.double_string(x)        -> those bits as the 8 bytes C hashes for a number key
 -- M.xxh32(s, seed)          -> XXH32(s, #s, seed)
+-- M.mul64, M.add64, M.xor64 -> (hi, lo) arithmetic modulo 2^64
 
 local _, host_api = ...
 local string = require "string"
@@ -221,6 +222,9 @@ function M.double_bits(x)
     local mhi = floor(mant / TWO32)
     return sign + biased * 1048576 + mhi, mant - mhi * TWO32
 end
+
+-- the 64-bit arithmetic on (hi, lo) pairs, for the other hashes of the stand-ins (MurmurHash64A)
+M.mul64, M.add64, M.xor64 = mul, add, xor
 
 -- XXH32 (the 32-bit xxHash), for bloom_filter: 32-bit words, products on 16-bit limbs
 local Q1, Q2, Q3, Q4, Q5 = 2654435761, 2246822519, 3266489917, 668265263, 374761393
