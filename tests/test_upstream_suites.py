@@ -505,6 +505,7 @@ MODULE_TESTS = {
     "bloom_filter/test.lua": None,
     "xxhash/test.lua": None,
     "hyperloglog/test.lua": None,
+    "gzfile/test.lua": None,
     "moz_telemetry/test.lua": _C_MODULE + "streaming_algorithms",
 }
 # Extensions whose tests exercise C modules only (cjson, rjson, lfs, zlib, ...) are not listed:
