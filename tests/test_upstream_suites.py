@@ -414,8 +414,6 @@ _C_MODULE = "needs C modules that are not available to hindsight-py here: "
 BLOCKED = {
     "lfs/input_tail": "needs dynamic loading: its input writes plugin cfgs into sandbox_load_path/input while "
     "running, and .off files to stop them, which hindsight-py's supervisor does not provide",
-    "moz_ingest/decoder_json": "needs rjson's JSON Schema validation (parse_schema, doc:validate), which "
-    "hindsight-py's rjson lacks",
     "moz_pioneer/decoder_moz_ingest_pioneer": _C_MODULE + "jose (JSON Web Encryption, on cjose)",
     "moz_ingest/doctype_monitor": _C_MODULE + "hyperloglog, streaming_algorithms",
     "moz_security/analysis_error_rate": _C_MODULE + "streaming_algorithms",
@@ -506,6 +504,7 @@ MODULE_TESTS = {
     "xxhash/test.lua": None,
     "hyperloglog/test.lua": None,
     "gzfile/test.lua": None,
+    "rjson/test.lua": None,
     "moz_telemetry/test.lua": _C_MODULE + "streaming_algorithms",
 }
 # Extensions whose tests exercise C modules only (cjson, rjson, lfs, zlib, ...) are not listed:

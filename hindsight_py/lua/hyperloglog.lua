@@ -294,6 +294,7 @@ function H.fromstring(...)
 end
 
 mt.__tostring = function(self) return tostring_hll(self) end
+mt.__lsb_output = tostring_hll -- add_to_payload / a Fields value: the C module's bytes
 function H:tostring() return 0, tostring_hll(self) end -- for hindsight_py.standin's preserver
 
 -- what preserve_data writes (upstream: hll:fromstring("<bytes>"), without a count)

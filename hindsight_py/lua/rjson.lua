@@ -4,7 +4,8 @@
 --                                         (RapidJSON's offsets and reason texts)
 -- rjson.parse_message([reader,] name[, fi[, ai[, validate_utf8]]]) -> doc from Payload/Fields[x]
 -- rjson.version()                      -> the rjson API version this module follows
--- rjson.parse_schema / doc:validate    -> raise: JSON Schema is not supported
+-- rjson.parse_schema(json)             -> schema (JSON Schema draft-04: hindsight_py.json_schema)
+-- doc:validate(schema)                 -> true | false, err, report (RapidJSON's texts)
 --
 -- doc:find([h,] key...)      -> handle or nil (string keys index objects, numbers index arrays
 --                               from 0); no keys returns the root
@@ -24,8 +25,8 @@
 -- returned it, until that doc is parsed again or the value is removed ("invalid value"), as in
 -- upstream. `h == h2` holds for two finds of the same value.
 --
--- Differences: gzip'ed input is not inflated; numbers written by make_field come out in Lua's
--- shortest exact form (an integral 1.0 is written 1).
+-- Differences: numbers written by make_field come out in Lua's shortest exact form (an integral 1.0
+-- is written 1); JSON Schema validation covers draft-04's keywords (hindsight_py.json_schema).
 
 local string = require "string"
 local table  = require "table"
@@ -35,8 +36,8 @@ local byte, char, find, format, gsub, sub = string.byte, string.char, string.fin
     string.gsub, string.sub
 local concat, tremove = table.concat, table.remove
 local floor, huge = math.floor, math.huge
-local error, pcall, select, setmetatable, tonumber, type =
-    error, pcall, select, setmetatable, tonumber, type
+local error, pcall, select, setmetatable, getmetatable, tonumber, type =
+    error, pcall, select, setmetatable, getmetatable, tonumber, type
 
 local API_VERSION = "1.1.4"
 
@@ -742,8 +743,15 @@ local function message_text(...)
         end
         error("field not found", 0)
     end
-    if byte(text, 1) == 0x1f and byte(text, 2) == 0x8b then
-        error("ungzip failed: gzip'ed JSON is not supported by hindsight-py's rjson", 0)
+    if #text > 2 and byte(text, 1) == 0x1f and byte(text, 2) == 0x8b then
+        -- gzip'ed JSON is inflated, as upstream does (with Debian's lua-zlib)
+        local ok, inflated = pcall(function() return require("zlib").inflate(31)(text) end)
+        if not ok or type(inflated) ~= "string" then error("ungzip failed", 0) end
+        text = inflated
+    elseif text == "" then
+        -- upstream copies the field's length + 1 bytes out of the message, so an empty field is
+        -- parsed as the message byte that follows it (a protobuf tag): never a JSON value
+        error("failed to parse offset:0 Invalid value.", 0)
     end
     return text, validate
 end
@@ -752,8 +760,24 @@ function Doc:parse_message(...)
     return self:parse(message_text(...))
 end
 
-function Doc:validate()
-    error("validate() is not supported: hindsight-py's rjson has no JSON Schema support", 0)
+-- a doc as a Fields value of inject_message (upstream's lsb_output of the rjson userdata): its JSON
+Doc.__lsb_output = function(doc) return doc:make_field().value end
+
+local SCHEMA = "mozsvc.rjson_schema"
+local schema_mt = {__metatable = SCHEMA}
+
+-- doc:validate(schema) -> true | false, "SchemaURI: ... Keyword: ... DocumentURI: ...", report
+-- (hindsight_py.json_schema: RapidJSON's draft-04 validation and texts)
+function Doc:validate(schema)
+    if getmetatable(schema) ~= SCHEMA then
+        error(format("bad argument #1 to 'validate' (%s expected, got %s)", SCHEMA, type(schema)), 2)
+    end
+    local root = self.root
+    local value = root
+    if not is_node(root) then value = root.v end
+    local ok, err, report = require("hindsight_py.json_schema").validate(schema.compiled, value)
+    if ok then return true, nil end
+    return false, err, report
 end
 
 ----------------------------------------------------------------------------------------------------
@@ -771,8 +795,10 @@ function M.parse_message(...)
     return M.parse(message_text(...))
 end
 
-function M.parse_schema()
-    error("parse_schema() is not supported: hindsight-py's rjson has no JSON Schema support", 0)
+function M.parse_schema(json)
+    local raw = parse_root(json, false, {})
+    local compiled = require("hindsight_py.json_schema").compile(raw, NULL)
+    return setmetatable({compiled = compiled}, schema_mt)
 end
 
 function M.version()

@@ -818,7 +818,15 @@ local function read_message(name, fi, ai, zc, ...)
 end
 
 -- the bytes a userdata contributes to add_to_payload, a Fields value or io.write; nil if none
+local debug_getmetatable = debug.getmetatable
 local function userdata_output(ud)
+    if type(ud) == "table" then
+        -- hindsight-py's Lua stand-ins for C modules' userdata name their lsb_output in __lsb_output
+        local mt = debug_getmetatable(ud)
+        local out = mt and rawget(mt, "__lsb_output")
+        if out then return out(ud) end
+        return nil
+    end
     if zc_refs[ud] then return zc_value(ud) or "" end
     return nil
 end

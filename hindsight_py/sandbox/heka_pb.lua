@@ -470,6 +470,14 @@ encode_value = function(v, rep, vt)
         if rep then put_str(26, rep) end
         put(v and "\64\1" or "\64\0")
     elseif tv == "table" then
+        -- a Lua stand-in for a C module's userdata (an rjson doc, a hyperloglog): its lsb_output bytes
+        local bytes = output_userdata and output_userdata(v)
+        if bytes ~= nil then
+            put("\16\1")
+            if rep then put_str(26, rep) end
+            put_str(42, bytes)
+            return nil
+        end
         local a1 = rawget(v, 1)
         if a1 == nil then return encode_object(v) end
         local t = type(a1)
