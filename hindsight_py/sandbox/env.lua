@@ -432,7 +432,7 @@ end
 -- second argument is that host API, with the host's io.open (maxminddb reads files from analysis
 -- plugins too, which have no io; the C module uses fopen).
 local c_standins = { maxminddb = true, cuckoo_filter = true, cuckoo_filter_expire = true, bloom_filter = true,
-    xxhash = true, hyperloglog = true, gzfile = true, ["hindsight_py.xxh64"] = true, ["hindsight_py.standin"] = true }
+    xxhash = true, hyperloglog = true, gzfile = true, date = true, ["hindsight_py.xxh64"] = true, ["hindsight_py.standin"] = true }
 
 local function pack(...) return { n = select("#", ...), ... } end
 
