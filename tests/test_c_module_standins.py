@@ -213,3 +213,28 @@ def test_filters_are_preserved_and_restored_as_upstream_writes_them(tmp_path: Pa
     assert g[b"hll"].count(g[b"hll"]) == 40
     assert tuple(g[b"cfe"].query(g[b"cfe"], b"k3")) == (True, 12)  # 3600 s / 5 min intervals
     assert '_G["same"] = _G["cf"]' in lines or '_G["cf"] = _G["same"]' in lines
+
+
+def test_date_formats_parses_and_normalises_in_utc(tmp_path: Path) -> None:
+    sb = run(tmp_path, "input", """
+        local date = require "date"
+        local t = date.time("2017-07-17 00:00:00.123456", "%Y-%m-%d %H:%M:%S")
+        a = date.format(t, "%Y-%m-%dT%H:%M:%SZ")
+        b = date.format(1571067566 * 1e9, "%a %b %e %j %Z %z %F %T")
+        c = date.time({year = 2017, month = 9, day = 31, hour = 23, min = 59, sec = 59, sec_frac = 0.9})
+        d = date.floor(date.time("2017-07-16 17:16:15.14", "%Y-%m-%d %H:%M:%S"), "hour")
+        e = date.get(t, "wday")
+        local ok, err = pcall(date.format, t, "%F", "America/Los_Angeles")
+        f = err
+        local ok2, err2 = pcall(date.time, "not a date", "%Y-%m-%d")
+        g = err2
+        function process_message() return 0 end
+    """)
+    g = sb.globals_table()
+    assert g[b"a"] == b"2017-07-17T00:00:00.123456000Z"
+    assert g[b"b"] == b"Mon Oct 14 287 UTC +0000 2019-10-14 15:39:26.000000000"
+    assert g[b"c"] == 1506902399.9e9  # October 1st: date/tz's normalisation of September 31st
+    assert g[b"d"] == 1500224400e9  # 2017-07-16 17:00 UTC
+    assert g[b"e"] == 2  # a Monday
+    assert g[b"f"] == b"America/Los_Angeles not found in timezone database"
+    assert g[b"g"] == b"parse failed"
