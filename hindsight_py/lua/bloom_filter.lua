@@ -31,12 +31,7 @@ local standin = require "hindsight_py.standin"
 local clp2, log2, argerror = standin.clp2, standin.log2, standin.argerror
 local function check(self, nargs, given, fname) standin.check(self, MT_NAME, nargs, given, fname) end
 
-local function key_string(key, fname)
-    local t = type(key)
-    if t == "string" then return key end
-    if t == "number" then return double_string(key) end
-    argerror(2, fname, "must be a string or number")
-end
+local key_string = standin.key_bytes
 
 local preserve = standin.preserver(function(self)
     return sformat("bloom_filter.new(%d, %s)", self.items, sformat("%g", self.probability))

@@ -176,12 +176,7 @@ local function raw_count(r)
     return estimate(E + ez, ez)
 end
 
-local function key_string(key, fname)
-    local t = type(key)
-    if t == "string" then return key end
-    if t == "number" then return double_string(key) end
-    argerror(2, fname, "must be a string or number")
-end
+local key_string = standin.key_bytes
 
 -- (the methods count their arguments as the C module does, self included: H.f(...))
 function H.add(...)

@@ -37,6 +37,14 @@ function M.check(self, mt_name, nargs, given, fname)
     if given ~= nargs then M.argerror(0, fname, "incorrect number of arguments") end
 end
 
+-- the bytes the C modules hash for a key: a string's, or a number's double (8 bytes, little-endian)
+function M.key_bytes(key, fname)
+    local t = type(key)
+    if t == "string" then return key end
+    if t == "number" then return require("hindsight_py.xxh64").double_string(key) end
+    M.argerror(2, fname, "must be a string or number")
+end
+
 -- the number of the varargs plus self, for check()
 function M.count(...)
     return select("#", ...) + 1
