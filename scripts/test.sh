@@ -46,8 +46,8 @@ step "pytest: the Lua-level suites again under PUC Lua 5.1 (HINDSIGHT_PY_LUA=lua
 # Lua 5.1's table order byte for byte (marked lua51, skipped above).
 if ((pytest_status == 0)); then
     HINDSIGHT_PY_LUA=lua51 "$PYTHON" -m pytest -q tests/test_heka_pb_lua.py tests/test_message.py \
-        tests/test_sandbox_lua.py tests/test_upstream_suites.py tests/test_refused_sandbox.py \
-        tests/test_c_module_standins.py || pytest_status=$?
+        tests/test_sandbox_lua.py tests/test_sandbox_security.py tests/test_upstream_suites.py \
+        tests/test_refused_sandbox.py tests/test_c_module_standins.py || pytest_status=$?
 fi
 
 step "ruff"

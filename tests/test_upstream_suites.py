@@ -563,5 +563,5 @@ def test_module_tests(script: str, extensions_root: Path, tmp_path: Path, monkey
     host = FakeHost()
     sb, _ = lua_sandbox(Path(name), "input", host, path=path, cpath=f"{install}/modules/?.so", log_level=7,
                         load=False, **limit)
-    sb.runtime.execute(_GENERIC_SANDBOX, sb.globals_table())
+    sb.execute_privileged(_GENERIC_SANDBOX, sb.globals_table())
     sb.load()  # the script asserts its own expectations; an error fails the load

@@ -1,6 +1,6 @@
 -- The Heka protobuf message codec, Lua side (docs/upstream-formats.md §3.2, §5).
 --
--- Loaded once per plugin runtime in the REAL global environment; returns a table of functions:
+-- Loaded once per plugin runtime by env.lua, as host code; returns a table of functions:
 --   encode(t, env[, framed])       -> protobuf of message table t (inject_message/encode_message)
 --   encode_into(buf, n, t, env)    -> n2, size, framed_size: the same, framed, as pieces in buf
 --   frame(s), frame_header(len)    -> stream framing (0x1E, H, 0x08 varint(len), 0x1F)
@@ -8,10 +8,10 @@
 --   read(s, name, fi, ai)          -> read_message against raw message s
 --   valid(s)                       -> the queue/stream readers' check (lsb_decode_heka_message)
 --   find_framed(buf, max, decode)  -> found, consumed, raw: the stream reader's scan
--- Everything it needs from the standard library is captured at load time, so the sandbox can
--- remove globals afterwards. Pure Lua 5.1 with doubles only: int64 values travel as doubles,
--- and varints are built and read in 28-bit halves so that every step is exact (a timestamp
--- of ~1.7e18 needs 61 bits; a double holds 53).
+-- Everything it needs from the standard library is captured at load time: once loaded, host code
+-- reads no globals (env.lua; tests/test_sandbox_security.py checks the bytecode). Pure Lua 5.1
+-- with doubles only: int64 values travel as doubles, and varints are built and read in 28-bit
+-- halves so that every step is exact (a timestamp of ~1.7e18 needs 61 bits; a double holds 53).
 --
 -- Errors are raised with error(msg, 0) and carry lua_sandbox's texts without the
 -- "encode_message() failed: " style prefix, which the caller adds. The one exception is

@@ -3,6 +3,10 @@
 The environment itself, the message codec and the per-message loops are Lua
 (env.lua, heka_pb.lua): Python hands over whole batches and collects whole
 batches, so a message never costs a Python<->Lua crossing of its own.
+
+The runtime is the boundary (docs/security.md): its real globals become the plugin's
+globals, the Python callables below reach Lua only behind Lua functions (env.lua's
+guard), and no Lua code may read or write an attribute of a Python object.
 """
 
 from __future__ import annotations
@@ -117,15 +121,44 @@ class LuaSandbox:
             unpack_returned_tuples=True,
             register_eval=False,
             register_builtins=False,
+            attribute_handlers=(_no_attribute, _no_attribute),
             max_memory=0 if memory_limit else None,
         )
         lua_table = self._rt.table_from
+        self._host_exception: BaseException | None = None
+        callables = {
+            "log": self._log_from_lua,
+            "memory_limit": self._set_memory_limit if memory_limit else None,
+            "now_ns": time.time_ns,
+            "random_uuids": lambda n: random_uuids(int(n)),
+            "flush": self._flush_from_lua,
+            "is_running": host.is_running,
+            "inject_input": getattr(host, "inject_input", None),  # None: an output without inject_message
+            "commit_now": host.commit_processed,
+            "create_matcher": self._create_matcher,
+            "erf": math.erf,
+            "erfc": math.erfc,
+            # `require "hindsight.elasticsearch"`, for inputs and outputs
+            "new_es_sender": self._new_es_sender if plugin_type != "analysis" else None,
+            "drop_es_types": host.drop_es_types,
+            "dead_letter": self._dead_letter_from_lua,
+            # io.popen where lupa's PUC Lua 5.1 has only a stub (inputs and outputs; env.lua)
+            "popen_read": _popen_read if plugin_type != "analysis" else None,
+            "popen_write": _popen_write if plugin_type != "analysis" else None,
+            # refused messages (hosts without them: the upstream test harness)
+            "refused": self._refused_from_lua if hasattr(host, "refused") else None,
+            "settle_refused": self._settle_from_lua,
+            "bulk_takeover": self._bulk_takeover,
+            # upstream's per-call callbacks, when the host has them (the lua_sandbox test harness)
+            "inject_callback": getattr(host, "inject_callback", None),
+            "update_checkpoint_callback": getattr(host, "update_checkpoint_callback", None),
+        }
         host_table = _bytes_table(
             self._rt,
             {
+                **{k: self._reporting(f) for k, f in callables.items()},
                 "plugin_type": plugin_type,
                 "name": name,
-                "log": self._log_from_lua,
                 "log_level": log_level,
                 "output_limit": output_limit,
                 "max_message_size": max_message_size,
@@ -133,13 +166,6 @@ class LuaSandbox:
                 "logger": logger.encode() if logger is not None else None,
                 "hostname": hostname.encode(),
                 "pid": pid,
-                "now_ns": time.time_ns,
-                "random_uuids": lambda n: random_uuids(int(n)),
-                "flush": self._flush_from_lua,
-                "is_running": host.is_running,
-                "inject_input": getattr(host, "inject_input", None),  # None: an output without inject_message
-                "commit_now": host.commit_processed,
-                "create_matcher": self._create_matcher,
                 "path": path.encode(),
                 "cpath": cpath.encode(),
                 "bundled_path": BUNDLED_LUA_PATH.encode(),
@@ -148,29 +174,13 @@ class LuaSandbox:
                 "runtime_cfg": runtime_cfg.encode(),
                 "async_buffer_size": async_buffer_size,
                 "instruction_limit": instruction_limit,
-                "erf": math.erf,
-                "erfc": math.erfc,
                 "disable_modules": lua_table([m.encode() for m in disable_modules]),
-                "preload_provider": self._preload,
-                "popen_read": _popen_read,
-                "popen_write": _popen_write,
-                "drop_es_types": host.drop_es_types,
-                "dead_letter": self._dead_letter_from_lua,
-                # refused messages (hosts without them: the upstream test harness)
-                "refused": self._refused_from_lua if hasattr(host, "refused") else None,
-                "settle_refused": self._settle_from_lua,
                 "refused_messages": refused_messages,
-                "bulk_takeover": self._bulk_takeover,
-                # upstream's per-call callbacks, when the host has them (the lua_sandbox test harness)
-                "inject_callback": getattr(host, "inject_callback", None),
-                "update_checkpoint_callback": getattr(host, "update_checkpoint_callback", None),
             },
         )
-        pb = self._rt.execute(_read("heka_pb.lua"))
-        cjson_shim = self._rt.execute(_read("cjson_shim.lua"))
-        env_chunk = self._rt.compile(_read("env.lua"))
+        env_chunk = self._rt.compile(_read("env.lua"), name="=hindsight-py:env.lua")  # env.lua: HOST_SOURCE
         try:
-            self._control = env_chunk(host_table, pb, cjson_shim)
+            self._control = env_chunk(host_table, _read("heka_pb.lua").encode(), _read("cjson_shim.lua").encode())
         except LuaError as e:
             raise PluginError(f"loading the runtime configuration failed: {_text(e)}") from None
         self._run_batch = self._control.run_batch
@@ -212,22 +222,45 @@ class LuaSandbox:
         m = self._host.create_matcher(expr.decode("utf-8", "surrogateescape"))
         return m
 
-    def _preload(self, name: bytes) -> Any:
-        if name == b"hindsight.elasticsearch":
-            return self._rt.execute(_ES_MODULE)(self._new_es_sender)
-        return None
-
     def _new_es_sender(self, cfg: Any) -> tuple[Callable[..., Any], Callable[[], bool]]:
         return self._host.new_es_sender(lua_to_python(cfg))
+
+    # The memory limit holds while Lua runs plugin code (env.lua turns it on and off around each
+    # call) and never while Python has control: lupa's own work outside a protected call (the
+    # arguments, the results) must never meet a full state, or Lua aborts the whole process.
+    def _set_memory_limit(self, on: bool) -> None:
+        self._rt.set_max_memory(self._memory_cap if on else 0, total=True)
+
+    def _lift_memory_limit(self) -> None:
+        if self._memory_limit:
+            self._rt.set_max_memory(0)
+
+    def _reporting(self, f: Callable[..., Any] | None) -> Callable[..., Any] | None:
+        """f, remembering what it raises: Lua only ever sees the text (env.lua's guard)."""
+        if f is None:
+            return None
+
+        def call(*args: Any) -> Any:
+            try:
+                return f(*args)
+            except BaseException as e:
+                self._host_exception = e
+                raise
+
+        return call
+
+    def _raise_host_exception(self) -> None:
+        """A Python exception of the host that ended a Lua call goes on as itself."""
+        exc, self._host_exception = self._host_exception, None
+        if exc is not None:
+            raise exc
 
     # -- lifecycle ----------------------------------------------------------------------------
     def load(self) -> None:
         """Run the plugin's top-level chunk under its limits, then restore its preserved state."""
         self._load_chunk()
         if self._preserve_data and self._state_path and self._state_path.exists():
-            if self._memory_limit:
-                self._rt.set_max_memory(0)  # lua_sandbox restores with the limits off
-            try:
+            try:  # with the limits off, as lua_sandbox restores
                 ok, err = self._control.restore_state(str(self._state_path).encode())
             except LuaError as e:
                 ok, err = False, f"restore_global_data {_text(e)}"
@@ -237,37 +270,45 @@ class LuaSandbox:
                 self._state_path.unlink(missing_ok=True)
                 self._build(**self._settings)
                 self._load_chunk()
-            elif self._memory_limit:
-                self._rt.set_max_memory(self._memory_limit, total=False)
 
     def _load_chunk(self) -> None:
         self._control.set_instruction_limit(self._instruction_limit)
-        if self._memory_limit:
-            # lua_sandbox does not count its own libraries; only what the plugin allocates
-            self._rt.set_max_memory(self._memory_limit, total=False)
+        # lua_sandbox does not count its own libraries; only what the plugin allocates
+        self._memory_cap = self._rt.get_memory_used(total=True) + self._memory_limit if self._memory_limit else 0
+        self._host_exception = None
         try:
             ok, err = self._control.load_plugin(str(self.source_path).encode())
         except LuaError as e:
+            self._raise_host_exception()
             ok, err = False, _text(e)
+        finally:
+            self._lift_memory_limit()
         if not ok:
             raise PluginError(_text(err))
 
     def run_input(self, checkpoint: Any) -> tuple[int, str | None]:
+        self._host_exception = None
         try:
             good, rc, msg = (*self._run_input(checkpoint), None)[:3]
         except LuaError as e:
+            self._raise_host_exception()
             raise PluginError(f"process_message() {_text(e)}") from None
+        finally:
+            self._lift_memory_limit()
         if not good:
             raise PluginError(_text(rc))
         return int(rc), _text(msg) if msg is not None else None
 
     def run_batch(self, raws: Sequence[bytes], inject_limit: int = -1) -> BatchResult:
         t = self._rt.table_from(raws)
+        self._host_exception = None
         try:
             processed, status, err, commit, failures, batching = self._run_batch(t, len(raws), inject_limit)
         except LuaError as e:
+            self._raise_host_exception()
             return BatchResult(0, "terminate", f"process_message() {_text(e)}", 0, 0, False)
         finally:
+            self._lift_memory_limit()
             self._flush_files()  # the runner commits next: what the plugin wrote must be in its files
         return BatchResult(
             int(processed),
@@ -279,11 +320,14 @@ class LuaSandbox:
         )
 
     def run_timer(self, ns: int, shutdown: bool, inject_limit: int = -1) -> None:
+        self._host_exception = None
         try:
             ok, err = self._run_timer(ns, shutdown, inject_limit)
         except LuaError as e:
+            self._raise_host_exception()
             ok, err = False, f"timer_event() {_text(e)}"
         finally:
+            self._lift_memory_limit()
             self._flush_files()
         if not ok:
             raise PluginError(_text(err))
@@ -298,9 +342,7 @@ class LuaSandbox:
         """
         if not (self._preserve_data and self._state_path):
             return
-        if self._memory_limit:
-            self._rt.set_max_memory(0)  # lua_sandbox saves with the limits off
-        try:
+        try:  # with the limits off, as lua_sandbox saves
             text, err = self._control.serialize_state()
         except LuaError as e:
             text, err = None, _text(e)
@@ -318,6 +360,8 @@ class LuaSandbox:
             good, a, b = (*self._control.pm_direct(raw, *args), None)[:3]
         except LuaError as e:
             return False, f"process_message() {_text(e)}", None
+        finally:
+            self._lift_memory_limit()
         return bool(good), (_text(a) if isinstance(a, bytes) else a), (_text(b) if isinstance(b, bytes) else b)
 
     def zero_copy_value(self, ud: Any) -> bytes | None:
@@ -344,30 +388,14 @@ class LuaSandbox:
     def globals_table(self) -> Any:
         return self._control.env()
 
+    def execute_privileged(self, source: str, *args: Any) -> Any:
+        """Test harnesses only: run Lua with the unrestricted standard library in this runtime
+        (lua_sandbox's generic test sandbox gives its scripts loadfile, for one)."""
+        return self._control.execute_privileged(source.encode(), *args)
+
     @property
     def runtime(self) -> LuaRuntime:
         return self._rt
-
-
-# `require "hindsight.elasticsearch"`: the bulk sender (outputs/elasticsearch.py) as a Lua module, so
-# that the Lua output plugin and the native one share a single delivery path.
-_ES_MODULE = """
-return function(new_sender)
-    local M = {}
-    function M.sender(cfg)
-        local send, accepts = new_sender(cfg)
-        local s = {}
-        function s:send(body, n)
-            local ok, a, b = send(body, n)
-            if not ok then error(a, 2) end
-            return a, b
-        end
-        function s:accepts_types() return accepts() end
-        return s
-    end
-    return M
-end
-"""
 
 
 def _popen_read(cmd: bytes) -> tuple[bool, bytes]:
@@ -390,6 +418,11 @@ def _popen_write(cmd: bytes, data: bytes) -> tuple[bool, bytes | None]:
 
 def _nothing() -> None:
     pass
+
+
+def _no_attribute(obj: Any, name: Any, *value: Any) -> Any:
+    # lupa's attribute handlers: Lua code never reads or writes an attribute of a Python object
+    raise AttributeError("Python attributes are not accessible from Lua")
 
 
 def _bytes_table(rt: LuaRuntime, d: dict[str, Any]) -> Any:
