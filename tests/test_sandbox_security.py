@@ -231,6 +231,8 @@ ATTEMPTS = [
     """, r"attempt to call"),
     Attempt("os.exit through a module", IO, 'require("grab_os").G.os.exit(1)', r"attempt to call"),
     Attempt("os.execute through a module", ANALYSIS, 'require("grab_os").execute(CMD)', r"attempt to call"),
+    Attempt("gzfile", ANALYSIS, 'require("gzfile").string("/etc/passwd")', r"module 'gzfile' not found"),
+    Attempt("lfs", ANALYSIS, 'require("lfs").touch(M)', r"module 'lfs' not found"),
     Attempt("os.exit", IO, 'require("os").exit(1)', r"attempt to call"),
     Attempt("os.setlocale", IO, 'require("os").setlocale("C")', r"attempt to call"),
     Attempt("dofile and loadfile", ALL, 'local f = loadfile or dofile\nf(M)', r"attempt to call"),
@@ -362,6 +364,16 @@ ATTEMPTS = [
             "inject_message(setmetatable({}, { __index = function() while true do end end }))", LIMIT),
     Attempt("a metamethod run by the encoder", ("output",),
             "encode_message(setmetatable({}, { __index = function() while true do end end }))", LIMIT),
+    Attempt("a forged stand-in object", ("input", "analysis"), """
+        local forged = setmetatable({}, { __lsb_output = function() while true do end end })
+        inject_message({ Fields = { x = forged } })
+    """, LIMIT),
+    Attempt("a forged stand-in object", ("output",), """
+        local forged = setmetatable({}, { __lsb_output = function() while true do end end })
+        encode_message({ Fields = { x = forged } })
+    """, LIMIT),
+    Attempt("plugin code run by a stand-in", ALL,
+            'require("date").floor(0, setmetatable({}, { __tostring = function() while true do end end }))', LIMIT),
     Attempt("a yield out of the encoder", IO, """
         local coroutine = require "coroutine"
         local co = coroutine.wrap(function()

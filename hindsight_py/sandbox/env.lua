@@ -280,16 +280,16 @@ end
 
 -- Files are read with the io library's own methods, captured now: an output plugin may change the
 -- methods of its file handles (they share one metatable), never what the host reads.
-local file = {} -- read, close, flush, setvbuf: copied, not the shared table itself
-for _, k in ipairs { "read", "close", "flush", "setvbuf" } do file[k] = getmetatable(io.stdout).__index[k] end
+local fileops = {} -- read, close, flush, setvbuf: copied, not the shared table itself
+for _, k in ipairs { "read", "close", "flush", "setvbuf" } do fileops[k] = getmetatable(io.stdout).__index[k] end
 
 -- The text of a Lua file, or nil and an error. Precompiled chunks are refused: neither Lua nor
 -- LuaJIT verifies bytecode, and a crafted chunk can corrupt the interpreter's memory.
 local function read_source(path)
     local fh, err = io_open(path, "rb")
     if not fh then return nil, "cannot open " .. err end
-    local src = file.read(fh, "*a")
-    file.close(fh)
+    local src = fileops.read(fh, "*a")
+    fileops.close(fh)
     if src == nil then return nil, "cannot read " .. path end
     if sbyte(src, 1) == 27 then return nil, path .. ": precompiled chunks are not loaded in the sandbox" end
     if sbyte(src, 1) == 35 then src = sgsub(src, "^[^\n]*", "", 1) end -- a "#!" line, as loadfile skips it
@@ -626,7 +626,7 @@ local search
 do
     local function readable(file)
         local fh = io_open(file, "rb")
-        if fh then file.close(fh) return true end
+        if fh then fileops.close(fh) return true end
         return false
     end
 
@@ -807,8 +807,8 @@ do
                 local name, value = std.debug.getupvalue(source, i)
                 if name == nil then break end
                 if io_type(value) == "file" then
-                    body = file.read(value, "*a") or ""
-                    file.close(value)
+                    body = fileops.read(value, "*a") or ""
+                    fileops.close(value)
                     return 1
                 end
             end
@@ -1130,14 +1130,14 @@ if plugin_type == "output" then
     local function open_tracked(path, mode)
         local fh, err, code = io_open(path, mode)
         if fh and type(mode) == "string" and sfind(mode, "[wa+]") then
-            file.setvbuf(fh, "full", 262144)
+            fileops.setvbuf(fh, "full", 262144)
             written[fh] = true
         end
         return fh, err, code
     end
     flush_written_files = function()
         for fh in pairs(written) do
-            if io_type(fh) == "file" then file.flush(fh) else written[fh] = nil end
+            if io_type(fh) == "file" then fileops.flush(fh) else written[fh] = nil end
         end
     end
     local base_io = builtin_libs.io
