@@ -521,10 +521,13 @@ error("walked " .. n, 0)
 
 def walk_in_child(tmp: Path, kind: str) -> str:
     modules = ["string", "table", "math", "os", "lpeg", "cjson", "re", "rjson", "heka.msg_interpolate",
-               "encoders.elasticsearch.common", "lpeg.sub_decoder_util", "decoders.payload"]
+               "encoders.elasticsearch.common", "lpeg.sub_decoder_util", "decoders.payload", "zlib", "bit",
+               "date", "bloom_filter", "cuckoo_filter", "cuckoo_filter_expire", "hyperloglog", "xxhash",
+               "maxminddb", "hindsight_py.standin"]
     never = NEVER + (NOT_IN_ANALYSIS if kind == "analysis" else [])
     if kind != "analysis":
-        modules += ["io", "coroutine", "socket", "socket.http", "ltn12", "mime", "hindsight.elasticsearch"]
+        modules += ["io", "coroutine", "socket", "socket.http", "ltn12", "mime", "hindsight.elasticsearch", "lfs",
+                    "gzfile"]
     src = (f"table = require 'table'\nNEVER = {lua_string(' '.join(never))}\n"
            f"MODULES = {{{', '.join(lua_string(m) for m in modules)}}}\n"
            f"function process_message()\n{WALK}\nend\n")
