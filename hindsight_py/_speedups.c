@@ -2,8 +2,8 @@
  * hindsight_py._speedups: the per-message loops of the hot path, in C.
  *
  * Optional. pip builds it when a C compiler is at hand; without it (or with
- * HINDSIGHT_PY_PURE=1) the Python code these loops come from runs instead (message.py's
- * scan_records and encode_payloads, plugins/elasticsearch_bulk.py's payload cutting), and
+ * HINDSIGHT_PY_PURE=1) the Python code these loops come from runs instead (framing.py's
+ * scan_records and encode_payloads, peek.py's payload cutting and header selection), and
  * tests/test_speedups.py checks that both give identical results on fuzzed input.
  *
  * Each function does exactly what its Python twin does and nothing more: anything
@@ -515,7 +515,7 @@ get_varint(const unsigned char *r, Py_ssize_t n, Py_ssize_t *pos, unsigned long 
     return 0;
 }
 
-/* Walks the top-level keys of a message as message.header_of does: the start and length of the
+/* Walks the top-level keys of a message as peek.header_of does: the start and length of the
  * last length-delimited value of `tag` (*start = -1: none), and the last varint of tag 2 (the
  * Timestamp) in *stamp (*has_stamp = 0: none). 0 when the framing is malformed. */
 static int
@@ -591,7 +591,7 @@ header_selection(PyObject *self, PyObject *args)
 /* payloads_and_stamps(raws) -> (payloads, stamps)
  *
  * For each message: its last Payload, and its last Timestamp as a signed 64-bit int (None when
- * it has none, or its framing is malformed). message.payloads_and_stamps is the twin. */
+ * it has none, or its framing is malformed). peek.payloads_and_stamps is the twin. */
 static PyObject *
 payloads_and_stamps(PyObject *self, PyObject *arg)
 {

@@ -13,7 +13,8 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 from hindsight_py import _accel
-from hindsight_py.message import _varint, frame_header
+from hindsight_py.framing import frame_header
+from hindsight_py.message import _varint
 
 _MAX_DEPTH = 64
 _MAX_KEYS = 64  # per object

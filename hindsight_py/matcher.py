@@ -76,9 +76,10 @@ class Matcher:
         if self.header_test is None:
             return None
         from hindsight_py import message as hmsg
+        from hindsight_py import peek
 
         tag, literal, equal = self.header_test
-        verdicts = hmsg.header_selection(raws, tag, literal)
+        verdicts = peek.header_selection(raws, tag, literal)
         if -1 in verdicts:
             for i, verdict in enumerate(verdicts):
                 if verdict == -1:

@@ -30,7 +30,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from .message import DEFAULT_MAX_MESSAGE_SIZE, scan_records
+from .framing import scan_records
+from .message import DEFAULT_MAX_MESSAGE_SIZE
 
 __all__ = [
     "Batch", "QueueReader", "QueueWriter", "format_position", "parse_position",

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from hindsight_py import message as hmsg
+from hindsight_py import peek
 from hindsight_py.outputs.bulk_lines import id_action_lines
 from hindsight_py.outputs.delivery import sender_from_config, urls_from_config
 from hindsight_py.outputs.elasticsearch import BulkSender, one_line_objects
@@ -294,7 +295,7 @@ def _id_from_payload(payload: bytes) -> str | None:
 def _action_line(raw: bytes, payload: bytes) -> bytes:
     secs = time.time()
     if index_from_timestamp and raw:
-        secs = hmsg.timestamp_of(raw) / 1e9
+        secs = peek.timestamp_of(raw) / 1e9
     if _time_only and not _action_is_constant:
         key = int(secs)
         if key == S.time_key:
@@ -335,7 +336,7 @@ def _take_slowly(raws: list[bytes], payloads: list[bytes | None]) -> None:
     for raw, payload in zip(raws, payloads, strict=True):
         if payload is None:
             try:
-                payload = hmsg.payload_of(raw)
+                payload = peek.payload_of(raw)
             except hmsg.DecodeError as exc:
                 dead_letter(f"the message cannot be decoded: {exc}", raw)
                 continue
@@ -361,7 +362,7 @@ def _take(raws: list[bytes]) -> None:
     if S.constant_action is None and _time_keyed:
         _take_keyed(raws)
         return
-    payloads = hmsg.payloads_of(raws)
+    payloads = peek.payloads_of(raws)
     if S.constant_action is not None and None not in payloads and one_line_objects(payloads):  # type: ignore[arg-type]
         S.payloads += payloads  # type: ignore[arg-type]
         S.size += sum(map(len, payloads)) + len(payloads) * (len(S.constant_action) + 2)  # type: ignore[arg-type]
@@ -390,7 +391,7 @@ def _take_keyed(raws: list[bytes]) -> None:
     second of data time, the ids put in in C. A message the fast way cannot vouch for (no
     Timestamp, an id that is missing, repeated, escaped or not plain ASCII, a payload that is not
     one line of JSON object) goes the slow way, in its place."""
-    payloads, stamps = hmsg.payloads_and_stamps(raws)
+    payloads, stamps = peek.payloads_and_stamps(raws)
     cache = S.head_cache
     if len(cache) > 100_000:  # bounded: one entry per day (or hour, second) of data time
         cache.clear()

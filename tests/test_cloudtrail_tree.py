@@ -30,6 +30,7 @@ import requests
 from conftest import CLOUDTRAIL_ARRAYS, CLOUDTRAIL_GENERATOR, REPO_ROOT
 
 from hindsight_py import message as hmsg
+from hindsight_py import peek
 from hindsight_py.outputs.type_conflicts import undo_renames
 from hindsight_py.queue import QueueReader
 
@@ -144,7 +145,7 @@ def queued_event_ids(output: Path) -> list[str]:
     ids: list[str] = []
     while (batch := reader.read_batch(1000)) is not None:
         for raw in batch.records:
-            found = _EVENT_ID.search(hmsg.payload_of(raw) or b"")
+            found = _EVENT_ID.search(peek.payload_of(raw) or b"")
             assert found, raw[:200]
             ids.append(found.group(1).decode())
     return ids

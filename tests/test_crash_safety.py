@@ -46,6 +46,7 @@ from delivery_helpers import (
     wait_until,
 )
 
+from hindsight_py import framing, peek
 from hindsight_py import message as hmsg
 from hindsight_py.queue import list_ids, parse_position, queue_head
 from hindsight_py.sandbox import PluginError
@@ -77,7 +78,7 @@ def lines(tmp_path_factory: pytest.TempPathFactory) -> LineFile:
 def _seq_of(raw: bytes) -> int:
     import json
 
-    payload = hmsg.payload_of(raw)
+    payload = peek.payload_of(raw)
     assert payload is not None
     return int(json.loads(payload)["seq"])
 
@@ -94,7 +95,7 @@ def _record_ending_at(directory: Path, position: tuple[int, int]) -> bytes | Non
     records: list[bytes] = []
     ends: list[int] = []
     # the window may start inside a record: validation skips to the first real frame
-    hmsg.scan_records(buf, 0, len(buf), 1 << 20, records, ends, base=start, validate=True, final=True)
+    framing.scan_records(buf, 0, len(buf), 1 << 20, records, ends, base=start, validate=True, final=True)
     for raw, end in zip(records, ends, strict=True):
         if end == offset:
             return raw
@@ -217,7 +218,7 @@ def test_a_torn_record_at_the_end_of_the_queue_is_cut_not_shipped(es8_url: str, 
 
     # A writer killed in the middle of an append leaves part of a record past the queue head.
     queue_file = wd.output / "input" / f"{list_ids(wd.output / 'input')[-1]}.log"
-    framed = hmsg.frame(hmsg.encode(hmsg.Message(payload='{"eventID":"torn","seq":-1}', logger="input.file")))
+    framed = framing.frame(hmsg.encode(hmsg.Message(payload='{"eventID":"torn","seq":-1}', logger="input.file")))
     with queue_file.open("ab") as fh:
         fh.write(framed[: len(framed) // 2])
     # ... and the input file grows, so that the next run appends after the torn bytes

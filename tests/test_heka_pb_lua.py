@@ -690,6 +690,7 @@ def test_works_without_the_globals_it_was_loaded_with() -> None:
 # --- cross-checks with the Python codec (hindsight_py.message) -----------------------------------
 
 message = pytest.importorskip("hindsight_py.message")
+peek = pytest.importorskip("hindsight_py.peek")
 
 
 def py_text(v: Any) -> Any:
@@ -821,10 +822,10 @@ def test_validity_and_decode_errors_agree_with_python(rt: LuaRuntime, table: str
 def test_lua_and_python_read_the_same_headers(rt: LuaRuntime) -> None:
     raw = ev(rt, f"enc({CROSS_TABLES[1]})")
     read = rt.eval("pb.read")
-    assert read(raw, b"Payload", 0, 0) == message.payload_of(raw)
-    assert read(raw, b"Timestamp", 0, 0) == float(message.timestamp_of(raw))
-    assert read(raw, b"Type", 0, 0) == message.type_of(raw)
-    assert read(raw, b"Logger", 0, 0) == message.logger_of(raw)
+    assert read(raw, b"Payload", 0, 0) == peek.payload_of(raw)
+    assert read(raw, b"Timestamp", 0, 0) == float(peek.timestamp_of(raw))
+    assert read(raw, b"Type", 0, 0) == peek.type_of(raw)
+    assert read(raw, b"Logger", 0, 0) == peek.logger_of(raw)
 
 
 def test_decode_error_is_a_lua_error(rt: LuaRuntime) -> None:

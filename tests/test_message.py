@@ -9,6 +9,7 @@ import uuid as uuidlib
 import pytest
 from upstream_files import LUA_SANDBOX, read_text
 
+from hindsight_py import framing, message_dict, peek
 from hindsight_py import message as m
 from hindsight_py.message import (
     BOOL,
@@ -100,7 +101,7 @@ def test_timestamp_varints_round_trip(ts: int) -> None:
         v >>= 7
     assert raw == b"\x0a\x10" + UUID + b"\x10" + bytes(ref)
     assert m.decode(raw).timestamp == ts
-    assert m.timestamp_of(raw) == ts
+    assert peek.timestamp_of(raw) == ts
 
 
 def test_timestamp_cache_is_not_fooled_by_changing_high_bytes() -> None:
@@ -216,25 +217,25 @@ def test_decode_error_texts() -> None:
 
 def test_accessors_read_headers_without_decoding() -> None:
     raw = m.encode(full_message())
-    assert m.payload_of(raw) == "payload ü".encode()
-    assert m.type_of(raw) == b"type"
-    assert m.logger_of(raw) == b"logger"
-    assert m.timestamp_of(raw) == 1_734_000_000_123_456_789
-    assert m.header_of(raw, m.PID) == 4321
-    assert m.header_of(raw, m.SEVERITY) == 3
-    assert m.header_of(raw, m.UUID) == UUID
+    assert peek.payload_of(raw) == "payload ü".encode()
+    assert peek.type_of(raw) == b"type"
+    assert peek.logger_of(raw) == b"logger"
+    assert peek.timestamp_of(raw) == 1_734_000_000_123_456_789
+    assert peek.header_of(raw, m.PID) == 4321
+    assert peek.header_of(raw, m.SEVERITY) == 3
+    assert peek.header_of(raw, m.UUID) == UUID
     bare = minimal(b"\x10\x05")
-    assert m.payload_of(bare) is None and m.type_of(bare) is None
-    assert m.timestamp_of(bare) == 5
+    assert peek.payload_of(bare) is None and peek.type_of(bare) is None
+    assert peek.timestamp_of(bare) == 5
     with pytest.raises(DecodeError):
-        m.payload_of(minimal() + b"\x32\x05abc")
+        peek.payload_of(minimal() + b"\x32\x05abc")
 
 
 def test_repeated_headers_last_one_wins() -> None:
     raw = minimal(b"\x10\x05") + ld(0x32, b"first") + b"\x10\x09" + ld(0x32, b"second")
     msg = m.decode(raw)
     assert (msg.timestamp, msg.payload) == (9, "second")
-    assert (m.timestamp_of(raw), m.payload_of(raw)) == (9, b"second")
+    assert (peek.timestamp_of(raw), peek.payload_of(raw)) == (9, b"second")
 
 
 def test_is_valid_follows_the_queue_readers_check() -> None:
@@ -257,7 +258,7 @@ CFG = {"logger": "input.test", "hostname": "box", "pid": 77, "now_ns": 1_000}
 
 
 def test_restricted_headers_override_the_dict() -> None:
-    msg = m.from_dict({"Uuid": UUID, "Timestamp": 5, "Logger": "x", "Hostname": "y", "Pid": 1, "Type": "t"},
+    msg = message_dict.from_dict({"Uuid": UUID, "Timestamp": 5, "Logger": "x", "Hostname": "y", "Pid": 1, "Type": "t"},
                       restricted=True, **CFG)
     assert msg.uuid != UUID and len(msg.uuid) == 16
     assert msg.uuid[6] >> 4 == 4 and msg.uuid[8] >> 4 == 0xA
@@ -265,25 +266,25 @@ def test_restricted_headers_override_the_dict() -> None:
 
 
 def test_unrestricted_headers_are_taken_or_filled_in() -> None:
-    msg = m.from_dict({"Uuid": UUID, "Timestamp": 12.9, "Logger": "mine", "Severity": 2.7, "Payload": b"\xff"},
+    msg = message_dict.from_dict({"Uuid": UUID, "Timestamp": 12.9, "Logger": "mine", "Severity": 2.7, "Payload": b"\xff"},
                       restricted=False, **CFG)
     assert msg.uuid == UUID
     assert msg.timestamp == 12  # truncated
     assert (msg.logger, msg.hostname, msg.pid) == ("mine", "box", 77)
     assert msg.severity == 2
-    assert m.payload_of(m.encode(msg)) == b"\xff"
+    assert peek.payload_of(m.encode(msg)) == b"\xff"
     text = "00010203-0405-0607-0809-0a0b0c0d0e0f"
-    assert m.from_dict({"Uuid": text}, restricted=False, **CFG).uuid == UUID
-    assert m.from_dict({"Uuid": uuidlib.UUID(bytes=UUID)}, restricted=False, **CFG).uuid == UUID
+    assert message_dict.from_dict({"Uuid": text}, restricted=False, **CFG).uuid == UUID
+    assert message_dict.from_dict({"Uuid": uuidlib.UUID(bytes=UUID)}, restricted=False, **CFG).uuid == UUID
     for bad in ("00010203x0405-0607-0809-0a0b0c0d0e0f", "zz010203-0405-0607-0809-0a0b0c0d0e0f", b"short", None):
-        got = m.from_dict({"Uuid": bad}, restricted=False, **CFG)
+        got = message_dict.from_dict({"Uuid": bad}, restricted=False, **CFG)
         assert got.uuid != UUID and got.uuid[6] >> 4 == 4
-    assert m.from_dict({"Timestamp": "soon"}, restricted=False, **CFG).timestamp == 1_000
-    assert m.from_dict({"Type": 12, "EnvVersion": 1.5}, restricted=False, **CFG).type == "12"
+    assert message_dict.from_dict({"Timestamp": "soon"}, restricted=False, **CFG).timestamp == 1_000
+    assert message_dict.from_dict({"Type": 12, "EnvVersion": 1.5}, restricted=False, **CFG).type == "12"
 
 
 def test_hash_form_fields_map_python_types() -> None:
-    msg = m.from_dict({"Fields": {"s": "v", "b": b"\x01", "i": 3, "d": 2.5, "t": True, "a": [1, 2],
+    msg = message_dict.from_dict({"Fields": {"s": "v", "b": b"\x01", "i": 3, "d": 2.5, "t": True, "a": [1, 2],
                                   "ad": [1, 2.5], "as": ["x", "y"], "e": [],
                                   "o": {"value": 5, "value_type": DOUBLE, "representation": "ms"}}},
                       restricted=False, **CFG)
@@ -300,11 +301,11 @@ def test_hash_form_fields_map_python_types() -> None:
 def test_array_form_fields_keep_their_order() -> None:
     fields = [{"name": "z", "value": "1"}, {"name": "a", "value": [3, 4], "value_type": INTEGER},
               {"name": "b", "value": "raw", "value_type": BYTES, "representation": "r"}]
-    msg = m.from_dict({"Fields": fields}, restricted=False, **CFG)
+    msg = message_dict.from_dict({"Fields": fields}, restricted=False, **CFG)
     assert [(f.name, f.value_type, f.values) for f in msg.fields] == [
         ("z", STRING, ["1"]), ("a", INTEGER, [3, 4]), ("b", BYTES, [b"raw"])]
     # to_dict gives the same shape back
-    assert m.from_dict(m.decode(m.encode(msg)).to_dict(), restricted=False, **CFG).fields == msg.fields
+    assert message_dict.from_dict(m.decode(m.encode(msg)).to_dict(), restricted=False, **CFG).fields == msg.fields
 
 
 @pytest.mark.parametrize("fields, text", [
@@ -320,26 +321,26 @@ def test_array_form_fields_keep_their_order() -> None:
 ])
 def test_from_dict_field_errors(fields: object, text: str) -> None:
     with pytest.raises(EncodeError, match=f"^{re.escape(text)}$"):
-        m.from_dict({"Fields": fields}, restricted=False, **CFG)
+        message_dict.from_dict({"Fields": fields}, restricted=False, **CFG)
 
 
 def test_from_dict_does_not_modify_the_dict() -> None:
     d = {"Payload": "p"}
-    m.from_dict(d, restricted=False, **CFG)
+    message_dict.from_dict(d, restricted=False, **CFG)
     assert d == {"Payload": "p"}
 
 
 # --- framing -----------------------------------------------------------------
 
 def test_frame_header_bytes() -> None:
-    assert m.frame(b"abcde") == b"\x1e\x02\x08\x05\x1fabcde"
-    assert m.frame_header(300) == b"\x1e\x03\x08\xac\x02\x1f"
+    assert framing.frame(b"abcde") == b"\x1e\x02\x08\x05\x1fabcde"
+    assert framing.frame_header(300) == b"\x1e\x03\x08\xac\x02\x1f"
 
 
 def records_in(data: bytes, **kw: object) -> tuple[list[bytes], list[int], int, int]:
     records: list[bytes] = []
     ends: list[int] = []
-    resume, discarded = m.scan_records(data, 0, len(data), kw.pop("max_size", 1024), records, ends, **kw)
+    resume, discarded = framing.scan_records(data, 0, len(data), kw.pop("max_size", 1024), records, ends, **kw)
     return records, ends, resume, discarded
 
 
@@ -352,20 +353,20 @@ def test_scan_skips_garbage_byte_by_byte_and_counts_it() -> None:
         b"\x1e\x02\x09\x05\x1f",  # header is not field 1
         b"\x1e\x02\x08\x00\x1f",  # length 0
         b"\x1e\x03\x08\xff\x7f\x1f",  # length over max_message_size
-        m.frame(b"\x0a\x10" + UUID + b"\x18\x01"),  # frames a message that does not decode
+        framing.frame(b"\x0a\x10" + UUID + b"\x18\x01"),  # frames a message that does not decode
     ]
     for junk in garbage:
-        data = m.frame(a) + junk + m.frame(b)
+        data = framing.frame(a) + junk + framing.frame(b)
         records, ends, resume, discarded = records_in(data)
         assert records == [a, b], junk
         assert discarded == len(junk), junk
-        assert ends == [len(m.frame(a)), len(data)] and resume == len(data)
+        assert ends == [len(framing.frame(a)), len(data)] and resume == len(data)
 
 
 def test_scan_finds_a_record_hidden_inside_a_bad_frame() -> None:
     # a bogus header claims the next 40 bytes; when they do not decode, scanning
     # resumes one byte later and finds the real record inside them
-    inner = m.frame(m.encode(Message(UUID, 7)))
+    inner = framing.frame(m.encode(Message(UUID, 7)))
     data = b"\x1e\x02\x08\x28\x1f" + inner + b"\x00" * 10
     records, _, _, discarded = records_in(data, final=True)
     assert records == [inner[5:]]
@@ -373,8 +374,8 @@ def test_scan_finds_a_record_hidden_inside_a_bad_frame() -> None:
 
 
 def test_scan_waits_for_a_partial_frame_unless_final() -> None:
-    a = m.frame(m.encode(Message(UUID, 1)))
-    b = m.frame(m.encode(Message(UUID, 2)))
+    a = framing.frame(m.encode(Message(UUID, 1)))
+    b = framing.frame(m.encode(Message(UUID, 2)))
     for cut in (1, 2, 4, len(b) - 1):
         data = a + b[:cut]
         records, _, resume, discarded = records_in(data)
@@ -386,19 +387,19 @@ def test_scan_waits_for_a_partial_frame_unless_final() -> None:
 
 
 def test_scan_limits_and_find_record() -> None:
-    frames = [m.frame(m.encode(Message(UUID, i))) for i in range(5)]
+    frames = [framing.frame(m.encode(Message(UUID, i))) for i in range(5)]
     data = b"".join(frames)
     records, ends, resume, _ = records_in(data, max_records=2, base=1000)
     assert len(records) == 2 and ends == [1000 + len(frames[0]), 1000 + resume]
-    raw, resume, discarded = m.find_record(b"xx" + data, 0)
+    raw, resume, discarded = framing.find_record(b"xx" + data, 0)
     assert raw == m.encode(Message(UUID, 0)) and discarded == 2 and resume == 2 + len(frames[0])
-    raw, resume, discarded = m.find_record(frames[0][:10])
+    raw, resume, discarded = framing.find_record(frames[0][:10])
     assert raw is None and resume == 0 and discarded == 0
-    assert m.unframe(b"junk" + data + frames[0][:7]) == [m.encode(Message(UUID, i)) for i in range(5)]
+    assert framing.unframe(b"junk" + data + frames[0][:7]) == [m.encode(Message(UUID, i)) for i in range(5)]
 
 
 def test_scan_without_validation_accepts_any_protobuf() -> None:
-    data = m.frame(b"not a heka message")
+    data = framing.frame(b"not a heka message")
     assert records_in(data)[0] == []
     assert records_in(data, validate=False)[0] == [b"not a heka message"]
 
@@ -419,8 +420,8 @@ def test_upstream_encode_vectors_round_trip() -> None:
     for v in vectors.values():
         rv = bytes(v[b"rv"])
         if v[b"framed"]:
-            (raw,) = m.unframe(rv)
-            assert m.frame(m.encode(m.decode(raw))) == rv
+            (raw,) = framing.unframe(rv)
+            assert framing.frame(m.encode(m.decode(raw))) == rv
         else:
             assert m.encode(m.decode(rv)) == rv
         checked += 1
@@ -460,8 +461,8 @@ def test_scan_reads_every_header_size_and_what_lies_between() -> None:
     # limit and a partial frame at the end: each record found, each bad byte counted once
     sizes = [10, 300, 1200, 20000, 70000, 5]
     raws = [m.encode(Message(UUID, i, payload="x" * n)) for i, n in enumerate(sizes)]
-    frames = [m.frame(r) for r in raws]
-    too_big = m.frame(m.encode(Message(UUID, 9, payload="y" * 200_000)))
+    frames = [framing.frame(r) for r in raws]
+    too_big = framing.frame(m.encode(Message(UUID, 9, payload="y" * 200_000)))
     data = frames[0] + frames[1] + b"junk" + frames[2] + frames[3] + too_big + frames[4] + frames[5] + frames[1][:9]
     records, ends, resume, discarded = records_in(data, max_size=100_000)
     assert records == raws

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from hindsight_py import framing, peek
 from hindsight_py import message as m
 from hindsight_py.queue import (
     QueueReader,
@@ -26,11 +27,11 @@ def raw_record(tag: str, size: int = 100) -> bytes:
 
 
 def framed(tag: str, size: int = 100) -> bytes:
-    return m.frame(raw_record(tag, size))
+    return framing.frame(raw_record(tag, size))
 
 
 def tag_of(raw: bytes) -> str:
-    payload = m.payload_of(raw)
+    payload = peek.payload_of(raw)
     assert payload is not None
     return payload.decode().split(":")[0]
 

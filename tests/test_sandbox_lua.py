@@ -16,6 +16,7 @@ import pytest
 from sandbox_fakes import OUTPUT_RETURN_CODE_CASES, FakeHost, lua_sandbox
 
 from hindsight_py import message as hmsg
+from hindsight_py import message_dict
 from hindsight_py.sandbox.base import PluginError
 
 
@@ -28,7 +29,7 @@ def plugin(tmp_path: Path, source: str, kind: str = "analysis", host: FakeHost |
 
 def raw_message(**kw: Any) -> bytes:
     d = {"Uuid": bytes(range(16)), "Timestamp": 1_000_000_000, **kw}
-    return hmsg.encode(hmsg.from_dict(d, restricted=False, logger="l", hostname="h", pid=1, now_ns=0))
+    return hmsg.encode(message_dict.from_dict(d, restricted=False, logger="l", hostname="h", pid=1, now_ns=0))
 
 
 PM0 = "function process_message() return 0 end\n"

@@ -14,6 +14,7 @@ import pytest
 from sandbox_fakes import OUTPUT_RETURN_CODE_CASES, FakeHost
 
 from hindsight_py import message as hmsg
+from hindsight_py import message_dict, peek
 from hindsight_py import plugin as api
 from hindsight_py.sandbox.base import PluginError
 from hindsight_py.sandbox.python import PythonSandbox
@@ -42,7 +43,7 @@ def py_sandbox(tmp_path: Path, source: str, kind: str = "analysis", host: FakeHo
 
 def raw_message(**kw: Any) -> bytes:
     d = {"Uuid": bytes(range(16)), "Timestamp": 1_000_000_000, **kw}
-    return hmsg.encode(hmsg.from_dict(d, restricted=False, logger="l", hostname="h", pid=1, now_ns=0))
+    return hmsg.encode(message_dict.from_dict(d, restricted=False, logger="l", hostname="h", pid=1, now_ns=0))
 
 
 def test_api_outside_a_plugin_is_an_error() -> None:
@@ -94,7 +95,7 @@ def test_input_inject_lines(tmp_path: Path, refused_messages: str) -> None:
             return 0
     """, "input", refused_messages=refused_messages)
     assert sb.run_input(None) == (0, None)
-    payloads = [hmsg.payload_of(hmsg.encode(m)) for m in host.messages()]
+    payloads = [peek.payload_of(hmsg.encode(m)) for m in host.messages()]
     if refused_messages == "drop":  # the failed call queued nothing (upstream's way): the messages above
         assert payloads == [b"a", b"", b"b", b"c", b"last"]
         assert [m.type for m in host.messages()] == ["t"] * 4 + [None]

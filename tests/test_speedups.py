@@ -16,7 +16,7 @@ import sys
 
 import pytest
 
-from hindsight_py import _accel
+from hindsight_py import _accel, framing, message_dict, peek
 from hindsight_py import message as hmsg
 from hindsight_py.outputs.elasticsearch import _every_line_is_an_object, one_line_objects
 
@@ -73,7 +73,7 @@ def _messages(rng: random.Random, n: int, *, one_shape: bool) -> list[bytes]:
                 del fields["Payload"]
         fields = {k: v for k, v in fields.items() if v is not None}
         fields["Timestamp"] = 1_700_000_000_000_000_000 + i
-        out.append(hmsg.encode(hmsg.from_dict(fields, restricted=False, logger="-", hostname="-", pid=1, now_ns=0)))
+        out.append(hmsg.encode(message_dict.from_dict(fields, restricted=False, logger="-", hostname="-", pid=1, now_ns=0)))
     return out
 
 
@@ -98,7 +98,7 @@ def _damage(rng: random.Random, data: bytes) -> bytes:
 def _scan(buf: bytes, **kw) -> tuple:
     records: list[bytes] = []
     ends: list[int] = []
-    resume, discarded = hmsg.scan_records(buf, kw.pop("pos", 0), kw.pop("end", len(buf)), kw.pop("max_size"),
+    resume, discarded = framing.scan_records(buf, kw.pop("pos", 0), kw.pop("end", len(buf)), kw.pop("max_size"),
                                           records, ends, validate=False, **kw)
     return resume, discarded, records, ends
 
@@ -106,7 +106,7 @@ def _scan(buf: bytes, **kw) -> tuple:
 def _scan_cases(rng: random.Random):
     for case in range(300):
         raws = _messages(rng, rng.randrange(1, 30), one_shape=case % 2 == 0)
-        buf = b"".join(hmsg.frame(r) for r in raws)
+        buf = b"".join(framing.frame(r) for r in raws)
         if case % 3:
             buf = _damage(rng, buf)
         end = len(buf) if rng.random() < 0.6 else rng.randrange(len(buf) + 1)
@@ -134,7 +134,7 @@ def test_scan_records_gives_the_same_records_in_c(monkeypatch):
 
 def test_scan_records_reads_whole_batches(impl):
     raws = _messages(random.Random(5), 40, one_shape=False)
-    buf = b"".join(hmsg.frame(r) for r in raws)
+    buf = b"".join(framing.frame(r) for r in raws)
     resume, discarded, records, ends = _scan(buf, max_size=1 << 20, final=True)
     assert (resume, discarded, records) == (len(buf), 0, raws)
     assert ends[-1] == len(buf)
@@ -152,9 +152,9 @@ def _encode_cases(rng: random.Random):
 
 def test_encode_payloads_frames_every_payload(impl, monkeypatch):
     for payloads, uuids, kw in _encode_cases(random.Random(11)):
-        monkeypatch.setattr(hmsg, "random_uuids", lambda n, u=uuids: u[:16 * n])
-        decoded = [hmsg.decode(r) for r in hmsg.unframe(hmsg.encode_payloads(payloads, **kw), 1 << 20)]
-        assert [hmsg.payload_of(hmsg.encode(m)) for m in decoded] == payloads
+        monkeypatch.setattr(framing, "random_uuids", lambda n, u=uuids: u[:16 * n])
+        decoded = [hmsg.decode(r) for r in framing.unframe(framing.encode_payloads(payloads, **kw), 1 << 20)]
+        assert [peek.payload_of(hmsg.encode(m)) for m in decoded] == payloads
         assert [m.uuid for m in decoded] == [uuids[i:i + 16] for i in range(0, 16 * len(payloads), 16)]
         assert {(m.logger, m.hostname, m.pid, m.type, m.timestamp) for m in decoded} <= {
             (kw["logger"], "host", kw["pid"], kw["type"], kw["now_ns"])}
@@ -163,16 +163,16 @@ def test_encode_payloads_frames_every_payload(impl, monkeypatch):
 @pytest.mark.skipif(_speedups is None, reason="hindsight_py._speedups is not built")
 def test_encode_payloads_gives_the_same_bytes_in_c(monkeypatch):
     for payloads, uuids, kw in _encode_cases(random.Random(11)):
-        monkeypatch.setattr(hmsg, "random_uuids", lambda n, u=uuids: u[:16 * n])
+        monkeypatch.setattr(framing, "random_uuids", lambda n, u=uuids: u[:16 * n])
         monkeypatch.setattr(_accel, "speedups", _speedups)
-        got = hmsg.encode_payloads(payloads, **kw)
+        got = framing.encode_payloads(payloads, **kw)
         monkeypatch.setattr(_accel, "speedups", None)
-        assert got == hmsg.encode_payloads(payloads, **kw)
+        assert got == framing.encode_payloads(payloads, **kw)
 
 
 def test_encode_payloads_takes_bytearrays_too(impl):
-    framed = hmsg.encode_payloads([bytearray(b"ab"), b"cd"], logger="l", hostname="h", pid=None, now_ns=1)
-    assert [hmsg.payload_of(r) for r in hmsg.unframe(framed)] == [b"ab", b"cd"]
+    framed = framing.encode_payloads([bytearray(b"ab"), b"cd"], logger="l", hostname="h", pid=None, now_ns=1)
+    assert [peek.payload_of(r) for r in framing.unframe(framed)] == [b"ab", b"cd"]
 
 
 def _line_cases(rng: random.Random):
@@ -190,31 +190,31 @@ _LINE_HEADERS = {"logger": "input.file", "hostname": "h", "pid": 3, "now_ns": 1_
 
 def _fixed_uuids(monkeypatch, count: int) -> None:
     uuids = bytes(range(256)) * (count // 16 + 1)
-    monkeypatch.setattr(hmsg, "random_uuids", lambda k, u=uuids: u[:16 * k])
+    monkeypatch.setattr(framing, "random_uuids", lambda k, u=uuids: u[:16 * k])
 
 
 def test_lines_count_and_frame_as_split_lines_says(impl, monkeypatch):
     for data, start, end, max_len in _line_cases(random.Random(19)):
-        lines = hmsg.split_lines(data, start, end)
+        lines = framing.split_lines(data, start, end)
         _fixed_uuids(monkeypatch, len(lines))
-        framed, n, stop = hmsg.encode_lines(data, start, end, max_len, **_LINE_HEADERS)
+        framed, n, stop = framing.encode_lines(data, start, end, max_len, **_LINE_HEADERS)
         short = [len(line) <= max_len for line in lines] + [False]
         assert n == short.index(False)
         assert stop == (end if n == len(lines) else start + sum(len(line) + 1 for line in lines[:n]))
-        assert framed == hmsg.encode_payloads(lines[:n], **_LINE_HEADERS)
+        assert framed == framing.encode_payloads(lines[:n], **_LINE_HEADERS)
         # with no line too long, every line
-        assert hmsg.encode_lines(data, start, end, 1 << 30, **_LINE_HEADERS) == (
-            hmsg.encode_payloads(lines, **_LINE_HEADERS), len(lines), end)
+        assert framing.encode_lines(data, start, end, 1 << 30, **_LINE_HEADERS) == (
+            framing.encode_payloads(lines, **_LINE_HEADERS), len(lines), end)
 
 
 @pytest.mark.skipif(_speedups is None, reason="hindsight_py._speedups is not built")
 def test_encode_lines_gives_the_same_in_c(monkeypatch):
     for data, start, end, max_len in _line_cases(random.Random(23)):
-        _fixed_uuids(monkeypatch, len(hmsg.split_lines(data, start, end)))
+        _fixed_uuids(monkeypatch, len(framing.split_lines(data, start, end)))
         monkeypatch.setattr(_accel, "speedups", _speedups)
-        got = hmsg.encode_lines(data, start, end, max_len, **_LINE_HEADERS)
+        got = framing.encode_lines(data, start, end, max_len, **_LINE_HEADERS)
         monkeypatch.setattr(_accel, "speedups", None)
-        assert got == hmsg.encode_lines(data, start, end, max_len, **_LINE_HEADERS)
+        assert got == framing.encode_lines(data, start, end, max_len, **_LINE_HEADERS)
 
 
 def test_payloads_of_matches_the_full_walk(impl):
@@ -223,18 +223,18 @@ def test_payloads_of_matches_the_full_walk(impl):
         raws = _messages(rng, rng.randrange(1, 25), one_shape=case % 3 != 0)
         if case % 2:
             raws = [_damage(rng, r) if rng.random() < 0.4 else r for r in raws]
-        assert hmsg.payloads_of(raws) == hmsg._walk_payloads(raws)
+        assert peek.payloads_of(raws) == peek._walk_payloads(raws)
 
 
 def test_payloads_of_matches_the_full_walk_on_messages_like_the_first(impl, monkeypatch):
     # the shape is learned from an intact first message; the others are it or another message,
     # often damaged where the shortcut looks
     rng = random.Random(20240101)
-    base = [hmsg.encode(hmsg.from_dict(d, restricted=False, logger="input.file", hostname="vm", pid=4242,
+    base = [hmsg.encode(message_dict.from_dict(d, restricted=False, logger="input.file", hostname="vm", pid=4242,
                                        now_ns=1_700_000_000_000_000_000 + i))
             for i, d in enumerate([{"Payload": '{"a": 1}'}, {"Payload": "x" * 300, "Type": "t"},
                                    {"Payload": "{}", "Fields": {"n": 1}}, {"Payload": "y" * 20000}])]
-    real_walk = hmsg._walk_payloads
+    real_walk = peek._walk_payloads
     walks = 0
 
     def counted(raws: list[bytes]) -> list[bytes | None]:
@@ -242,7 +242,7 @@ def test_payloads_of_matches_the_full_walk_on_messages_like_the_first(impl, monk
         walks += len(raws)
         return real_walk(raws)
 
-    monkeypatch.setattr(hmsg, "_walk_payloads", counted)
+    monkeypatch.setattr(peek, "_walk_payloads", counted)
     for _ in range(2000):
         first = rng.choice(base)
         batch = [first]
@@ -256,16 +256,16 @@ def test_payloads_of_matches_the_full_walk_on_messages_like_the_first(impl, monk
             elif damage < 0.4:
                 raw += b"\x32\x03abc"  # a second Payload: the last one counts
             batch.append(bytes(raw))
-        assert hmsg.payloads_of(batch) == [real_walk([raw])[0] for raw in batch]
+        assert peek.payloads_of(batch) == [real_walk([raw])[0] for raw in batch]
     assert walks < 2000 * 16 * 0.8  # the shortcut took a good share of them
 
 
 def test_payloads_of_cuts_one_shape_without_walking(impl, monkeypatch):
     raws = _messages(random.Random(3), 50, one_shape=True)
     walked: list[int] = []
-    real_walk = hmsg._walk_payloads
-    monkeypatch.setattr(hmsg, "_walk_payloads", lambda r: walked.append(len(r)) or real_walk(r))
-    payloads = hmsg.payloads_of(raws)
+    real_walk = peek._walk_payloads
+    monkeypatch.setattr(peek, "_walk_payloads", lambda r: walked.append(len(r)) or real_walk(r))
+    payloads = peek.payloads_of(raws)
     assert payloads == real_walk(raws)
     # the shape was learned from the first message and every payload cut but those whose
     # length takes three varint bytes
@@ -313,8 +313,8 @@ def test_frame_records_gives_the_same_bytes_in_c(monkeypatch):
         stamps = [rng.choice([0, 1, -1, 1 << 62, -(1 << 63), 1_700_000_000_000_000_000]) for _ in range(n)]
         fields = {name: [rng.choice(values) for _ in range(n)] for name in rng.sample(["a", "eventID", "ü"], 2)}
         uuids = hmsg.random_uuids(n)
-        monkeypatch.setattr(hmsg, "random_uuids", lambda k, u=uuids: u)
-        c, py = _both(monkeypatch, lambda p=payloads, s=stamps, f=fields: hmsg.encode_records(
+        monkeypatch.setattr(framing, "random_uuids", lambda k, u=uuids: u)
+        c, py = _both(monkeypatch, lambda p=payloads, s=stamps, f=fields: framing.encode_records(
             p, s, f, logger="in", hostname="h", pid=3, type="t"))
         assert c == py, case
 
@@ -325,12 +325,12 @@ def test_encode_records_builds_what_inject_message_builds(impl):
     payloads = [b'{"a":1}', "ünï".encode(), b""]
     stamps = [5, -7, 1_700_000_000_000_000_000]
     fields = {"eventID": ["x", None, "😀"], "n": [None, None, "y"]}
-    framed = hmsg.encode_records(payloads, stamps, fields, logger="in", hostname="h", pid=9, type="t")
+    framed = framing.encode_records(payloads, stamps, fields, logger="in", hostname="h", pid=9, type="t")
     for i, raw in enumerate(split_framed(framed)):
         msg = hmsg.decode(raw)
         want = {"Payload": payloads[i].decode(), "Timestamp": stamps[i], "Type": "t", "Uuid": msg.uuid,
                 "Fields": {k: v[i] for k, v in fields.items() if v[i] is not None}}
-        assert raw == hmsg.encode(hmsg.from_dict(want, restricted=False, logger="in", hostname="h", pid=9, now_ns=0))
+        assert raw == hmsg.encode(message_dict.from_dict(want, restricted=False, logger="in", hostname="h", pid=9, now_ns=0))
 
 
 def _walk_cases(rng: random.Random):
@@ -346,17 +346,17 @@ def test_header_selection_and_payloads_and_stamps_give_the_same_in_c(monkeypatch
     rng = random.Random(19)
     for raws in _walk_cases(rng):
         for tag, value in ((3, b"t"), (4, b"input.file"), (9, b"h"), (6, b"")):
-            c, py = _both(monkeypatch, functools.partial(hmsg.header_selection, raws, tag, value))
+            c, py = _both(monkeypatch, functools.partial(peek.header_selection, raws, tag, value))
             assert c == py
-        c, py = _both(monkeypatch, functools.partial(hmsg.payloads_and_stamps, raws))
+        c, py = _both(monkeypatch, functools.partial(peek.payloads_and_stamps, raws))
         assert c == py
 
 
 def test_payloads_and_stamps_of_valid_messages_are_their_payload_and_timestamp(impl):
     raws = [r for raws in _walk_cases(random.Random(23)) for r in raws if hmsg.is_valid(r)]
-    payloads, stamps = hmsg.payloads_and_stamps(raws)
-    assert payloads == [hmsg.payload_of(r) for r in raws]
-    assert stamps == [hmsg.timestamp_of(r) for r in raws]
+    payloads, stamps = peek.payloads_and_stamps(raws)
+    assert payloads == [peek.payload_of(r) for r in raws]
+    assert stamps == [peek.timestamp_of(r) for r in raws]
 
 
 @needs_c

@@ -20,6 +20,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from hindsight_py import framing, message_dict, peek
 from hindsight_py import message as hmsg
 from hindsight_py import plugin as api
 from hindsight_py.json_records import frame_json_records
@@ -302,7 +303,7 @@ class PythonSandbox:
     def _data_timer(self, raw: bytes, index: int) -> str | None:
         """After a message: the timer, if due on data time. An error text terminates the plugin."""
         try:
-            secs = hmsg.timestamp_of(raw) // 1_000_000_000
+            secs = peek.timestamp_of(raw) // 1_000_000_000
         except hmsg.DecodeError:
             secs = self._data_now
         if secs > self._data_now:
@@ -380,7 +381,7 @@ class PythonSandbox:
                 self._refuse(raw, f"inject_message() failed: exceeded max_message_size (the message is {len(raw)} "
                                   f"bytes, max_message_size = {self._max_message_size})")
                 raise ValueError("inject_message() failed: exceeded max_message_size")
-            framed = hmsg.frame(raw)
+            framed = framing.frame(raw)
             if self.plugin_type == "output":
                 self._host.inject_input(framed)
             else:
@@ -414,7 +415,7 @@ class PythonSandbox:
                 if self._take_refused:  # and queues the others, so that none is lost if the plugin carries on
                     self.inject_payloads([p for p in payloads if len(p) <= limit], checkpoint, type_)
                 raise ValueError(f"inject_payloads() failed: payload {big[0]} exceeds max_message_size")
-            framed = hmsg.encode_payloads(payloads, logger=self._logger, hostname=self._hostname, pid=self._pid,
+            framed = framing.encode_payloads(payloads, logger=self._logger, hostname=self._hostname, pid=self._pid,
                                           now_ns=time.time_ns(), type=type_)
             self._queue(framed, len(payloads))
         self._end_injection(checkpoint)
@@ -426,7 +427,7 @@ class PythonSandbox:
         if payloads:
             if self._restricted:
                 stamps = [time.time_ns()] * len(payloads)
-            framed = hmsg.encode_records(payloads, stamps, fields, logger=self._logger, hostname=self._hostname,
+            framed = framing.encode_records(payloads, stamps, fields, logger=self._logger, hostname=self._hostname,
                                          pid=self._pid, type=type_)
             self._queue(framed, len(payloads))
         self._end_injection(checkpoint)
@@ -437,7 +438,7 @@ class PythonSandbox:
             raise RuntimeError("inject_json_records() is for input plugins")
         if self._restricted:
             return None  # the Timestamps would be the clock's: the caller builds the messages
-        head, tail = hmsg._payload_message_parts(self._logger, self._hostname, self._pid, 0, type_)
+        head, tail = framing._payload_message_parts(self._logger, self._hostname, self._pid, 0, type_)
         names = [name.encode() for name in fields]
         if any(json.dumps(name)[1:-1] != name for name in fields):
             raise ValueError("inject_json_records(): field names must be plain ASCII")
@@ -462,7 +463,7 @@ class PythonSandbox:
         count = pos = 0
         refused: ValueError | None = None  # the first too long line, without a too_long callback
         while pos < end:
-            framed, n, stop = hmsg.encode_lines(data, pos, end, limit, logger=self._logger, hostname=self._hostname,
+            framed, n, stop = framing.encode_lines(data, pos, end, limit, logger=self._logger, hostname=self._hostname,
                                                 pid=self._pid, now_ns=now_ns, type=type_)
             if n:
                 parts.append(framed)
@@ -520,11 +521,11 @@ class PythonSandbox:
             return msg
         if isinstance(msg, hmsg.Message):
             if self._restricted:
-                msg = hmsg.from_dict(msg.to_dict(), restricted=True, logger=self._logger, hostname=self._hostname,
+                msg = message_dict.from_dict(msg.to_dict(), restricted=True, logger=self._logger, hostname=self._hostname,
                                      pid=self._pid, now_ns=time.time_ns())
             return hmsg.encode(msg)
         if isinstance(msg, dict):
-            m = hmsg.from_dict(msg, restricted=self._restricted, logger=self._logger, hostname=self._hostname,
+            m = message_dict.from_dict(msg, restricted=self._restricted, logger=self._logger, hostname=self._hostname,
                                pid=self._pid, now_ns=time.time_ns())
             return hmsg.encode(m)
         raise TypeError("inject_message() unsupported message type")
@@ -619,12 +620,12 @@ class PythonSandbox:
         if raw is None:
             return None
         if name == "Payload":
-            p = hmsg.payload_of(raw)
+            p = peek.payload_of(raw)
             return None if p is None else p.decode("utf-8", "surrogateescape")
         if name == "raw":
             return raw
         if name == "framed":
-            return hmsg.frame(raw)
+            return framing.frame(raw)
         if name == "size":
             return len(raw)
         msg = self.current_message()
@@ -649,7 +650,7 @@ class PythonSandbox:
 
     def encode(self, msg: Any, framed: bool) -> bytes:
         raw = self._encode(msg)
-        return hmsg.frame(raw) if framed else raw
+        return framing.frame(raw) if framed else raw
 
     def update_checkpoint(self, seq: int | None, failures: int) -> None:
         if seq is None:
