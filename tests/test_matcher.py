@@ -20,12 +20,10 @@ import pytest
 from upstream_files import LUA_SANDBOX, copy_tree, source, unavailable
 
 from hindsight_py._lupa import LuaRuntime
+from hindsight_py.lua_pattern import parse_pattern, pattern_test, reference_search
 from hindsight_py.matcher import (
     Matcher,
     MatcherError,
-    _parse_pattern,
-    _pattern_test,
-    _reference_search,
     compile_matcher,
 )
 from hindsight_py.message import Field, Message, encode
@@ -654,9 +652,9 @@ def lua51_finds(find: object, subject: bytes, pattern: bytes) -> bool:
 
 def both_matchers(pattern: bytes, subject: bytes) -> tuple[bool, bool]:
     """(the compiled path, the reference backtracker) for `subject =~ pattern`."""
-    compiled = _pattern_test(pattern, literal=False)(subject)
-    parsed = _parse_pattern(pattern)
-    reference = False if parsed is None else _reference_search(parsed[0], parsed[1], subject)
+    compiled = pattern_test(pattern, literal=False)(subject)
+    parsed = parse_pattern(pattern)
+    reference = False if parsed is None else reference_search(parsed[0], parsed[1], subject)
     return compiled, reference
 
 
@@ -667,7 +665,7 @@ def test_lua_patterns_agree_with_lua51(subject: str, pattern: str) -> None:
     assert both_matchers(p, s) == (expected, expected)
     # and the same through a str value (the ASCII fast path or the encoded one)
     as_str = s.decode("utf-8", "surrogateescape")
-    assert _pattern_test(p, literal=False)(as_str) is expected
+    assert pattern_test(p, literal=False)(as_str) is expected
 
 
 def test_random_lua_patterns_agree_with_lua51() -> None:
