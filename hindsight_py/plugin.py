@@ -18,26 +18,89 @@ plugin and imports what it needs from here::
 
 Return codes and their meaning are upstream's (docs/plugins.md). The functions act on the plugin
 being called: one process may host several analysis plugins, each sees its own config and message.
+A thread the plugin starts calls them through ``bind(fn)`` (or logs through ``logger()``): a new
+thread has no plugin bound, so it can never be charged to another plugin of the process.
 """
 
 from __future__ import annotations
 
+import contextvars
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 if TYPE_CHECKING:
     from hindsight_py.message import Message
     from hindsight_py.outputs.delivery import PipelinedSender
     from hindsight_py.outputs.elasticsearch import BulkSender
-    from hindsight_py.sandbox.python import PythonSandbox
 
-_current: PythonSandbox | None = None
+_T = TypeVar("_T")
 
 
-def _sandbox() -> PythonSandbox:
-    if _current is None:
-        raise RuntimeError("hindsight_py.plugin functions can only be called from a running plugin")
-    return _current
+class Host(Protocol):
+    """What the functions below reach: the plugin being called. The host of Python plugins
+    (sandbox/python.py) implements it and binds itself with ``enter`` around each callback."""
+
+    config: dict[str, Any]
+
+    def inject(self, msg: Any, checkpoint: Any) -> None: ...
+    def inject_payloads(self, payloads: list[bytes], checkpoint: Any, type: str | None) -> None: ...
+    def inject_records(self, payloads: list[bytes], stamps: list[int], fields: dict[str, list[str | None]],
+                       checkpoint: Any, type: str | None) -> None: ...
+    def inject_json_records(self, data: bytes, pos: int, max_records: int, fields: tuple[str, ...],
+                            stamp_key: str | None, type: str | None) -> tuple[int, int, int, int] | None: ...
+    def inject_lines(self, data: bytes, checkpoint: Any, end: int | None, type: str | None,
+                     too_long: Callable[[bytes, int], None] | None) -> int: ...
+    def inject_payload(self, payload_type: str, payload_name: str | None, parts: tuple[Any, ...]) -> None: ...
+    def add_to_payload(self, parts: tuple[Any, ...]) -> None: ...
+    def read_message(self, name: str, field_index: int, array_index: int) -> Any: ...
+    def current_message(self) -> Message | None: ...
+    def encode(self, msg: Any, framed: bool) -> bytes: ...
+    def is_running(self) -> bool: ...
+    def update_checkpoint(self, sequence_id: int | None, failures: int) -> None: ...
+    def create_matcher(self, expression: str) -> Any: ...
+    def dead_letter(self, reason: str, data: bytes | str) -> None: ...
+    def count_delivery(self, indexed: int, dead_lettered: int, set_aside: int, retried: int) -> None: ...
+    def background_delivery(self, sender: BulkSender, abort: bool) -> PipelinedSender: ...
+    def log(self, level: int, text: str) -> None: ...
+
+
+# The plugin being called, per thread and per context: one process may host several analysis
+# plugins, and a helper thread must not be charged to whichever plugin happens to be running.
+# A new thread starts with no plugin bound (threads do not inherit context variables): it calls
+# the API through `bind(fn)` (or logs through `logger()`), which carry the plugin that made them.
+_host: contextvars.ContextVar[Host | None] = contextvars.ContextVar("hindsight_py.plugin.host", default=None)
+
+
+def enter(host: Host) -> contextvars.Token[Host | None]:
+    """For the host: ``host`` is the plugin being called until ``leave(token)``."""
+    return _host.set(host)
+
+
+def leave(token: contextvars.Token[Host | None]) -> None:
+    _host.reset(token)
+
+
+def _sandbox() -> Host:
+    host = _host.get()
+    if host is None:
+        raise RuntimeError("hindsight_py.plugin functions can only be called from a running plugin "
+                           "(in a thread the plugin started: through hindsight_py.plugin.bind(fn))")
+    return host
+
+
+def bind(fn: Callable[..., _T]) -> Callable[..., _T]:
+    """``fn``, calling the API as the plugin that calls ``bind``: for the threads a plugin starts,
+    e.g. ``threading.Thread(target=bind(work)).start()``."""
+    host = _sandbox()
+
+    def bound(*args: Any, **kwargs: Any) -> _T:
+        token = _host.set(host)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            _host.reset(token)
+
+    return bound
 
 
 def read_config(key: str) -> Any:
@@ -175,12 +238,7 @@ def dead_letter(reason: str, data: bytes | str = b"") -> None:
 def count_delivery(indexed: int = 0, dead_lettered: int = 0, set_aside: int = 0, retried: int = 0) -> None:
     """Outputs that ship documents themselves: add to the counts of the run summary
     (documents indexed, dead-lettered, set aside as not documents; requests retried)."""
-    stats = getattr(_sandbox()._host, "stats", None)  # hosts without counters (tests) ignore this
-    if stats is not None:
-        stats.indexed += indexed
-        stats.dead_lettered += dead_lettered
-        stats.set_aside += set_aside
-        stats.retried += retried
+    _sandbox().count_delivery(indexed, dead_lettered, set_aside, retried)
 
 
 def deliver_in_background(sender: BulkSender, *, abort_on_error: bool = False) -> PipelinedSender:
@@ -196,7 +254,7 @@ def deliver_in_background(sender: BulkSender, *, abort_on_error: bool = False) -
 
 def logger() -> Callable[[int, str], None]:
     """`log`, bound to this plugin: for threads the plugin runs (`log` itself finds its plugin
-    only while a callback runs)."""
+    only while a callback runs, or in a function wrapped by `bind`)."""
     return _sandbox().log
 
 
@@ -207,6 +265,7 @@ def log(level: int, text: str) -> None:
 
 __all__ = [
     "add_to_payload",
+    "bind",
     "count_delivery",
     "create_message_matcher",
     "current_message",

@@ -41,14 +41,15 @@ def _host() -> Any:
 
 
 @pytest.fixture
-def tree_plugin(tmp_path, monkeypatch):
+def tree_plugin(tmp_path):
     """plugins/cloudtrail_tree.py as a module, its cfg read from a stand-in sandbox."""
     config = {"root": str(tmp_path), "output_path": str(tmp_path), "Logger": "input.ct", "max_message_size": MAX}
-    monkeypatch.setattr(api, "_current", SimpleNamespace(config=config))
+    token = api.enter(SimpleNamespace(config=config))
     spec = importlib.util.spec_from_file_location("cloudtrail_tree_under_test", REPO_ROOT / "plugins/cloudtrail_tree.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module
+    yield module
+    api.leave(token)
 
 
 def _same_but_uuid(fast: bytes, slow: bytes) -> None:

@@ -240,3 +240,43 @@ def test_preserve_data(tmp_path: Path) -> None:
     state.rename(tmp_path / "analysis.p1.data")
     sb, _ = py_sandbox(tmp_path, source, preserve_data=True)
     assert sb._module.total == 3
+
+
+def test_a_helper_thread_logs_as_the_plugin_that_started_it(tmp_path: Path) -> None:
+    """Two Python plugins in one analysis process: a thread plugin A started logs while plugin B
+    runs. Bound with bind() it is charged to A; unbound it has no plugin (never B's)."""
+    sb_a, host_a = py_sandbox(tmp_path, """
+        import threading
+        go, done, errors = threading.Event(), threading.Semaphore(0), []
+
+        def work():
+            go.wait(5)
+            log(6, "from a helper of A")
+            done.release()
+
+        def unbound():
+            go.wait(5)
+            try:
+                log(6, "unbound")
+            except RuntimeError as e:
+                errors.append(str(e))
+            done.release()
+
+        def process_message():
+            threading.Thread(target=bind(work)).start()
+            threading.Thread(target=unbound).start()
+            return 0
+    """)
+    sb_b, host_b = py_sandbox(tmp_path, """
+        def process_message():
+            other.go.set()  # A's helpers log now, while B is being called
+            assert other.done.acquire(timeout=5) and other.done.acquire(timeout=5)
+            log(6, "from B")
+            return 0
+    """)
+    sb_b._module.other = sb_a._module
+    assert sb_a.run_batch([raw_message()], -1).status == "ok"
+    assert sb_b.run_batch([raw_message()], -1).status == "ok"
+    assert (6, "from a helper of A") in host_a.logs and (6, "from B") in host_b.logs
+    assert not any("helper" in text or "unbound" in text for _, text in host_b.logs)
+    assert len(sb_a._module.errors) == 1 and "running plugin" in sb_a._module.errors[0]

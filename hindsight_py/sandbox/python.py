@@ -141,12 +141,11 @@ class PythonSandbox:
                 state.unlink(missing_ok=True)
 
     def _call(self, fn: Any, *args: Any) -> Any:
-        prev = api._current
-        api._current = self
+        token = api.enter(self)
         try:
             return fn(*args)
         finally:
-            api._current = prev
+            api.leave(token)
 
     def run_input(self, checkpoint: Any) -> tuple[int, str | None]:
         self._last_cp = checkpoint
@@ -171,8 +170,7 @@ class PythonSandbox:
         budget = ("process_message_inject_limit", inject_limit)
         self._commit_index = 0
         fails_before = self._failures
-        prev = api._current
-        api._current = self
+        token = api.enter(self)
         try:
             for i, raw in enumerate(raws, 1):
                 self._current = raw
@@ -225,7 +223,7 @@ class PythonSandbox:
                         return BatchResult(i, "terminate", err, self._commit_index, self._failures - fails_before,
                                            self._batching)
         finally:
-            api._current = prev
+            api.leave(token)
             self._current = None
             self._current_msg = None
             self._cur_index = 0
@@ -678,6 +676,14 @@ class PythonSandbox:
 
     def log(self, level: int, text: str) -> None:
         self._host.log(level, text)
+
+    def count_delivery(self, indexed: int, dead_lettered: int, set_aside: int, retried: int) -> None:
+        stats = getattr(self._host, "stats", None)  # hosts without counters (tests) ignore this
+        if stats is not None:
+            stats.indexed += indexed
+            stats.dead_lettered += dead_lettered
+            stats.set_aside += set_aside
+            stats.retried += retried
 
     def background_delivery(self, sender: Any, abort: bool) -> Any:
         return self._host.background_delivery(sender, abort=abort)
