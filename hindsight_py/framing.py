@@ -7,22 +7,14 @@ in ``_speedups.c`` (tests/test_speedups.py compares them)."""
 from __future__ import annotations
 
 from hindsight_py import _accel
-from hindsight_py.message import (
-    _SIGN64,
-    _VARINT1,
-    DEFAULT_MAX_MESSAGE_SIZE,
-    _b,
-    _lenpref,
-    _varint,
-    is_valid,
-    random_uuids,
-)
+from hindsight_py.message import DEFAULT_MAX_MESSAGE_SIZE, is_valid, random_uuids
+from hindsight_py.wire import SIGN64, VARINT1, as_bytes, encode_varint, length_prefixed
 
 
 def frame_header(length: int) -> bytes:
     """The stream header for a ``length``-byte message (Hindsight's: H = 1 + len(varint))."""
-    v = _varint(length)
-    return b"\x1e" + _VARINT1[len(v) + 1] + b"\x08" + v + b"\x1f"
+    v = encode_varint(length)
+    return b"\x1e" + VARINT1[len(v) + 1] + b"\x08" + v + b"\x1f"
 
 
 def frame(raw: bytes) -> bytes:
@@ -135,7 +127,7 @@ def scan_records(
                 shift += 7
             else:
                 msglen = 0
-            if msglen >= _SIGN64:  # upstream reads a signed long long
+            if msglen >= SIGN64:  # upstream reads a signed long long
                 msglen = 0
         if msglen == 0 or msglen > max_message_size:
             pos += 1
@@ -205,14 +197,14 @@ def _payload_message_parts(logger: str, hostname: str, pid: int | None, now_ns: 
                            type: str | None) -> tuple[bytes, bytes]:
     """The bytes every Payload-only message of one batch shares: from the Timestamp to the
     Payload key, and the headers after the Payload."""
-    head = b"\x10" + _varint(now_ns)
+    head = b"\x10" + encode_varint(now_ns)
     if type is not None:
-        head += b"".join(_lenpref(b"\x1a", _b(type)))
-    head += b"".join(_lenpref(b"\x22", _b(logger))) + b"\x32"
+        head += b"".join(length_prefixed(b"\x1a", as_bytes(type)))
+    head += b"".join(length_prefixed(b"\x22", as_bytes(logger))) + b"\x32"
     tail = b""
     if pid is not None:
-        tail += b"\x40" + _varint(pid)
-    tail += b"".join(_lenpref(b"\x4a", _b(hostname)))
+        tail += b"\x40" + encode_varint(pid)
+    tail += b"".join(length_prefixed(b"\x4a", as_bytes(hostname)))
     return head, tail
 
 
@@ -246,7 +238,7 @@ def encode_payloads(
         n = len(p)
         vl = varints.get(n)
         if vl is None:
-            vl = varints[n] = _varint(n)
+            vl = varints[n] = encode_varint(n)
         size = fixed + len(vl) + n
         fh = frames.get(size)
         if fh is None:
@@ -267,8 +259,8 @@ def encode_payloads(
 
 def field_prefix(name: str) -> bytes:
     """The bytes of a one-string Field before its value's length: name, then the value_string key."""
-    nb = _b(name)
-    return b"\x0a" + _varint(len(nb)) + nb + b"\x22"
+    nb = as_bytes(name)
+    return b"\x0a" + encode_varint(len(nb)) + nb + b"\x22"
 
 
 def encode_records(
@@ -300,12 +292,12 @@ def encode_records(
             pass
     out: list[bytes] = []
     for i, p in enumerate(payloads):
-        parts = [b"\x0a\x10", uuids[16 * i:16 * i + 16], b"\x10", _varint(stamps[i]), head, _varint(len(p)), p, tail]
+        parts = [b"\x0a\x10", uuids[16 * i:16 * i + 16], b"\x10", encode_varint(stamps[i]), head, encode_varint(len(p)), p, tail]
         for prefix, column in zip(names, columns, strict=True):
             value = column[i]
             if value is not None:
-                inner = prefix + b"".join(_lenpref(b"", _b(value)))
-                parts += (b"\x52", _varint(len(inner)), inner)
+                inner = prefix + b"".join(length_prefixed(b"", as_bytes(value)))
+                parts += (b"\x52", encode_varint(len(inner)), inner)
         raw = b"".join(parts)
         out.append(frame_header(len(raw)))
         out.append(raw)

@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 
 from hindsight_py import _accel
 from hindsight_py.framing import frame_header
-from hindsight_py.message import _varint
+from hindsight_py.wire import encode_varint
 
 _MAX_DEPTH = 64
 _MAX_KEYS = 64  # per object
@@ -238,13 +238,13 @@ def frame_json_records(data: bytes, pos: int, max_records: int, uuids: bytes, he
             if r.add_stamp:
                 payload += b',"' + stamp_key + b'":"' + b[r.time_at:r.time_at + 20] + b'"'
             payload += b"}"
-            parts = [b"\x0a\x10", uuids[16 * n:16 * n + 16], b"\x10", _varint(r.ts), head, _varint(len(payload)),
+            parts = [b"\x0a\x10", uuids[16 * n:16 * n + 16], b"\x10", encode_varint(r.ts), head, encode_varint(len(payload)),
                      payload, tail]
             for name, field in zip(names, r.fields, strict=True):
                 if field is not None:
                     at, length = field
-                    inner = b"\x0a" + _varint(len(name)) + name + b"\x22" + _varint(length) + b[at:at + length]
-                    parts += (b"\x52", _varint(len(inner)), inner)
+                    inner = b"\x0a" + encode_varint(len(name)) + name + b"\x22" + encode_varint(length) + b[at:at + length]
+                    parts += (b"\x52", encode_varint(len(inner)), inner)
             raw = b"".join(parts)
         if r is None or len(raw) > max_size:
             status, odd_end = 2, _skip(b, pos, end)

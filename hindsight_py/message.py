@@ -22,9 +22,23 @@ from __future__ import annotations
 
 import os
 import random
-import re
 import struct
 from typing import Any
+
+from hindsight_py.wire import (
+    MASK64,
+    SIGN64,
+    TEXT_ENCODING,
+    TEXT_ERRORS,
+    Malformed,
+    as_bytes,
+    encode_varint,
+    length_prefixed,
+    read_varint,
+    read_varint_loop,
+    skip_varint,
+    uuid_ts_prefix,
+)
 
 __all__ = [
     "STRING", "BYTES", "INTEGER", "DOUBLE", "BOOL", "DEFAULT_SEVERITY", "DEFAULT_MAX_MESSAGE_SIZE",
@@ -57,12 +71,7 @@ PID = 8
 HOSTNAME = 9
 FIELDS = 10
 
-_MASK64 = (1 << 64) - 1
-_SIGN64 = 1 << 63
 _DOUBLE = struct.Struct("<d")
-_VARINT1 = [bytes((i,)) for i in range(128)]
-_ENC = "utf-8"
-_ERRS = "surrogateescape"
 
 
 class DecodeError(ValueError):
@@ -71,10 +80,6 @@ class DecodeError(ValueError):
 
 class EncodeError(ValueError):
     """A message (or a dict meant to become one) cannot be encoded."""
-
-
-class _Bad(Exception):
-    """Internal: the protobuf item being read is malformed."""
 
 
 class Field:
@@ -201,85 +206,6 @@ class Message:
 
 
 # ---------------------------------------------------------------------------
-# varints
-
-def _read_varint(buf: bytes, pos: int, end: int) -> tuple[int, int]:
-    """Unsigned 64-bit varint at buf[pos]; at most 10 bytes, all before ``end``."""
-    b = buf[pos] if pos < end else 0x80
-    if b < 0x80:
-        return b, pos + 1
-    if pos + 9 <= end and buf[pos + 8] < 0x80:
-        # nine bytes, the size of every timestamp since 1972: decode the low
-        # four at once and cache the slowly changing high five
-        x = int.from_bytes(buf[pos:pos + 4], "little")
-        if x & 0x80808080 == 0x80808080:
-            global _hi_cache
-            hi = buf[pos + 4:pos + 9]
-            cached = _hi_cache
-            if hi != cached[0]:
-                v, q = _read_varint_loop(hi, 0, 5)
-                if q != 5:
-                    return _read_varint_loop(buf, pos, end)
-                cached = _hi_cache = (hi, v << 28)
-            return (cached[1] | (x & 0x7F) | (x >> 1 & 0x3F80) | (x >> 2 & 0x1FC000)
-                    | (x >> 3 & 0xFE00000)), pos + 9
-    return _read_varint_loop(buf, pos, end)
-
-
-# (five high bytes, their value << 28), one tuple so threads see a consistent pair
-_hi_cache: tuple[bytes, int] = (b"", 0)
-
-
-def _read_varint_loop(buf: bytes, pos: int, end: int) -> tuple[int, int]:
-    result = 0
-    shift = 0
-    stop = min(end, pos + 10)
-    while pos < stop:
-        b = buf[pos]
-        pos += 1
-        result |= (b & 0x7F) << shift
-        if b < 0x80:
-            return result & _MASK64, pos
-        shift += 7
-    raise _Bad
-
-
-#: Matches one varint (at most 10 bytes); used where only its end matters.
-_skip_varint = re.compile(rb"[\x80-\xff]{0,9}[\x00-\x7f]").match
-_uuid_ts_prefix = re.compile(rb"\x0a\x10[\x00-\xff]{16}\x10[\x80-\xff]{0,9}[\x00-\x7f]").match
-
-_hi_enc_cache: tuple[int, bytes] = (-1, b"")
-
-
-def _varint(v: int) -> bytes:
-    if 0 <= v < 128:
-        return _VARINT1[v]
-    v &= _MASK64  # negatives become 10-byte two's complement varints, like upstream
-    if v < 16384:
-        return bytes(((v & 0x7F) | 0x80, v >> 7))
-    if v >= 1 << 28:
-        # the low 28 bits make four continuation bytes; the rest (a timestamp's
-        # high part changes every 0.27 s) is cached
-        global _hi_enc_cache
-        hi = v >> 28
-        cached = _hi_enc_cache
-        if hi != cached[0]:
-            cached = _hi_enc_cache = (hi, _varint(hi))
-        return ((v & 0x7F) | (v << 1 & 0x7F00) | (v << 2 & 0x7F0000) | (v << 3 & 0x7F000000)
-                | 0x80808080).to_bytes(4, "little") + cached[1]
-    out = bytearray()
-    while v >= 0x80:
-        out.append((v & 0x7F) | 0x80)
-        v >>= 7
-    out.append(v)
-    return bytes(out)
-
-
-def _signed(v: int) -> int:
-    return v - (1 << 64) if v & _SIGN64 else v
-
-
-# ---------------------------------------------------------------------------
 # decoding
 
 def decode(raw: bytes, *, fields: bool = True, payload: bool = True) -> Message:
@@ -307,41 +233,41 @@ def decode(raw: bytes, *, fields: bool = True, payload: bool = True) -> Message:
                 if ln < 0x80:
                     p += 1
                 else:
-                    ln, p = _read_varint(raw, p, n)
+                    ln, p = read_varint(raw, p, n)
                 end = p + ln
                 if end > n:
-                    raise _Bad
+                    raise Malformed
                 if key == 0x32:
                     if want_payload:
-                        payload = raw[p:end].decode(_ENC, _ERRS)
+                        payload = raw[p:end].decode(TEXT_ENCODING, TEXT_ERRORS)
                 elif key == 0x52:
                     if want_fields:
                         fields.append(_decode_field(raw, p, end))
                 elif key == 0x0A:
                     if end - pos != 18:  # upstream wants a one-byte length of exactly 16
-                        raise _Bad
+                        raise Malformed
                     uuid = raw[p:end]
                 elif key == 0x1A:
-                    type_ = raw[p:end].decode(_ENC, _ERRS)
+                    type_ = raw[p:end].decode(TEXT_ENCODING, TEXT_ERRORS)
                 elif key == 0x22:
-                    logger = raw[p:end].decode(_ENC, _ERRS)
+                    logger = raw[p:end].decode(TEXT_ENCODING, TEXT_ERRORS)
                 elif key == 0x4A:
-                    hostname = raw[p:end].decode(_ENC, _ERRS)
+                    hostname = raw[p:end].decode(TEXT_ENCODING, TEXT_ERRORS)
                 else:
-                    env_version = raw[p:end].decode(_ENC, _ERRS)
+                    env_version = raw[p:end].decode(TEXT_ENCODING, TEXT_ERRORS)
                 pos = end
             elif key == 0x10:
-                v, pos = _read_varint(raw, p, n)
-                timestamp = v - (1 << 64) if v & _SIGN64 else v
+                v, pos = read_varint(raw, p, n)
+                timestamp = v - (1 << 64) if v & SIGN64 else v
             elif key == 0x40:
-                v, pos = _read_varint(raw, p, n)
-                pid = v - (1 << 64) if v & _SIGN64 else v
+                v, pos = read_varint(raw, p, n)
+                pid = v - (1 << 64) if v & SIGN64 else v
             elif key == 0x28:
-                v, pos = _read_varint(raw, p, n)
-                severity = v - (1 << 64) if v & _SIGN64 else v
+                v, pos = read_varint(raw, p, n)
+                severity = v - (1 << 64) if v & SIGN64 else v
             else:
-                raise _Bad
-    except _Bad:
+                raise Malformed
+    except Malformed:
         raise DecodeError(f"error in tag: {key >> 3} wiretype: {key & 7} offset: {pos}") from None
     if uuid is None or timestamp is None:
         has_uuid = "not found" if uuid is None else "found"
@@ -377,50 +303,50 @@ def _decode_field(raw: bytes, pos: int, end: int) -> Field:
         key = raw[pos]
         pos += 1
         if key & 7 == 2:
-            ln, pos = _read_varint(raw, pos, end)
+            ln, pos = read_varint(raw, pos, end)
             stop = pos + ln
             if stop > end:
-                raise _Bad
+                raise Malformed
             if key == 0x22:
-                values.append(raw[pos:stop].decode(_ENC, _ERRS))
+                values.append(raw[pos:stop].decode(TEXT_ENCODING, TEXT_ERRORS))
             elif key == 0x0A:
-                name = raw[pos:stop].decode(_ENC, _ERRS)
+                name = raw[pos:stop].decode(TEXT_ENCODING, TEXT_ERRORS)
             elif key == 0x2A:
                 values.append(raw[pos:stop])
             elif key == 0x1A:
-                representation = raw[pos:stop].decode(_ENC, _ERRS)
+                representation = raw[pos:stop].decode(TEXT_ENCODING, TEXT_ERRORS)
             elif key == 0x32 or key == 0x42:
                 # packed varints; upstream rejects an empty packed array
                 if ln == 0:
-                    raise _Bad
+                    raise Malformed
                 while pos < stop:
-                    v, pos = _read_varint(raw, pos, stop)
-                    values.append((v - (1 << 64) if v & _SIGN64 else v) if key == 0x32 else v != 0)
+                    v, pos = read_varint(raw, pos, stop)
+                    values.append((v - (1 << 64) if v & SIGN64 else v) if key == 0x32 else v != 0)
             elif key == 0x3A:
                 if ln == 0 or ln % 8:
-                    raise _Bad
+                    raise Malformed
                 values.extend(struct.unpack_from(f"<{ln >> 3}d", raw, pos))
             else:
-                raise _Bad
+                raise Malformed
             pos = stop
         elif key == 0x30:
-            v, pos = _read_varint(raw, pos, end)
-            values.append(v - (1 << 64) if v & _SIGN64 else v)
+            v, pos = read_varint(raw, pos, end)
+            values.append(v - (1 << 64) if v & SIGN64 else v)
         elif key == 0x10:
-            v, pos = _read_varint(raw, pos, end)
-            value_type = v - (1 << 64) if v & _SIGN64 else v
+            v, pos = read_varint(raw, pos, end)
+            value_type = v - (1 << 64) if v & SIGN64 else v
         elif key == 0x40:
-            v, pos = _read_varint(raw, pos, end)
+            v, pos = read_varint(raw, pos, end)
             values.append(v != 0)
         elif key == 0x39:
             if pos + 8 > end:
-                raise _Bad
+                raise Malformed
             values.append(_DOUBLE.unpack_from(raw, pos)[0])
             pos += 8
         else:
-            raise _Bad
+            raise Malformed
     if name is None:
-        raise _Bad
+        raise Malformed
     f = Field.__new__(Field)
     f.name = name
     f.value_type = value_type
@@ -436,7 +362,7 @@ def is_valid(raw: bytes) -> bool:
     and the values themselves are only checked for their wire type."""
     n = len(raw)
     # every Heka encoder starts with Uuid and Timestamp: check both in one go
-    head = _uuid_ts_prefix(raw)
+    head = uuid_ts_prefix(raw)
     if head is not None:
         pos = head.end()
         has_uuid = has_ts = True
@@ -452,7 +378,7 @@ def is_valid(raw: bytes) -> bool:
                 if ln < 0x80:
                     p += 1
                 else:
-                    ln, p = _read_varint_loop(raw, p, n)
+                    ln, p = read_varint_loop(raw, p, n)
                 pos = p + ln
                 if pos > n:
                     return False
@@ -464,7 +390,7 @@ def is_valid(raw: bytes) -> bool:
                         return False
                     has_uuid = True
             elif key in _VARINT_KEYS:
-                m = _skip_varint(raw, p)
+                m = skip_varint(raw, p)
                 if m is None:
                     return False
                 pos = m.end()
@@ -472,7 +398,7 @@ def is_valid(raw: bytes) -> bool:
                     has_ts = True
             else:
                 return False
-    except _Bad:
+    except Malformed:
         return False
     return has_uuid and has_ts
 
@@ -483,19 +409,19 @@ def _valid_field(raw: bytes, pos: int, end: int) -> bool:
         key = raw[pos]
         pos += 1
         if key == 0x0A or key == 0x1A:  # name, representation
-            ln, pos = _read_varint_loop(raw, pos, end)
+            ln, pos = read_varint_loop(raw, pos, end)
             pos += ln
             if pos > end:
                 return False
             if key == 0x0A:
                 has_name = True
         elif key == 0x10:  # value_type
-            _, pos = _read_varint_loop(raw, pos, end)
+            _, pos = read_varint_loop(raw, pos, end)
         elif key == 0x22 or key == 0x2A or key == 0x30 or key == 0x40 or key == 0x39:
             # upstream stops at the first value: values come last
             return has_name
         elif key == 0x32 or key == 0x42 or key == 0x3A:  # packed: the length must fit
-            ln, p = _read_varint_loop(raw, pos, end)
+            ln, p = read_varint_loop(raw, pos, end)
             return has_name and ln <= end - p
         else:
             return False
@@ -505,84 +431,75 @@ def _valid_field(raw: bytes, pos: int, end: int) -> bool:
 # ---------------------------------------------------------------------------
 # encoding
 
-def _b(s: str | bytes) -> bytes:
-    return s.encode(_ENC, _ERRS) if type(s) is str else bytes(s)
-
-
-def _lenpref(key: bytes, data: bytes) -> tuple[bytes, bytes, bytes]:
-    n = len(data)
-    return key, (_VARINT1[n] if n < 128 else _varint(n)), data
-
-
 def encode(msg: Message) -> bytes:
     """Protobuf bytes for ``msg``, fields in upstream's order."""
     uuid = msg.uuid
     if len(uuid) != 16:
         raise EncodeError("Uuid must be 16 bytes")
-    parts = [b"\x0a\x10", uuid, b"\x10", _varint(msg.timestamp)]
+    parts = [b"\x0a\x10", uuid, b"\x10", encode_varint(msg.timestamp)]
     ext = parts.extend
     v = msg.type
     if v is not None:
-        ext(_lenpref(b"\x1a", v.encode(_ENC, _ERRS) if type(v) is str else bytes(v)))
+        ext(length_prefixed(b"\x1a", v.encode(TEXT_ENCODING, TEXT_ERRORS) if type(v) is str else bytes(v)))
     v = msg.logger
     if v is not None:
-        ext(_lenpref(b"\x22", v.encode(_ENC, _ERRS) if type(v) is str else bytes(v)))
+        ext(length_prefixed(b"\x22", v.encode(TEXT_ENCODING, TEXT_ERRORS) if type(v) is str else bytes(v)))
     if msg.severity is not None:
-        ext((b"\x28", _varint(msg.severity)))
+        ext((b"\x28", encode_varint(msg.severity)))
     v = msg.payload
     if v is not None:
-        ext(_lenpref(b"\x32", v.encode(_ENC, _ERRS) if type(v) is str else bytes(v)))
+        ext(length_prefixed(b"\x32", v.encode(TEXT_ENCODING, TEXT_ERRORS) if type(v) is str else bytes(v)))
     v = msg.env_version
     if v is not None:
-        ext(_lenpref(b"\x3a", v.encode(_ENC, _ERRS) if type(v) is str else bytes(v)))
+        ext(length_prefixed(b"\x3a", v.encode(TEXT_ENCODING, TEXT_ERRORS) if type(v) is str else bytes(v)))
     if msg.pid is not None:
-        ext((b"\x40", _varint(msg.pid)))
+        ext((b"\x40", encode_varint(msg.pid)))
     v = msg.hostname
     if v is not None:
-        ext(_lenpref(b"\x4a", v.encode(_ENC, _ERRS) if type(v) is str else bytes(v)))
+        ext(length_prefixed(b"\x4a", v.encode(TEXT_ENCODING, TEXT_ERRORS) if type(v) is str else bytes(v)))
     for f in msg.fields:
-        ext(_lenpref(b"\x52", _encode_field(f)))
+        ext(length_prefixed(b"\x52", _encode_field(f)))
     return b"".join(parts)
 
 
-def _check_int(v: Any) -> int:
+def check_int(v: Any) -> int:
     v = int(v)
-    if not -(1 << 63) <= v <= _MASK64:
+    if not -(1 << 63) <= v <= MASK64:
         raise EncodeError(f"integer out of range: {v}")
     return v
 
 
 def _encode_field(f: Field) -> bytes:
-    parts = list(_lenpref(b"\x0a", _b(f.name)))
+    parts = list(length_prefixed(b"\x0a", as_bytes(f.name)))
     vt = f.value_type
     if vt != STRING:
         parts.append(b"\x10")
-        parts.append(_varint(vt))
+        parts.append(encode_varint(vt))
     if f.representation is not None:
-        parts.extend(_lenpref(b"\x1a", _b(f.representation)))
+        parts.extend(length_prefixed(b"\x1a", as_bytes(f.representation)))
     values = f.values
     if values:
         if vt == STRING or vt == BYTES:
             key = b"\x22" if vt == STRING else b"\x2a"
             for v in values:
-                parts.extend(_lenpref(key, _b(v)))
+                parts.extend(length_prefixed(key, as_bytes(v)))
         elif vt == INTEGER:
             if len(values) == 1:
                 parts.append(b"\x30")
-                parts.append(_varint(_check_int(values[0])))
+                parts.append(encode_varint(check_int(values[0])))
             else:
-                parts.extend(_lenpref(b"\x32", b"".join([_varint(_check_int(v)) for v in values])))
+                parts.extend(length_prefixed(b"\x32", b"".join([encode_varint(check_int(v)) for v in values])))
         elif vt == DOUBLE:
             if len(values) == 1:
                 parts.append(b"\x39")
                 parts.append(_DOUBLE.pack(values[0]))
             else:
-                parts.extend(_lenpref(b"\x3a", struct.pack(f"<{len(values)}d", *values)))
+                parts.extend(length_prefixed(b"\x3a", struct.pack(f"<{len(values)}d", *values)))
         elif vt == BOOL:
             if len(values) == 1:
                 parts.append(b"\x40\x01" if values[0] else b"\x40\x00")
             else:
-                parts.extend(_lenpref(b"\x42", bytes([1 if v else 0 for v in values])))
+                parts.extend(length_prefixed(b"\x42", bytes([1 if v else 0 for v in values])))
         else:
             raise EncodeError(f"invalid value_type: {vt}")
     return b"".join(parts)

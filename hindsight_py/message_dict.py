@@ -8,8 +8,6 @@ from collections.abc import Mapping
 from typing import Any
 
 from hindsight_py.message import (
-    _ENC,
-    _ERRS,
     BOOL,
     BYTES,
     DOUBLE,
@@ -18,9 +16,10 @@ from hindsight_py.message import (
     EncodeError,
     Field,
     Message,
-    _check_int,
+    check_int,
     random_uuid,
 )
+from hindsight_py.wire import TEXT_ENCODING, TEXT_ERRORS
 
 
 def _uuid_from(value: Any) -> bytes:
@@ -50,7 +49,7 @@ def _header_str(name: str, v: Any) -> str | None:
     if isinstance(v, str):
         return v
     if isinstance(v, (bytes, bytearray)):
-        return bytes(v).decode(_ENC, _ERRS)
+        return bytes(v).decode(TEXT_ENCODING, TEXT_ERRORS)
     if _is_number(v):
         # upstream writes numbers through Lua's tostring (%.14g)
         return str(v) if isinstance(v, int) else f"{v:.14g}"
@@ -62,7 +61,7 @@ def _header_int(name: str, v: Any) -> int | None:
         return None
     if not _is_number(v) or (isinstance(v, float) and not math.isfinite(v)):
         raise EncodeError(f"{name} must be a finite number, not {v!r}")
-    return _check_int(v)
+    return check_int(v)
 
 
 def from_dict(
@@ -100,7 +99,7 @@ def from_dict(
         uuid = _uuid_from(get("Uuid"))
         t = get("Timestamp")
         if _is_number(t) and not (isinstance(t, float) and not math.isfinite(t)):
-            ts = _check_int(t)
+            ts = check_int(t)
         else:
             ts = now_ns
         lg = _header_str("Logger", get("Logger"))
@@ -144,7 +143,7 @@ def _fields_from(fields: Any) -> list[Field]:
                 raise EncodeError(f"unsupported type: {type(obj).__name__}")
             name = obj.get("name")
             if isinstance(name, (bytes, bytearray)):
-                name = bytes(name).decode(_ENC, _ERRS)
+                name = bytes(name).decode(TEXT_ENCODING, TEXT_ERRORS)
             if not isinstance(name, str):
                 raise EncodeError("field name must be a string")
             out.append(_field_object(name, obj))
@@ -184,10 +183,10 @@ def _field(name: str, value: Any, rep: str | None, vt: int | None) -> Field:
         if vt is None:
             vt = STRING if isinstance(first, str) else BYTES
         if vt == STRING:
-            return Field(name, STRING, rep, [v if isinstance(v, str) else bytes(v).decode(_ENC, _ERRS)
+            return Field(name, STRING, rep, [v if isinstance(v, str) else bytes(v).decode(TEXT_ENCODING, TEXT_ERRORS)
                                              for v in values])
         if vt == BYTES:
-            return Field(name, BYTES, rep, [v.encode(_ENC, _ERRS) if isinstance(v, str) else bytes(v)
+            return Field(name, BYTES, rep, [v.encode(TEXT_ENCODING, TEXT_ERRORS) if isinstance(v, str) else bytes(v)
                                             for v in values])
         raise EncodeError(f"invalid string value_type: {vt}")
     if kind == "number":
@@ -197,7 +196,7 @@ def _field(name: str, value: Any, rep: str | None, vt: int | None) -> Field:
             for v in values:
                 if isinstance(v, float) and not math.isfinite(v):
                     raise EncodeError(f"integer field {name!r} cannot hold {v}")
-            return Field(name, INTEGER, rep, [_check_int(v) for v in values])
+            return Field(name, INTEGER, rep, [check_int(v) for v in values])
         if vt == DOUBLE:
             return Field(name, DOUBLE, rep, [float(v) for v in values])
         raise EncodeError(f"invalid numeric value_type: {vt}")

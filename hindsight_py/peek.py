@@ -6,20 +6,15 @@ the batch loops have C twins in ``_speedups.c`` (tests/test_speedups.py compares
 from __future__ import annotations
 
 from hindsight_py import _accel
-from hindsight_py.message import (
-    _SIGN64,
-    LOGGER,
-    PAYLOAD,
-    TIMESTAMP,
-    TYPE,
-    UUID,
-    DecodeError,
-    _Bad,
-    _read_varint,
-    _read_varint_loop,
-    _signed,
-    _skip_varint,
-    _uuid_ts_prefix,
+from hindsight_py.message import LOGGER, PAYLOAD, TIMESTAMP, TYPE, UUID, DecodeError
+from hindsight_py.wire import (
+    SIGN64,
+    Malformed,
+    read_varint,
+    read_varint_loop,
+    signed64,
+    skip_varint,
+    uuid_ts_prefix,
 )
 
 
@@ -29,7 +24,7 @@ def header_of(raw: bytes, tag: int) -> bytes | int | None:
     for tag 10), None when absent. Raises DecodeError on malformed framing."""
     n = len(raw)
     found: bytes | int | None = None
-    head = _uuid_ts_prefix(raw)
+    head = uuid_ts_prefix(raw)
     pos = 0 if head is None else head.end()
     try:
         while pos < n:
@@ -41,31 +36,31 @@ def header_of(raw: bytes, tag: int) -> bytes | int | None:
                 if ln < 0x80:
                     pos += 1
                 else:
-                    ln, pos = _read_varint(raw, pos, n)
+                    ln, pos = read_varint(raw, pos, n)
                 end = pos + ln
                 if key >> 3 == tag:
                     found = raw[pos:end]
                 pos = end
             elif wt == 0:
                 if key >> 3 == tag:
-                    v, pos = _read_varint(raw, pos, n)
-                    found = v - (1 << 64) if v & _SIGN64 else v
+                    v, pos = read_varint(raw, pos, n)
+                    found = v - (1 << 64) if v & SIGN64 else v
                 else:
-                    m = _skip_varint(raw, pos)
+                    m = skip_varint(raw, pos)
                     if m is None:
-                        raise _Bad
+                        raise Malformed
                     pos = m.end()
             else:
-                raise _Bad
-    except (_Bad, IndexError):
+                raise Malformed
+    except (Malformed, IndexError):
         raise DecodeError(f"malformed message near offset {pos}") from None
     if pos > n:
         raise DecodeError("malformed message: truncated")
     if found is None and head is not None:
         # not repeated later: take it from the Uuid/Timestamp prefix
         if tag == TIMESTAMP:
-            v = _read_varint(raw, 19, n)[0]
-            return v - (1 << 64) if v & _SIGN64 else v
+            v = read_varint(raw, 19, n)[0]
+            return v - (1 << 64) if v & SIGN64 else v
         if tag == UUID:
             return raw[2:18]
     return found
@@ -100,15 +95,15 @@ class _PayloadShape:
             while pos < n:
                 key = raw[pos]
                 if key & 7 == 2:
-                    length, start = _read_varint(raw, pos + 1, n)
+                    length, start = read_varint(raw, pos + 1, n)
                     if key == 0x32:
                         payload_key, payload_end = pos, start + length  # the last one counts
                     pos = start + length
                 elif key & 7 == 0:
-                    pos = _read_varint(raw, pos + 1, n)[1]
+                    pos = read_varint(raw, pos + 1, n)[1]
                 else:
                     return None
-        except (IndexError, _Bad, DecodeError):  # malformed: no shape to learn from it
+        except (IndexError, Malformed, DecodeError):  # malformed: no shape to learn from it
             return None
         if payload_key < 0 or pos != n:
             return None
@@ -168,7 +163,7 @@ def payloads_of(raws: list[bytes]) -> list[bytes | None]:
 def _walk_payloads(raws: list[bytes]) -> list[bytes | None]:
     out: list[bytes | None] = []
     app = out.append
-    skip = _skip_varint
+    skip = skip_varint
     for raw in raws:
         n = len(raw)
         found = None
@@ -187,7 +182,7 @@ def _walk_payloads(raws: list[bytes]) -> list[bytes | None]:
                     if ln < 0x80:
                         pos += 1
                     else:
-                        ln, pos = _read_varint(raw, pos, n)
+                        ln, pos = read_varint(raw, pos, n)
                     if key == 0x32:
                         found = raw[pos:pos + ln]
                     pos += ln
@@ -198,7 +193,7 @@ def _walk_payloads(raws: list[bytes]) -> list[bytes | None]:
                 else:
                     found = None
                     break
-        except (IndexError, _Bad, DecodeError):
+        except (IndexError, Malformed, DecodeError):
             found = None
         app(found if pos <= n else None)
     return out
@@ -230,19 +225,19 @@ def _walk(raw: bytes, tag: int) -> tuple[bool, int, int, int | None]:
             key = raw[pos]
             pos += 1
             if key & 7 == 2:
-                v, pos = _read_varint_loop(raw, pos, n)
+                v, pos = read_varint_loop(raw, pos, n)
                 if v > n - pos:
                     return False, -1, 0, None
                 if key >> 3 == tag:
                     start, length = pos, v
                 pos += v
             elif key & 7 == 0:
-                v, pos = _read_varint_loop(raw, pos, n)
+                v, pos = read_varint_loop(raw, pos, n)
                 if key >> 3 == TIMESTAMP:
                     stamp = v
             else:
                 return False, -1, 0, None
-    except _Bad:
+    except Malformed:
         return False, -1, 0, None
     return True, start, length, stamp
 
@@ -276,5 +271,5 @@ def payloads_and_stamps(raws: list[bytes]) -> tuple[list[bytes | None], list[int
     for raw in raws:
         ok, start, length, stamp = _walk(raw, PAYLOAD) if type(raw) is bytes else (False, -1, 0, None)
         payloads.append(raw[start:start + length] if ok and start >= 0 else None)
-        stamps.append(_signed(stamp) if ok and stamp is not None else None)
+        stamps.append(signed64(stamp) if ok and stamp is not None else None)
     return payloads, stamps
