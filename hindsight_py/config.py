@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from hindsight_py._lupa import LuaError, interpreted_runtime, lua
+from hindsight_py.matcher import MatcherError, compile_matcher
 
 __all__ = [
     "PLUGIN_TYPES",
@@ -616,9 +617,6 @@ def load_plugin_config(
 
 
 def _check_matcher(file: str, expr: str) -> None:
-    # Imported here: the matcher sits above config in the module order.
-    from hindsight_py.matcher import MatcherError, compile_matcher
-
     try:
         compile_matcher(expr)
     except MatcherError as e:
@@ -651,6 +649,12 @@ def _find_source(file: str, name: str, plugin_type: str, filename: str, cfg_dir:
         if candidate.is_file():
             return candidate
     raise ConfigError(file, f"{name} failed to find the specified filename: {filename}", "filename")
+
+
+def runtime_values(runtime_cfg: str, rtc_path: str) -> dict[str, Any]:
+    """A plugin's runtime cfg (the ``.rtc`` text), evaluated as Python values: what a Python
+    plugin's ``read_config`` returns."""
+    return _to_python_globals(_BareLua().run(runtime_cfg, rtc_path), rtc_path, [])
 
 
 def _to_python_globals(table: Any, file: str, warnings: list[str]) -> dict[str, Any]:

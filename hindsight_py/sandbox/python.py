@@ -23,6 +23,7 @@ from typing import Any
 from hindsight_py import framing, message_dict, peek
 from hindsight_py import message as hmsg
 from hindsight_py import plugin as api
+from hindsight_py.config import runtime_values
 from hindsight_py.json_records import frame_json_records
 from hindsight_py.matcher import MatcherError, compile_matcher
 from hindsight_py.sandbox.base import BatchResult, PluginError
@@ -46,13 +47,6 @@ class _Matcher:
         return self._m(msg)
 
 
-def _runtime_values(plugin: Any) -> dict[str, Any]:
-    from hindsight_py.config import _BareLua, _to_python_globals
-
-    table = _BareLua().run(plugin.runtime_cfg, str(plugin.rtc_path))
-    return _to_python_globals(table, str(plugin.rtc_path), [])
-
-
 def _format_number(x: float) -> str:
     # add_to_payload's number format (lua_sandbox): integers plain, fractions to 8 places
     if math.isnan(x):
@@ -74,7 +68,7 @@ class PythonSandbox:
         self.plugin_type = plugin.type
         self._host = host
         self._log_level = log_level
-        self.config = _runtime_values(plugin)
+        self.config = runtime_values(plugin.runtime_cfg, str(plugin.rtc_path))
         self._module: Any = None
         self._batch_fn: Any = None
         self._ticker = 0
