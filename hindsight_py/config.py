@@ -324,11 +324,6 @@ class HindsightConfig:
         return self.resolve(self.sandbox_run_path)
 
     @property
-    def load_dir(self) -> Path | None:
-        """None when dynamic loading is off (`sandbox_load_path = ""`)."""
-        return self.resolve(self.sandbox_load_path) if self.sandbox_load_path else None
-
-    @property
     def install_dir(self) -> Path:
         return self.resolve(self.sandbox_install_path)
 

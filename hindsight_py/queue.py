@@ -309,10 +309,9 @@ class QueueReader:
 
     ``read_batch`` returns the complete records available now (None if none),
     never spanning two files. It moves to the next file once the current one
-    is exhausted and a newer one exists, jumping over missing ids
-    (``skipped_files`` counts them). Corrupt bytes and records longer than
-    ``max_message_size`` are skipped and counted in ``discarded_bytes``. The
-    caller logs both counters; nothing is dropped silently.
+    is exhausted and a newer one exists, jumping over missing ids (as upstream's
+    readers do). Corrupt bytes and records longer than ``max_message_size`` are
+    skipped and counted in ``discarded_bytes``, which the caller reports.
     """
 
     def __init__(
@@ -327,7 +326,6 @@ class QueueReader:
         self.max_message_size = max_message_size
         self.validate = validate
         self.discarded_bytes = 0
-        self.skipped_files = 0
         self._want = position  # where to open, while no file is open
         self._fd = -1
         self._id = -1
@@ -430,7 +428,6 @@ class QueueReader:
         later = [i for i in ids if i > want[0]]
         if not later:
             return False  # not written yet
-        self.skipped_files += later[0] - want[0]
         self._open(later[0], 0)
         return True
 
@@ -521,6 +518,5 @@ class QueueReader:
                 self._open(later[0], 0)
             except FileNotFoundError:
                 return False
-            self.skipped_files += later[0] - current - 1
         self.discarded_bytes += pending
         return True

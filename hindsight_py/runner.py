@@ -1,8 +1,11 @@
 """One plugin process: the input loop, or the read loops of analysis and output plugins.
 
-A runner talks to the supervisor over one pipe:
-  child -> supervisor: ("cp", {key: value}), ("log", ...) is not used (children write stderr
-                       directly), ("stats", name, dict), ("exit", name, status, error)
+A runner talks to the supervisor over one pipe (children write their log lines to stderr
+themselves):
+  child -> supervisor: ("cp", {key: value}) checkpoints, coalesced (about every CP_SEND_INTERVAL);
+                       ("stats", name, dict) a plugin's counters, every STATS_SEND_INTERVAL;
+                       ("exit", name, status bits, error or None, final stats dict) a plugin ended;
+                       ("done", label) the process is finished (after its last "cp" and "exit"s)
   supervisor -> child: ("drain",) every writer upstream of this process has finished: read the
                        queues to their end, run the shutdown timer_event, exit;
                        ("stop",) stop as soon as possible (inputs: is_running() turns false).
@@ -54,7 +57,6 @@ class ProcessSpec:
 @dataclass
 class _Stats:
     injected: int = 0
-    injected_bytes: int = 0
     processed: int = 0
     failures: int = 0
     indexed: int = 0
@@ -145,7 +147,6 @@ class _Host:
     def write_messages(self, data: bytes, count: int) -> None:
         self.runner.writer.append(data)
         self.stats.injected += count
-        self.stats.injected_bytes += len(data)
 
     def checkpoint(self, value: Any) -> None:
         self.checkpoint_value = value
@@ -247,7 +248,9 @@ class _Host:
 
             accepts = server_accepts_types(self.plugin.values, self.log_fn)
             if accepts is None:
-                return True  # unknown yet: ask again next time; modern servers want no `_type`
+                # unknown (no answer from the server): leave `_type` out, as modern servers want.
+                # _es_types stays unset, but env.lua's hook keeps this first answer for the run.
+                return True
             self._es_types = accepts
             if not accepts:
                 self.log_fn(6, "the server does not accept mapping types: `_type` is left out of action lines")

@@ -196,10 +196,6 @@ def scan(root: str) -> Iterator[tuple[str, int]]:
 
 
 # -- reading one file ----------------------------------------------------------------------------
-class _Damage(Exception):
-    pass
-
-
 def _gunzip(data: bytes) -> tuple[bytes, str | None]:
     """What can be decompressed, and what went wrong (None: the whole file). Handles multi-member files."""
     out: list[bytes] = []

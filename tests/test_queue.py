@@ -129,10 +129,9 @@ def test_reader_starts_at_the_oldest_file_and_resumes_from_positions(tmp_path: P
     assert [int(tag_of(x)) for x in read_all(resumed)] == list(range(start + 1, 20))
     rest = read_all(QueueReader(tmp_path, r.position()))
     assert [int(tag_of(x)) for x in rest] == list(range(start + 2, 20))
-    assert r.skipped_files == 0
 
 
-def test_missing_files_are_jumped_and_counted(tmp_path: Path) -> None:
+def test_missing_files_are_jumped(tmp_path: Path) -> None:
     w = QueueWriter(tmp_path, 300)
     for i in range(12):
         w.append(framed(str(i), 300))  # one record per file
@@ -141,11 +140,9 @@ def test_missing_files_are_jumped_and_counted(tmp_path: Path) -> None:
         os.remove(tmp_path / f"{gone}.log")
     r = QueueReader(tmp_path, None)
     assert [tag_of(x) for x in read_all(r)] == ["0", "1", "4", "5", "6", "8", "9", "10", "11"]
-    assert r.skipped_files == 3
     # a checkpoint pointing into a missing file moves to the next one that exists
     r2 = QueueReader(tmp_path, (2, 50))
     assert [tag_of(x) for x in read_all(r2)][:1] == ["4"]
-    assert r2.skipped_files == 3  # 2 and 3 to start, then 7
 
 
 def test_reader_waits_for_a_file_that_does_not_exist_yet(tmp_path: Path) -> None:

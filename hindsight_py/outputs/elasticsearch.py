@@ -45,7 +45,6 @@ __all__ = [
     "BulkSender",
     "SendInterrupted",
     "SendResult",
-    "SenderStats",
     "ServerInfo",
     "bulk_body_count",
 ]
@@ -116,19 +115,6 @@ class SendResult:
     #: sources that are not JSON objects (an analysis plugin's text report, say): no server can
     #: index them, so they go to the dead-letter file without being sent. Also in dead_lettered.
     set_aside: int = 0
-
-
-@dataclass
-class SenderStats:
-    """Totals over the life of a sender."""
-
-    indexed: int = 0
-    dead_lettered: int = 0
-    requests: int = 0
-    #: Requests sent again (whole-body retries and retries of rejected items).
-    retried_requests: int = 0
-    #: Requests that failed as a whole: transport errors and non-2xx statuses.
-    failed_requests: int = 0
 
 
 class SendInterrupted(Exception):
@@ -351,7 +337,6 @@ class BulkSender:
         self.signer = signer
         #: The HTTP status of the last failed detect() when a server answered, None when none did.
         self.detect_failure_status: int | None = None
-        self.stats = SenderStats()
         self._log = log if log is not None else _python_logging
         # Tests replace this to make the jitter deterministic.
         self._jitter: Callable[[], float] = random.random
@@ -467,14 +452,12 @@ class BulkSender:
                         return
                     settled = self._settle_items(batch, data, result)
                     if isinstance(settled, _Failure):
-                        self.stats.failed_requests += 1
                         failure = settled
                     elif settled.refusal is None:
                         return
                     else:
                         batch, failure = settled, settled.refusal
                 elif status == 413:
-                    self.stats.failed_requests += 1
                     docs = batch.documents()
                     if len(docs) <= 1:
                         self._dead_letter(docs, status, *_error_from_body(status, data), result)
@@ -488,7 +471,6 @@ class BulkSender:
                     self._deliver(_Batch.of(docs[half:]), result)
                     return
                 else:
-                    self.stats.failed_requests += 1
                     reason, error = _error_from_body(status, data)
                     if status < 500 and status not in _RETRYABLE_REQUEST_STATUSES:
                         self._dead_letter(batch.documents(), status, reason, error, result)
@@ -505,7 +487,6 @@ class BulkSender:
             self._current = (self._current + 1) % len(self._targets)
             self._wait_before_retry(attempt, failure.reason, result)
             result.retried += 1
-            self.stats.retried_requests += 1
 
     def _prepared(self) -> _Failure | None:
         if self.prepare is None:
@@ -514,7 +495,6 @@ class BulkSender:
         if reason is None:
             self.prepare = None
             return None
-        self.stats.failed_requests += 1
         return _Failure(reason)
 
     def request(self, method: str, path: str, body: Any = None) -> tuple[int, bytes] | str:
@@ -533,7 +513,6 @@ class BulkSender:
 
     def _post(self, payload: bytes) -> tuple[int, bytes] | _Failure:
         pool, prefix = self._targets[self._current]
-        self.stats.requests += 1
         path = prefix + "/_bulk" + _BULK_QUERY
         try:
             response = pool.urlopen(
@@ -546,7 +525,6 @@ class BulkSender:
                 preload_content=True,
             )
         except (Urllib3Error, OSError) as exc:
-            self.stats.failed_requests += 1
             return _Failure(f"{pool.scheme}://{pool.host}:{pool.port}: {_transport_problem(exc)}")
         return response.status, response.data
 
@@ -566,7 +544,6 @@ class BulkSender:
 
     def _settle_indexed(self, count: int, result: SendResult) -> None:
         result.indexed += count
-        self.stats.indexed += count
 
     def _settle_items(self, batch: _Batch, data: bytes, result: SendResult) -> _Batch | _Failure:
         """Settle a 2xx answer item by item; returns the documents to send again."""
@@ -688,7 +665,6 @@ class BulkSender:
         # The caller commits its checkpoint right after send returns: the writer fsync()s first.
         dead_letters.dead_letter_file(self.dead_letter_path).append(records)
         result.dead_lettered += len(docs)
-        self.stats.dead_lettered += len(docs)
         self._log(LOG_WARNING, f"{len(docs)} documents dead-lettered to {self.dead_letter_path}: {reason}")
 
     def close(self) -> None:
