@@ -434,35 +434,42 @@ class _PluginSlot:
         self.holding = False
 
 
+class _Commits:
+    """The checkpoints of one read loop, in the order they were made. A position becomes its
+    queue's checkpoint only once every bulk body handed to a background delivery (PipelinedSender:
+    ``ticket`` the last body handed over, ``done`` the last delivered) before it has been
+    delivered; until then it waits, and every later position waits behind it."""
+
+    def __init__(self, senders: Callable[[], list[Any]], send: Callable[[str, str], None]) -> None:
+        self._senders = senders  # looked at anew each time: a takeover adds its sender late
+        self._send = send
+        self.waiting: list[tuple[list[tuple[Any, int]], Any, tuple[int, int]]] = []
+
+    def commit(self, reader: Any, pos: tuple[int, int]) -> None:
+        busy = [(p, p.ticket) for p in self._senders() if p.busy]
+        if busy or self.waiting:
+            self.waiting.append((busy, reader, pos))
+        else:
+            self._now(reader, pos)
+
+    def settle(self) -> None:
+        """Commit the waiting positions whose deliveries have all finished, oldest first."""
+        while self.waiting and all(p.done >= t for p, t in self.waiting[0][0]):
+            _, reader, pos = self.waiting.pop(0)
+            self._now(reader, pos)
+
+    def _now(self, reader: Any, pos: tuple[int, int]) -> None:
+        reader.committed = format_position(pos)
+        self._send(reader.key, reader.committed)
+
+
 def _read_loop(r: _Runner, readers: list[_Reader], slots: list[_PluginSlot], *, is_output: bool) -> None:
     last_pos: dict[str, tuple[int, int]] = {}
     which = 0
     out_slot = slots[0] if is_output else None
-
-    # Lua outputs' background deliveries; an upstream plugin's LuaSocket takeover adds its own
-    # sender on its first request, so the list is looked at anew each time
-    def senders() -> list[Any]:
-        return [p for slot in slots for p in slot.host.pipelined_senders]
-
-    deferred: list[tuple[list[tuple[Any, int]], _Reader, tuple[int, int]]] = []
-
-    def commit_now(reader: _Reader, pos: tuple[int, int]) -> None:
-        reader.committed = format_position(pos)
-        r.channel.checkpoint(reader.key, reader.committed)
-
-    def commit(reader: _Reader, pos: tuple[int, int]) -> None:
-        # A Lua output's bulk body may still be on its way (PipelinedSender): the position only
-        # becomes the checkpoint once everything handed over so far has been delivered.
-        busy = [(p, p.ticket) for p in senders() if p.busy]
-        if busy or deferred:  # commits stay in order behind the ones already waiting
-            deferred.append((busy, reader, pos))
-        else:
-            commit_now(reader, pos)
-
-    def apply_deferred() -> None:
-        while deferred and all(p.done >= t for p, t in deferred[0][0]):
-            _, reader, pos = deferred.pop(0)
-            commit_now(reader, pos)
+    # Lua outputs' background deliveries hold the checkpoints back (see _Commits)
+    commits = _Commits(lambda: [p for slot in slots for p in slot.host.pipelined_senders], r.channel.checkpoint)
+    commit = commits.commit
 
     def commit_processed() -> None:
         for reader in readers:
@@ -532,8 +539,7 @@ def _read_loop(r: _Runner, readers: list[_Reader], slots: list[_PluginSlot], *, 
                 r.logger.bind(r.spec.label)(4, f"{rd.queue} queue: skipped {d - rd.reported_discards} corrupt bytes")
                 rd.reported_discards = d
         if batch is None:
-            if deferred:
-                apply_deferred()
+            commits.settle()
             if r.channel.drain and all(rd.reader.at_end() for rd in readers):
                 break
             fire_timers(False)
@@ -614,8 +620,7 @@ def _read_loop(r: _Runner, readers: list[_Reader], slots: list[_PluginSlot], *, 
         if out_slot is not None and not out_slot.alive:
             break
         postpone_timers()
-        if deferred:
-            apply_deferred()
+        commits.settle()
 
     fire_timers(True)
     for slot in slots:
@@ -627,7 +632,7 @@ def _read_loop(r: _Runner, readers: list[_Reader], slots: list[_PluginSlot], *, 
             elif err and slot.alive:
                 slot.alive = False
                 r.terminated(slot.plugin, f"timer_event() {err}", slot.host)
-    apply_deferred()
+    commits.settle()
     r.channel.send_checkpoints()
 
 
