@@ -20,7 +20,7 @@ local string = require "string"
 local math = require "math"
 local table = require "table"
 local xxh = require "hindsight_py.xxh64"
-local hash_string, hash_u64, hash_u16, double_bits = xxh.string, xxh.u64, xxh.u16, xxh.double_bits
+local hash_key, hash_u16 = xxh.key, xxh.u16
 local bxor = require "bit".bxor
 local floor, ceil = math.floor, math.ceil
 local sbyte, schar, sformat = string.byte, string.char, string.format
@@ -40,13 +40,9 @@ local clp2, log2, argerror = standin.clp2, standin.log2, standin.argerror
 local function check(self, nargs, given, fname) standin.check(self, MT_NAME, nargs, given, fname) end
 
 local function key_hash(key, fname)
-    local t = type(key)
-    if t == "string" then return hash_string(key, 1) end
-    if t == "number" then
-        local h, l = double_bits(key)
-        return hash_u64(h, l, 1)
-    end
-    argerror(2, fname, "must be a string or number")
+    local h, l = hash_key(key, 1)
+    if not h then argerror(2, fname, "must be a string or number") end
+    return h, l
 end
 
 local preserve = standin.preserver(function(self) return sformat("cuckoo_filter.new(%d)", self.items) end)

@@ -23,7 +23,7 @@ local string = require "string"
 local math = require "math"
 local table = require "table"
 local xxh = require "hindsight_py.xxh64"
-local hash_string, hash_u64, hash_u32, double_bits = xxh.string, xxh.u64, xxh.u32, xxh.double_bits
+local hash_key, hash_u32 = xxh.key, xxh.u32
 local bxor = require "bit".bxor
 local floor, ceil = math.floor, math.ceil
 local sbyte, schar, sformat = string.byte, string.char, string.format
@@ -100,15 +100,8 @@ local function alt(cf, i, fp)
 end
 
 local function locate(cf, key, fname)
-    local t = type(key)
-    local h, l
-    if t == "string" then
-        h, l = hash_string(key, 1)
-    elseif t == "number" then
-        h, l = hash_u64(select(1, double_bits(key)), select(2, double_bits(key)), 1)
-    else
-        argerror(2, fname, "must be a string or number")
-    end
+    local h, l = hash_key(key, 1)
+    if not h then argerror(2, fname, "must be a string or number") end
     local fp = h == 0 and 1 or h
     return fp, l % cf.num_buckets
 end

@@ -10,6 +10,8 @@
 -- M.u32(v, seed_lo)         -> XXH64 of 4 bytes holding that little-endian 32-bit value
 -- M.u16(v, seed_lo)         -> XXH64 of 2 bytes holding that little-endian 16-bit value
 -- M.double_bits(x)          -> hi, lo: the IEEE 754 bits of the number x (as C's double)
+-- M.key(key, seed)          -> hi, lo: XXH64 of a filter key as the C modules hash it (a string's
+--                              bytes, a number's 8 double bytes); nil for any other type
 -- M.double_string(x)        -> those bits as the 8 bytes C hashes for a number key
 -- M.xxh32(s, seed)          -> XXH32(s, #s, seed)
 -- M.mul64, M.add64, M.xor64 -> (hi, lo) arithmetic modulo 2^64
@@ -20,7 +22,7 @@ local math = require "math"
 local bit = require "bit"
 local bxor = bit.bxor
 local sbyte = string.byte
-local pairs = pairs
+local pairs, type = pairs, type
 local floor, frexp, ldexp, huge = math.floor, math.frexp, math.ldexp, math.huge
 
 local M = {}
@@ -246,6 +248,15 @@ end
 local function round32(acc, input)
     acc = (acc + mul32(input, Q2)) % TWO32
     return mul32(rotl32(acc, 13), Q1)
+end
+
+function M.key(key, seed)
+    local t = type(key)
+    if t == "string" then return M.string(key, seed) end
+    if t == "number" then
+        local h, l = M.double_bits(key)
+        return M.u64(h, l, seed)
+    end
 end
 
 function M.xxh32(s, seed)
