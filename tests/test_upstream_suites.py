@@ -452,7 +452,8 @@ REFUSED_ON_PURPOSE = {
 
 # They compare output whose order is a table's iteration order: Lua 5.1's (LuaJIT's even varies
 # from run to run, its string hashes being seeded at random).
-LUA51_ORDER = {"moz_security/analysis_duo", "moz_security/analysis_pathsetfreq", "heka/test.lua",
+LUA51_ORDER = {"moz_security/analysis_duo", "moz_security/analysis_pathsetfreq", "moz_security/analysis_simuse",
+               "heka/test.lua",
                "taskcluster/worker_metrics"}
 # It expects the position of an LPeg error raised under `return g:match(data)`: Lua 5.1 keeps the
 # calling function's frame for a tail call of a C function, LuaJIT replaces it (so the error names
