@@ -16,7 +16,8 @@ Pipelines (hindsight_cli, one process per plugin):
             same records as .json.gz files of 1,000 in the AWSLogs/ layout (tree_dir); s3tree_pure: no C loops
 Baselines:
   streaming_bulk / parallel_bulk   elasticsearch-py's helpers reading the same file
-  server_limit                     pre-built bulk bodies posted as fast as the server takes them
+  server_limit                     pre-built bulk bodies posted as fast as the server takes them, the best
+                                   of 1, 2 and 4 connections
 
 Data: tests/cloudtrail_gen.py (made once per line count under benchmarks/_work/); endpoint:
 tests/bulk_sink.py in a process of its own.
@@ -464,9 +465,7 @@ def run_helper(kind: str, data: Path, ep: Endpoint) -> dict:
     return {"name": kind, "wall": wall, "cpu": cpu, "rss": rss, "rc": rc, "docs": ep.docs(index) - before}
 
 
-def run_server_limit(data: Path, ep: Endpoint) -> dict:
-    """Pre-built bodies of BATCH documents, posted back to back over one keep-alive connection."""
-    index = "bench-server-limit"
+def _bulk_bodies(data: Path, index: str) -> list[bytes]:
     action = json.dumps({"index": {"_index": index}}).encode() + b"\n"
     bodies, parts, n = [], [], 0
     with open(data, "rb") as fh:
@@ -479,19 +478,58 @@ def run_server_limit(data: Path, ep: Endpoint) -> dict:
                 parts = []
     if parts:
         bodies.append(b"".join(parts))
-    ep.reset(index)
-    before = ep.docs(index)
-    pool = urllib3.HTTPConnectionPool("127.0.0.1", ep.port, maxsize=1)
-    t0 = time.perf_counter()
-    c0 = time.process_time()
-    for body in bodies:
-        r = pool.urlopen("POST", "/_bulk", body=body, headers={"Content-Type": "application/x-ndjson"})
-        if r.status != 200:
-            raise RuntimeError(f"server limit run: HTTP {r.status}")
-    wall = time.perf_counter() - t0
-    cpu = time.process_time() - c0
+    return bodies
+
+
+def _post_all(bodies: list[bytes], port: int, connections: int) -> None:
+    """Every body POSTed once, over `connections` keep-alive connections each taking the next."""
+    pending = iter(bodies)
+    lock = threading.Lock()
+    failures: list[int] = []
+
+    def worker() -> None:
+        pool = urllib3.HTTPConnectionPool("127.0.0.1", port, maxsize=1)
+        while True:
+            with lock:
+                body = next(pending, None)
+            if body is None:
+                return
+            r = pool.urlopen("POST", "/_bulk", body=body, headers={"Content-Type": "application/x-ndjson"})
+            if r.status != 200:
+                failures.append(r.status)
+
+    threads = [threading.Thread(target=worker) for _ in range(connections)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if failures:
+        raise RuntimeError(f"server limit run: HTTP {failures[0]}")
+
+
+def run_server_limit(data: Path, ep: Endpoint) -> dict:
+    """Pre-built bodies of BATCH documents posted back to back: the best of 1, 2 and 4 connections.
+
+    The row is what the server takes with no client work at all, however it likes to be fed.
+    """
+    index = "bench-server-limit"
+    bodies = _bulk_bodies(data, index)
+    best: dict | None = None
+    for connections in (1, 2, 4):
+        ep.reset(index)
+        before = ep.docs(index)
+        t0 = time.perf_counter()
+        c0 = time.process_time()
+        _post_all(bodies, ep.port, connections)
+        wall = time.perf_counter() - t0
+        cpu = time.process_time() - c0
+        docs = ep.docs(index) - before
+        if best is None or docs / wall > best["docs"] / best["wall"]:
+            best = {"wall": wall, "cpu": cpu, "docs": docs, "connections": connections}
+    assert best is not None
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"name": "server_limit", "wall": wall, "cpu": cpu, "rss": rss, "rc": 0, "docs": ep.docs(index) - before}
+    print(f"server_limit: best over {best['connections']} connection(s)")
+    return {"name": "server_limit", "wall": best["wall"], "cpu": best["cpu"], "rss": rss, "rc": 0, "docs": best["docs"]}
 
 
 # -- report ---------------------------------------------------------------------------------------
