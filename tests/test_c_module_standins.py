@@ -238,3 +238,43 @@ def test_date_formats_parses_and_normalises_in_utc(tmp_path: Path) -> None:
     assert g[b"e"] == 2  # a Monday
     assert g[b"f"] == b"America/Los_Angeles not found in timezone database"
     assert g[b"g"] == b"parse failed"
+
+
+def test_circular_buffer_errors_are_upstreams(tmp_path: Path) -> None:
+    # upstream's test.lua checks only that these fail; the texts are luaL_argerror's and the C module's
+    sb = run(tmp_path, "analysis", """
+        require "circular_buffer"
+        local cb = circular_buffer.new(2, 2, 1)
+        local calls = {
+            function() circular_buffer.new(2) end,
+            function() circular_buffer.new(2, 257, 1) end,
+            function() circular_buffer.new(nil, 1, 1) end,
+            function() cb:set(0, 3, 1) end,
+            function() cb.get(1, 1, 1) end,
+            function() cb:format("invalid") end,
+            function() cb:get_range(1, 2e9, 1e9) end,
+            function() cb:fromstring("1 1 2") end,
+            function() cb:set(0, 1, 1); cb:set(0, 1, 0/0) end,
+            function() cb:set(0, 2, 1/0); cb:add(0, 2, -1/0) end,
+        }
+        errors = {}
+        for i, f in ipairs(calls) do
+            local ok, err = pcall(f)
+            errors[i] = (err:gsub("^[^:]*:%d+: ", ""))
+        end
+        errors = table.concat(errors, "|")
+        function process_message() return 0 end
+        function timer_event() end
+    """.replace("table.concat", "require('table').concat"))
+    assert sb.globals_table()[b"errors"].decode().split("|") == [
+        "bad argument #0 to 'new' (incorrect number of arguments)",
+        "bad argument #2 to 'new' (columns must be > 0 and <= 256)",
+        "bad argument #1 to 'new' (number expected, got nil)",
+        "bad argument #2 to 'set' (column out of range)",
+        "bad argument #1 to 'get' (mozsvc.circular_buffer expected, got number)",
+        "bad argument #1 to 'format' (invalid option 'invalid')",
+        "bad argument #3 to 'get_range' (end must be >= start)",
+        "fromstring() too few values: 1, expected 4",
+        "cannot uninitialize a value",
+        "add produced a NAN",
+    ]

@@ -518,6 +518,7 @@ MODULE_TESTS = {
     "hyperloglog/test.lua": None,
     "gzfile/test.lua": None,
     "rjson/test.lua": None,
+    "circular_buffer/test.lua": None,
     "moz_telemetry/test.lua": _C_MODULE + "streaming_algorithms",
 }
 # Extensions whose tests exercise C modules only (cjson, rjson, lfs, zlib, ...) are not listed:

@@ -646,7 +646,8 @@ end
 -- second argument is that host API, with the host's io.open (maxminddb reads files from analysis
 -- plugins too, which have no io; the C module uses fopen).
 local c_standins = { maxminddb = true, cuckoo_filter = true, cuckoo_filter_expire = true, bloom_filter = true,
-    xxhash = true, hyperloglog = true, gzfile = true, date = true, ["hindsight_py.xxh64"] = true, ["hindsight_py.standin"] = true }
+    xxhash = true, hyperloglog = true, gzfile = true, date = true, circular_buffer = true,
+    ["hindsight_py.xxh64"] = true, ["hindsight_py.standin"] = true }
 -- gzfile reads any file: lua_sandbox_extensions installs it among its io_modules, so analysis plugins
 -- get it only from a path of their own
 local io_only_standins = plugin_type == "analysis" and { gzfile = true } or {}

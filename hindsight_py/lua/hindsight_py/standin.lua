@@ -4,9 +4,60 @@
 
 local string = require "string"
 local sformat, sgsub = string.format, string.gsub
-local pairs, type, error, getmetatable, select = pairs, type, error, getmetatable, select
+local pairs, type, error, getmetatable, select, tonumber, tostring = pairs, type, error, getmetatable, select,
+    tonumber, tostring
+local floor, huge = require("math").floor, require("math").huge
 
 local M = {}
+
+-- luaL_checknumber / luaL_optnumber / luaL_checkint / luaL_checkstring / luaL_checkoption on
+-- argument `narg` (value v; `given` arguments in all, to tell "no value" from nil)
+local function typename(v, narg, given)
+    if narg > given then return "no value" end
+    return type(v)
+end
+
+function M.checknumber(v, narg, given, fname)
+    local n = tonumber(v)
+    if type(v) == "number" then return v end
+    if type(v) == "string" and n then return n end
+    M.argerror(narg, fname, sformat("number expected, got %s", typename(v, narg, given)))
+end
+
+function M.optnumber(v, narg, given, fname, default)
+    if v == nil then return default end
+    return M.checknumber(v, narg, given, fname)
+end
+
+function M.checkint(v, narg, given, fname)
+    local n = M.checknumber(v, narg, given, fname)
+    return n >= 0 and floor(n) or -floor(-n) -- lua_tointeger truncates
+end
+
+function M.checkstring(v, narg, given, fname)
+    if type(v) == "string" then return v end
+    if type(v) == "number" then return tostring(v) end
+    M.argerror(narg, fname, sformat("string expected, got %s", typename(v, narg, given)))
+end
+
+-- options: name -> value; default used for nil (nil: the argument is required)
+function M.checkoption(v, narg, given, fname, options, default)
+    if v == nil and default ~= nil then v = default end
+    local name = M.checkstring(v, narg, given, fname)
+    local value = options[name]
+    if value == nil then M.argerror(narg, fname, sformat("invalid option '%s'", name)) end
+    return value
+end
+
+-- lsb_outputd: a double as lua_sandbox writes it into output and preserved data
+function M.outputd(x)
+    if x ~= x then return "nan" end
+    if x == huge then return "inf" end
+    if x == -huge then return "-inf" end
+    if x < -2147483648 or x > 2147483647 then return sformat("%.17g", x) end
+    if x == floor(x) then return sformat("%d", x) end
+    return (sgsub(sgsub(sformat("%.8f", x), "0+$", ""), "%.$", ""))
+end
 
 -- least power of 2 >= x, and log2 of a power of 2
 function M.clp2(x)
