@@ -81,6 +81,12 @@ PINS = {pin.name: pin for pin in [
         "https://github.com/duo-labs/cloudtracker.git",
         "7ef5928b7c873f71de682e95448a37e7b90cace59effe22d617fbc6136952464", "BSD-3-Clause",
         "CloudTracker's hindsight/run/, run unmodified"),
+    # lua_sandbox_extensions' streaming_algorithms package (cm_sketch, time_series, p2, matrix,
+    # running_stats) is built from this separate repository
+    Pin("streaming_algorithms", "f497cdd777e4be28f0f5370762dbfca0515b377b",
+        "https://github.com/trink/streaming_algorithms.git",
+        "2d29e197cdab25fa87f01a8049053c80d6f0482822dd7a753c13774db67b8261", "MPL-2.0",
+        "the streaming_algorithms modules' own tests (lua_binding/tests)"),
     # What lua_sandbox_extensions' CMake files download when building the real Hindsight
     # (lpeg/, cjson/, socket/ and rjson/CMakeLists.txt), for building it offline.
     Pin("lpeg", "1.0.2", "http://www.inf.puc-rio.br/~roberto/lpeg/lpeg-1.0.2.tar.gz",

@@ -426,11 +426,9 @@ BLOCKED = {
     "running, and .off files to stop them, which hindsight-py's supervisor does not provide",
     "moz_pioneer/decoder_moz_ingest_pioneer": _C_MODULE + "jose (JSON Web Encryption, on cjose)",
     "moz_ingest/doctype_monitor": _C_MODULE + "hyperloglog, streaming_algorithms",
-    "moz_security/analysis_error_rate": _C_MODULE + "streaming_algorithms",
-    "moz_security/analysis_hh": _C_MODULE + "streaming_algorithms",
     "moz_security/analysis_webinj": _C_MODULE + "libinjection",
     "moz_telemetry/decoder_telemetry": _C_MODULE + "parquet",
-    "moz_telemetry/doctype_monitor": _C_MODULE + "circular_buffer",
+    "moz_telemetry/doctype_monitor": _C_MODULE + "sax (its circular_buffer is provided)",
     "taskcluster/taskcluster": "its decoder fetches the case's fixtures with `curl file://<relative path>`, "
     "which this machine's curl (7.88) refuses (exit 3: a file URL names a host)",
     "taskcluster/taskcluster_backfill": "its decoder fetches the case's fixtures with `curl file://<relative "
@@ -452,7 +450,10 @@ REFUSED_ON_PURPOSE = {
 
 # They compare output whose order is a table's iteration order: Lua 5.1's (LuaJIT's even varies
 # from run to run, its string hashes being seeded at random).
+# analysis_error_rate and analysis_hh: iprepd's violation objects {ip = ..., violation = ...} as cjson
+# writes them, keys in table order.
 LUA51_ORDER = {"moz_security/analysis_duo", "moz_security/analysis_pathsetfreq", "moz_security/analysis_simuse",
+               "moz_security/analysis_error_rate", "moz_security/analysis_hh",
                "heka/test.lua",
                "taskcluster/worker_metrics"}
 # It expects the position of an LPeg error raised under `return g:match(data)`: Lua 5.1 keeps the

@@ -103,7 +103,7 @@ end
 
 -- lsb_serialize_binary: the bytes in a Lua string literal, only \n \r " \\ escaped
 local ESCAPES = { ["\n"] = "\\n", ["\r"] = "\\r", ['"'] = '\\"', ["\\"] = "\\\\" }
-local function binary_literal(bytes)
+function M.binary_literal(bytes)
     return (sgsub(bytes, '[\n\r"\\]', ESCAPES))
 end
 
@@ -113,7 +113,7 @@ function M.preserver(ctor)
     return function(self, key)
         local cnt, bytes = self:tostring()
         return sformat("if %s == nil then %s = %s end\n%s:fromstring(%d, \"%s\")", key, key, ctor(self), key, cnt,
-            binary_literal(bytes))
+            M.binary_literal(bytes))
     end
 end
 
