@@ -425,7 +425,6 @@ BLOCKED = {
     "lfs/input_tail": "needs dynamic loading: its input writes plugin cfgs into sandbox_load_path/input while "
     "running, and .off files to stop them, which hindsight-py's supervisor does not provide",
     "moz_pioneer/decoder_moz_ingest_pioneer": _C_MODULE + "jose (JSON Web Encryption, on cjose)",
-    "moz_ingest/doctype_monitor": _C_MODULE + "hyperloglog, streaming_algorithms",
     "moz_security/analysis_webinj": _C_MODULE + "libinjection",
     "moz_telemetry/decoder_telemetry": _C_MODULE + "parquet",
     "moz_telemetry/doctype_monitor": _C_MODULE + "sax (its circular_buffer is provided)",

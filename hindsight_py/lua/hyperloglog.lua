@@ -290,12 +290,9 @@ end
 
 mt.__tostring = function(self) return tostring_hll(self) end
 mt.__lsb_output = tostring_hll -- add_to_payload / a Fields value: the C module's bytes
-function H:tostring() return 0, tostring_hll(self) end -- for hindsight_py.standin's preserver
-
 -- what preserve_data writes (upstream: hll:fromstring("<bytes>"), without a count)
-local preserver = standin.preserver(function() return "hyperloglog.new()" end)
 function preserve(self, key)
-    return (preserver(self, key):gsub(":fromstring%(0, ", ":fromstring(", 1))
+    return standin.restore_text(key, "hyperloglog.new()", tostring_hll(self))
 end
 
 standin.finish(host_api, M, H) -- in the sandbox: uncounted, as upstream's C (env.lua)

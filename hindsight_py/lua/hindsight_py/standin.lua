@@ -6,7 +6,10 @@ local string = require "string"
 local sformat, sgsub = string.format, string.gsub
 local pairs, type, error, getmetatable, select, tonumber, tostring = pairs, type, error, getmetatable, select,
     tonumber, tostring
-local floor, huge = require("math").floor, require("math").huge
+local math = require "math"
+local floor, huge, frexp, ldexp = math.floor, math.huge, math.frexp, math.ldexp
+local sbyte, schar = string.byte, string.char
+local unpack = unpack
 
 local M = {}
 
@@ -59,6 +62,84 @@ function M.outputd(x)
     return (sgsub(sgsub(sformat("%.8f", x), "0+$", ""), "%.$", ""))
 end
 
+-- The C modules' serialized numbers, little-endian as on x86: unsigned integers of n bytes, int32,
+-- IEEE doubles and floats
+function M.le_uint(x, n)
+    local b = {}
+    for i = 1, n do
+        b[i] = x % 256
+        x = floor(x / 256)
+    end
+    return schar(unpack(b))
+end
+
+function M.read_le_uint(s, p, n)
+    local x = 0
+    for i = p + n - 1, p, -1 do x = x * 256 + sbyte(s, i) end
+    return x
+end
+
+function M.le_int32(x)
+    return M.le_uint(x < 0 and x + 4294967296 or x, 4)
+end
+
+function M.read_le_int32(s, p)
+    local x = M.read_le_uint(s, p, 4)
+    return x >= 2147483648 and x - 4294967296 or x
+end
+
+function M.le_double(x)
+    return require("hindsight_py.xxh64").double_string(x)
+end
+
+-- an IEEE value of `ebits` exponent bits and `mbits` mantissa bits from its bytes at p
+local function read_ieee(s, p, nbytes, ebits, mbits)
+    local hi = sbyte(s, p + nbytes - 1)
+    local sign = hi >= 128 and -1 or 1
+    local mant, e
+    if nbytes == 8 then -- in two halves: 64 bits do not fit a double exactly
+        local lo = M.read_le_uint(s, p, 4)
+        local h = M.read_le_uint(s, p + 4, 4) % 2147483648
+        e = floor(h / 1048576)
+        mant = (h % 1048576) * 4294967296 + lo
+    else
+        local bits = M.read_le_uint(s, p, nbytes) % 2 ^ (nbytes * 8 - 1)
+        e = floor(bits / 2 ^ mbits)
+        mant = bits % 2 ^ mbits
+    end
+    local emax = 2 ^ ebits - 1
+    local bias = 2 ^ (ebits - 1) - 1
+    if e == emax then
+        if mant ~= 0 then return 0 / 0 end
+        return sign * huge
+    end
+    if e == 0 then return sign * ldexp(mant, 1 - bias - mbits) end
+    return sign * ldexp(mant + 2 ^ mbits, e - bias - mbits)
+end
+
+function M.read_double(s, p) return read_ieee(s, p, 8, 11, 52) end
+
+function M.read_float(s, p) return read_ieee(s, p, 4, 8, 23) end
+
+-- (float)x: x rounded to a float's 24 significant bits, ties to even (normal range only)
+function M.float32(x)
+    if x == 0 or x ~= x or x == huge or x == -huge then return x end
+    local m, e = frexp(x)
+    local scaled = m * 16777216
+    local r = floor(scaled + 0.5)
+    if r - scaled == 0.5 and r % 2 == 1 then r = r - 1 end
+    return ldexp(r, e - 24)
+end
+
+-- the 4 bytes of (float)x (x normal or 0)
+function M.le_float(x)
+    x = M.float32(x)
+    if x == 0 then return "\0\0\0\0" end
+    local sign = x < 0 and 2147483648 or 0
+    local m, e = frexp(x < 0 and -x or x)
+    return M.le_uint(sign + (e + 126) * 8388608 + (m * 16777216 - 8388608), 4)
+end
+
 -- least power of 2 >= x, and log2 of a power of 2
 function M.clp2(x)
     local p = 1
@@ -107,13 +188,20 @@ function M.binary_literal(bytes)
     return (sgsub(bytes, '[\n\r"\\]', ESCAPES))
 end
 
--- What preserve_data writes for an object (upstream's serialize functions): `ctor(self)` is the
--- constructor call, self:tostring() the count and bytes for fromstring.
+-- What preserve_data writes for an object under `key` (upstream's serialize functions): create it
+-- with `ctor` (a constructor call) if the plugin did not, then restore it: `key:fromstring(args)`,
+-- `bytes` last as a string literal. Concatenated, not formatted: Lua 5.1's %s stops at a zero byte.
+function M.restore_text(key, ctor, bytes, args)
+    return sformat("if %s == nil then %s = %s end\n%s:fromstring(%s\"", key, key, ctor, key, args or "")
+        .. M.binary_literal(bytes) .. '")'
+end
+
+-- the same for the filters: `ctor(self)` is the constructor call, self:tostring() the count and
+-- bytes for fromstring
 function M.preserver(ctor)
     return function(self, key)
         local cnt, bytes = self:tostring()
-        return sformat("if %s == nil then %s = %s end\n%s:fromstring(%d, \"%s\")", key, key, ctor(self), key, cnt,
-            M.binary_literal(bytes))
+        return M.restore_text(key, ctor(self), bytes, sformat("%d, ", cnt))
     end
 end
 

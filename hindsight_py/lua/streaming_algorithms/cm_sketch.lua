@@ -16,10 +16,11 @@ local math = require "math"
 local table = require "table"
 local standin = require "hindsight_py.standin"
 local xxh32 = require("hindsight_py.xxh64").xxh32
-local floor, ceil, log = math.floor, math.ceil, math.log
-local sbyte, schar, sformat = string.byte, string.char, string.format
+local ceil, log = math.ceil, math.log
+local sformat = string.format
 local tconcat = table.concat
-local type, select, setmetatable, getmetatable, unpack = type, select, setmetatable, getmetatable, unpack
+local type, select, setmetatable, getmetatable = type, select, setmetatable, getmetatable
+local le_uint, read_le_uint = standin.le_uint, standin.read_le_uint
 
 local MT_NAME = "trink.streaming_algorithms.cm_sketch"
 local E = 2.718281828459045
@@ -134,26 +135,11 @@ function CMS.point_query(...)
     return update(self, key, "point_query", 0)
 end
 
-local function le(x, nbytes)
-    local b = {}
-    for i = 1, nbytes do
-        b[i] = x % 256
-        x = floor(x / 256)
-    end
-    return schar(unpack(b))
-end
-
 local function tostring_cms(self)
-    local out = { le(self.items, 8), le(self.uniques, 8) }
+    local out = { le_uint(self.items, 8), le_uint(self.uniques, 8) }
     local counts = self.counts
-    for i = 0, self.width * self.depth - 1 do out[#out + 1] = le(counts[i] or 0, 4) end
+    for i = 0, self.width * self.depth - 1 do out[#out + 1] = le_uint(counts[i] or 0, 4) end
     return tconcat(out)
-end
-
-local function from_le(s, p, nbytes)
-    local x = 0
-    for i = p + nbytes - 1, p, -1 do x = x * 256 + sbyte(s, i) end
-    return x
 end
 
 function CMS.fromstring(...)
@@ -166,10 +152,10 @@ function CMS.fromstring(...)
         self.items, self.uniques, self.counts = 0, 0, {}
         error("invalid serialization", 0)
     end
-    self.items, self.uniques = from_le(s, 1, 8), from_le(s, 9, 8)
+    self.items, self.uniques = read_le_uint(s, 1, 8), read_le_uint(s, 9, 8)
     local counts = {}
     for i = 0, cells - 1 do
-        local c = from_le(s, 17 + 4 * i, 4)
+        local c = read_le_uint(s, 17 + 4 * i, 4)
         if c ~= 0 then counts[i] = c end
     end
     self.counts = counts
@@ -180,9 +166,8 @@ mt.__tostring = function(self) return tostring_cms(self) end
 -- serialize_cms: upstream writes the constructor call as `streaming_algorithms.cm_sketch(e, d)`
 -- (without `.new`), kept so that state files read the same in both
 function preserve(self, key)
-    return sformat('if %s == nil then %s = streaming_algorithms.cm_sketch(%s, %s) end\n%s:fromstring("%s")', key,
-        key, sformat("%g", E / (self.width - 0.5)), sformat("%g", 1 / E ^ (self.depth - 0.5)), key,
-        standin.binary_literal(tostring_cms(self)))
+    return standin.restore_text(key, sformat("streaming_algorithms.cm_sketch(%s, %s)",
+        sformat("%g", E / (self.width - 0.5)), sformat("%g", 1 / E ^ (self.depth - 0.5))), tostring_cms(self))
 end
 
 standin.finish(host_api, M, CMS) -- in the sandbox: uncounted, as upstream's C (env.lua)
