@@ -278,3 +278,33 @@ def test_circular_buffer_errors_are_upstreams(tmp_path: Path) -> None:
         "cannot uninitialize a value",
         "add produced a NAN",
     ]
+
+
+def test_libinjection_checks_through_libinjection_python(tmp_path: Path) -> None:
+    sb = run(tmp_path, "analysis", """
+        local libi = require "libinjection"
+        local state = libi.sqli_state()
+        local q = "1' OR '1'='1"
+        libi.sqli_init(state, q, #q, 0)
+        sqli, fingerprint = libi.is_sqli(state), state.fingerprint
+        benign = libi.sqli("hello world", 11, "")
+        xss = libi.xss("<img src=x onerror=alert(1)>", 28)
+        local _, e = pcall(libi.sqli_init, state, "x")
+        arity = e
+        function process_message() return 0 end
+        function timer_event() end
+    """)
+    g = sb.globals_table()
+    assert (g[b"sqli"], g[b"fingerprint"], g[b"benign"], g[b"xss"]) == (1, b"s&sos", 0, 1)
+    assert g[b"arity"].endswith(b"Error in libinjection_sqli_init expected 4..4 args, got 2")
+
+
+def test_libinjection_without_its_python_package_names_the_extra(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    import hindsight_py.sandbox.lua as lua_mod
+
+    monkeypatch.setattr(lua_mod, "libinjection_check", lambda: None)
+    with pytest.raises(PluginError, match=re.escape(
+            "module 'libinjection' needs the Python package libinjection-python: "
+            "pip install 'hindsight-py[libinjection]'")):
+        run(tmp_path, "analysis", 'require "libinjection"\nfunction process_message() return 0 end')

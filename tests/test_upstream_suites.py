@@ -425,7 +425,6 @@ BLOCKED = {
     "lfs/input_tail": "needs dynamic loading: its input writes plugin cfgs into sandbox_load_path/input while "
     "running, and .off files to stop them, which hindsight-py's supervisor does not provide",
     "moz_pioneer/decoder_moz_ingest_pioneer": _C_MODULE + "jose (JSON Web Encryption, on cjose)",
-    "moz_security/analysis_webinj": _C_MODULE + "libinjection",
     "moz_telemetry/decoder_telemetry": _C_MODULE + "parquet",
     "moz_telemetry/doctype_monitor": _C_MODULE + "sax (its circular_buffer is provided)",
     "taskcluster/taskcluster": "its decoder fetches the case's fixtures with `curl file://<relative path>`, "
@@ -450,9 +449,10 @@ REFUSED_ON_PURPOSE = {
 # They compare output whose order is a table's iteration order: Lua 5.1's (LuaJIT's even varies
 # from run to run, its string hashes being seeded at random).
 # analysis_error_rate and analysis_hh: iprepd's violation objects {ip = ..., violation = ...} as cjson
-# writes them, keys in table order.
+# writes them, keys in table order. moz_ingest/doctype_monitor: its alerts, one per docType in
+# table order.
 LUA51_ORDER = {"moz_security/analysis_duo", "moz_security/analysis_pathsetfreq", "moz_security/analysis_simuse",
-               "moz_security/analysis_error_rate", "moz_security/analysis_hh",
+               "moz_security/analysis_error_rate", "moz_security/analysis_hh", "moz_ingest/doctype_monitor",
                "heka/test.lua",
                "taskcluster/worker_metrics"}
 # It expects the position of an LPeg error raised under `return g:match(data)`: Lua 5.1 keeps the
@@ -519,7 +519,8 @@ MODULE_TESTS = {
     "gzfile/test.lua": None,
     "rjson/test.lua": None,
     "circular_buffer/test.lua": None,
-    "moz_telemetry/test.lua": _C_MODULE + "streaming_algorithms",
+    "moz_telemetry/test.lua": _C_MODULE + "streaming_algorithms.matrix",
+    "libinjection/test.lua": None,
 }
 # Extensions whose tests exercise C modules only (cjson, rjson, lfs, zlib, ...) are not listed:
 # hindsight-py's cjson and rjson have their own tests (tests/test_lua_modules.py).

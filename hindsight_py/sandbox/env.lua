@@ -648,7 +648,8 @@ end
 local c_standins = { maxminddb = true, cuckoo_filter = true, cuckoo_filter_expire = true, bloom_filter = true,
     xxhash = true, hyperloglog = true, gzfile = true, date = true, circular_buffer = true,
     ["streaming_algorithms.cm_sketch"] = true, ["streaming_algorithms.p2"] = true,
-    ["streaming_algorithms.running_stats"] = true, ["streaming_algorithms.time_series"] = true, ["hindsight_py.xxh64"] = true, ["hindsight_py.standin"] = true }
+    ["streaming_algorithms.running_stats"] = true, ["streaming_algorithms.time_series"] = true,
+    libinjection = true, ["hindsight_py.xxh64"] = true, ["hindsight_py.standin"] = true }
 -- gzfile reads any file: lua_sandbox_extensions installs it among its io_modules, so analysis plugins
 -- get it only from a path of their own
 local io_only_standins = plugin_type == "analysis" and { gzfile = true } or {}
@@ -695,7 +696,7 @@ do
     -- -> function(object, key) returning the Lua source that restores it under `key`
 
     standin_api = { io_open = io_open, uncounted = uncounted,
-        preserve = function(object, fn) preservers[object] = fn end }
+        preserve = function(object, fn) preservers[object] = fn end, libinjection = host.libinjection }
 end
 
 local function load_lua_module(file, name, bundled)

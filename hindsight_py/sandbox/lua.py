@@ -23,6 +23,7 @@ from typing import Any, Protocol
 from hindsight_py._lupa import SYSTEM_LUA_CPATH, SYSTEM_LUA_PATH, LuaError, LuaMemoryError, LuaRuntime
 from hindsight_py.message import random_uuids
 from hindsight_py.sandbox.base import BatchResult, PluginError
+from hindsight_py.sandbox.python_standins import libinjection_check
 
 _HERE = Path(__file__).resolve().parent
 BUNDLED_LUA_PATH = str(_HERE.parent / "lua" / "?.lua") + ";" + str(_HERE.parent / "lua" / "?" / "init.lua")
@@ -152,6 +153,8 @@ class LuaSandbox:
             # upstream's per-call callbacks, when the host has them (the lua_sandbox test harness)
             "inject_callback": getattr(host, "inject_callback", None),
             "update_checkpoint_callback": getattr(host, "update_checkpoint_callback", None),
+            # the Python halves of C module stand-ins (sandbox/python_standins.py)
+            "libinjection": libinjection_check(),
         }
         host_table = _bytes_table(
             self._rt,
