@@ -121,22 +121,28 @@ function M.read_double(s, p) return read_ieee(s, p, 8, 11, 52) end
 
 function M.read_float(s, p) return read_ieee(s, p, 4, 8, 23) end
 
--- (float)x: x rounded to a float's 24 significant bits, ties to even (normal range only)
+-- (float)x: x rounded to a float's 24 significant bits (fewer below 2^-126), ties to even
 function M.float32(x)
     if x == 0 or x ~= x or x == huge or x == -huge then return x end
-    local m, e = frexp(x)
-    local scaled = m * 16777216
+    local _, e = frexp(x)
+    local shift = e - 24 < -149 and -149 or e - 24 -- the weight of the last bit kept
+    local scaled = ldexp(x, -shift)
     local r = floor(scaled + 0.5)
     if r - scaled == 0.5 and r % 2 == 1 then r = r - 1 end
-    return ldexp(r, e - 24)
+    local f = ldexp(r, shift)
+    if f >= 2 ^ 128 then return huge elseif f <= -2 ^ 128 then return -huge end
+    return f
 end
 
--- the 4 bytes of (float)x (x normal or 0)
+-- the 4 bytes of (float)x
 function M.le_float(x)
     x = M.float32(x)
-    if x == 0 then return "\0\0\0\0" end
-    local sign = x < 0 and 2147483648 or 0
-    local m, e = frexp(x < 0 and -x or x)
+    if x ~= x then return M.le_uint(0x7fc00000, 4) end
+    local sign = (x < 0 or 1 / x < 0) and 2147483648 or 0
+    if x < 0 then x = -x end
+    if x == huge then return M.le_uint(sign + 0x7f800000, 4) end
+    if x < 2 ^ -126 then return M.le_uint(sign + ldexp(x, 149), 4) end -- subnormal (or zero)
+    local m, e = frexp(x)
     return M.le_uint(sign + (e + 126) * 8388608 + (m * 16777216 - 8388608), 4)
 end
 
