@@ -308,3 +308,25 @@ def test_libinjection_without_its_python_package_names_the_extra(tmp_path: Path,
             "module 'libinjection' needs the Python package libinjection-python: "
             "pip install 'hindsight-py[libinjection]'")):
         run(tmp_path, "analysis", 'require "libinjection"\nfunction process_message() return 0 end')
+
+
+def test_a_circular_buffer_goes_into_payloads_as_upstreams_output(tmp_path: Path) -> None:
+    # inject_payload("cbuf", name, cb): the C module's output function writes the JSON header and
+    # the rows (moz_telemetry_doctype_monitor and the other dashboards send their buffers so)
+    host = FakeHost()
+    plugin = tmp_path / "plugin.lua"
+    plugin.write_text("""
+        require "circular_buffer"
+        cb = circular_buffer.new(2, 1, 60)
+        cb:set_header(1, "Requests")
+        function process_message() return 0 end
+        function timer_event()
+            cb:add(60e9, 1, 5)
+            inject_payload("cbuf", "requests", cb)
+        end
+    """)
+    sb, _ = lua_sandbox(plugin, "analysis", host, path=str(tmp_path / "?.lua"))
+    sb.run_timer(0, False)
+    assert len(host.written) == 1
+    assert (b'{"time":0,"rows":2,"columns":1,"seconds_per_row":60,"column_info":[{"name":"Requests",'
+            b'"unit":"count","aggregation":"sum"}],"annotations":[]}\nnan\n5\n') in host.written[0]

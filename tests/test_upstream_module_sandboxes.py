@@ -139,8 +139,6 @@ def test_circular_buffer_test_sandbox_annotation(circular_buffer: tuple[Path, st
 # through process, report, preservation and report again
 # ------------------------------------------------------------------------------------------------
 SA_MODULES = ["running_stats", "p2", "cm_sketch", "time_series", "matrix"]
-# the modules hindsight-py does not provide (yet): their sections of test.lua are not run
-SA_MISSING: set[str] = set()
 
 
 def _sa_sections() -> dict[str, list[int]]:
@@ -171,8 +169,6 @@ def sa_tests(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 def test_streaming_algorithms_test_lua(module: str, sa_tests: Path) -> None:
     """test.lua's section for `module`, the others blanked (so that the lines, which its expected
     error texts name, stay where they are)."""
-    if module in SA_MISSING:
-        pytest.skip(f"streaming_algorithms.{module} is not provided by hindsight-py")
     sections = _sa_sections()
     lines = (sa_tests / "tests" / "test.lua").read_text().splitlines()
     others = {i for name, rows in sections.items() if name != module for i in rows}
@@ -200,8 +196,6 @@ def _sa_serialize_cases() -> list[tuple[str, str, bytes]]:
 
 @pytest.mark.parametrize("module, script, expected", _sa_serialize_cases() or [("(not fetched)", "", b"")])
 def test_streaming_algorithms_preservation(module: str, script: str, expected: bytes, sa_tests: Path) -> None:
-    if module in SA_MISSING:
-        pytest.skip(f"streaming_algorithms.{module} is not provided by hindsight-py")
     preserve = sa_tests / "test.preserve"
     s = Script(script, sa_tests, preserve)
     assert s.process(0) == 0

@@ -448,11 +448,12 @@ REFUSED_ON_PURPOSE = {
 
 # They compare output whose order is a table's iteration order: Lua 5.1's (LuaJIT's even varies
 # from run to run, its string hashes being seeded at random).
-# analysis_error_rate and analysis_hh: iprepd's violation objects {ip = ..., violation = ...} as cjson
-# writes them, keys in table order. moz_ingest/doctype_monitor: its alerts, one per docType in
+# analysis_error_rate, analysis_hh and analysis_webinj: iprepd's violation objects {ip = ...,
+# violation = ...} as cjson writes them, keys in table order. moz_ingest/doctype_monitor: its alerts, one per docType in
 # table order.
 LUA51_ORDER = {"moz_security/analysis_duo", "moz_security/analysis_pathsetfreq", "moz_security/analysis_simuse",
-               "moz_security/analysis_error_rate", "moz_security/analysis_hh", "moz_ingest/doctype_monitor",
+               "moz_security/analysis_error_rate", "moz_security/analysis_hh", "moz_security/analysis_webinj",
+               "moz_ingest/doctype_monitor",
                "heka/test.lua",
                "taskcluster/worker_metrics"}
 # It expects the position of an LPeg error raised under `return g:match(data)`: Lua 5.1 keeps the

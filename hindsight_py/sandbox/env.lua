@@ -1168,7 +1168,9 @@ local function add_to_payload_from(first, depth, overflow, ...)
             s = userdata_output(v)
             if s == nil then argerror(i, "unknown userdata type", depth + 1) end
         else
-            argerror(i, "unsupported type", depth + 1)
+            -- a table: only a C module stand-in's object (circular_buffer...) writes itself
+            s = t == "table" and userdata_output(v)
+            if not s then argerror(i, "unsupported type", depth + 1) end
         end
         payload_len = payload_len + #s
         if output_limit > 0 and payload_len > output_limit then
