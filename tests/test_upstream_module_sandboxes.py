@@ -159,7 +159,8 @@ def _sa_sections() -> dict[str, list[int]]:
 @pytest.fixture
 def sa_tests(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     if not available(STREAMING_ALGORITHMS):
-        pytest.skip("streaming_algorithms is not fetched")
+        pytest.skip("streaming_algorithms (an optional pin: not among the offline archives) is not fetched: "
+                    "run `python3 scripts/fetch_upstream.py streaming_algorithms` where GitHub is reachable")
     copy_tree(STREAMING_ALGORITHMS, "lua_binding/tests", tmp_path / "tests")
     monkeypatch.chdir(tmp_path / "tests")
     return tmp_path
