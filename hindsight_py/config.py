@@ -8,6 +8,7 @@ and the offending key, so the user can fix the cfg from the one log line.
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import socket
@@ -500,8 +501,14 @@ class PluginConfig:
 
     @property
     def runtime_cfg(self) -> str:
-        """The cfg the sandbox evaluates: the original text, then Hindsight's assignments."""
+        """The cfg a Lua sandbox evaluates: the original text, then Hindsight's assignments."""
         return _render_runtime_cfg(self)
+
+    def runtime_values(self) -> dict[str, Any]:
+        """What the runtime cfg evaluates to, as Python data (a Python plugin's ``read_config``):
+        the cfg's own values, then Hindsight's assignments over them. A fresh copy each call."""
+        settings, sandbox = _hindsight_assignments(self)
+        return {**copy.deepcopy(self.values), **dict(settings), **dict(sandbox)}
 
 
 def discover_plugin_configs(hs: HindsightConfig) -> list[Path]:
@@ -646,12 +653,6 @@ def _find_source(file: str, name: str, plugin_type: str, filename: str, cfg_dir:
     raise ConfigError(file, f"{name} failed to find the specified filename: {filename}", "filename")
 
 
-def runtime_values(runtime_cfg: str, rtc_path: str) -> dict[str, Any]:
-    """A plugin's runtime cfg (the ``.rtc`` text), evaluated as Python values: what a Python
-    plugin's ``read_config`` returns."""
-    return _to_python_globals(_BareLua().run(runtime_cfg, rtc_path), rtc_path, [])
-
-
 def _to_python_globals(table: Any, file: str, warnings: list[str]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in table.items():
@@ -731,54 +732,66 @@ def _lua_quoted(s: str) -> str:
     return f'"{escaped}"'
 
 
-def _lua_bool(b: bool) -> str:
-    return "true" if b else "false"
-
-
-def _render_runtime_cfg(p: PluginConfig) -> str:
+def _hindsight_assignments(p: PluginConfig) -> tuple[list[tuple[str, Scalar]], list[tuple[str, Scalar]]]:
+    """What Hindsight assigns after a plugin's own cfg, in upstream's order: its global settings,
+    then the sandbox's. The `.rtc` text renders these; a Python plugin's config takes them as data."""
     hs = p.hs
-    s = _lua_long_string
-    lines = ["-- original configuration", p.cfg_text, "-- Hindsight defaults and overrides"]
-    lines += [f"Hostname = {s(hs.hostname)}", f"Pid = {p.pid}", f"log_level = {p.log_level}"]
+    settings: list[tuple[str, Scalar]] = [("Hostname", hs.hostname), ("Pid", p.pid), ("log_level", p.log_level)]
     if p.type == "analysis":
-        lines += [f"path = {s(hs.analysis_lua_path)}", f"cpath = {s(hs.analysis_lua_cpath)}"]
+        settings += [("path", hs.analysis_lua_path), ("cpath", hs.analysis_lua_cpath)]
     else:
-        lines += [
-            f"path = {s(hs.io_lua_path)}",
-            f"cpath = {s(hs.io_lua_cpath)}",
-            f"output_path = {s(hs.output_path)}",
-            f"output_size = {hs.output_size}",
-            f"max_message_size = {hs.max_message_size}",
-            f"sandbox_load_path = {s(hs.sandbox_load_path)}",
-            f"sandbox_run_path = {s(hs.sandbox_run_path)}",
-            f"sandbox_install_path = {s(hs.sandbox_install_path)}",
+        settings += [
+            ("path", hs.io_lua_path),
+            ("cpath", hs.io_lua_cpath),
+            ("output_path", hs.output_path),
+            ("output_size", hs.output_size),
+            ("max_message_size", hs.max_message_size),
+            ("sandbox_load_path", hs.sandbox_load_path),
+            ("sandbox_run_path", hs.sandbox_run_path),
+            ("sandbox_install_path", hs.sandbox_install_path),
         ]
-    lines += [
-        "",
-        "-- Sandbox defaults and overrides",
-        f"Logger = {s(p.name)}",
-        f"output_limit = {p.output_limit}",
-        f"memory_limit = {p.memory_limit}",
-        f"instruction_limit = {p.instruction_limit}",
-        f"ticker_interval = {p.ticker_interval}",
-        f"preserve_data = {_lua_bool(p.preserve_data)}",
-        f"restricted_headers = {_lua_bool(p.restricted_headers)}",
-        f"shutdown_on_terminate = {_lua_bool(p.shutdown_on_terminate)}",
+    sandbox: list[tuple[str, Scalar]] = [
+        ("Logger", p.name),
+        ("output_limit", p.output_limit),
+        ("memory_limit", p.memory_limit),
+        ("instruction_limit", p.instruction_limit),
+        ("ticker_interval", p.ticker_interval),
+        ("preserve_data", p.preserve_data),
+        ("restricted_headers", p.restricted_headers),
+        ("shutdown_on_terminate", p.shutdown_on_terminate),
     ]
     if p.type == "analysis":
         thread = p.thread_id
-        lines += [
+        sandbox += [
             # UINT_MAX is upstream's "not assigned"; a later start then ignores this file's thread.
-            f"thread = {UINT_MAX if thread is None else thread}",
-            f"process_message_inject_limit = {p.process_message_inject_limit}",
-            f"timer_event_inject_limit = {p.timer_event_inject_limit}",
+            ("thread", UINT_MAX if thread is None else thread),
+            ("process_message_inject_limit", p.process_message_inject_limit),
+            ("timer_event_inject_limit", p.timer_event_inject_limit),
         ]
     if p.type == "output":
-        lines += [
-            f"async_buffer_size = {p.async_buffer_size}",
-            f"remove_checkpoints_on_terminate = {_lua_bool(p.remove_checkpoints_on_terminate)}",
-            f'read_queue = "{p.read_queue}"',
+        sandbox += [
+            ("async_buffer_size", p.async_buffer_size),
+            ("remove_checkpoints_on_terminate", p.remove_checkpoints_on_terminate),
+            ("read_queue", p.read_queue),
         ]
+    return settings, sandbox
+
+
+def _lua_literal(name: str, value: Scalar) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        # upstream quotes read_queue (one of three plain words) and long-brackets every other string
+        return f'"{value}"' if name == "read_queue" else _lua_long_string(value)
+    return str(value)
+
+
+def _render_runtime_cfg(p: PluginConfig) -> str:
+    settings, sandbox = _hindsight_assignments(p)
+    lines = ["-- original configuration", p.cfg_text, "-- Hindsight defaults and overrides"]
+    lines += [f"{k} = {_lua_literal(k, v)}" for k, v in settings]
+    lines += ["", "-- Sandbox defaults and overrides"]
+    lines += [f"{k} = {_lua_literal(k, v)}" for k, v in sandbox]
     lines.append("-- end Hindsight configuration")
     return "\n".join(lines) + "\n"
 

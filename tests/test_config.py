@@ -857,3 +857,47 @@ def test_upstream_sandbox_cfgs(root: Path) -> None:
         with pytest.raises(ConfigError) as info:
             load_plugin_config(f"run/analysis/{name}.cfg", "analysis", hs)
         assert info.value.reason == reason
+
+
+def same_typed(a: Any, b: Any) -> bool:
+    """Equal, and of the same types all the way down (True == 1 and 1 == 1.0 do not pass)."""
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(same_typed(a[k], b[k]) for k in a)
+    if isinstance(a, list):
+        return len(a) == len(b) and all(same_typed(x, y) for x, y in zip(a, b, strict=True))
+    return a == b or (a != a and b != b)  # NaN is NaN
+
+
+EVERY_KIND = (
+    'filename = "x.lua"\nmessage_matcher = "TRUE"\n'
+    's = "plain"\nodd = "a]]b\\r\\nc\\0d"\nutf = "h\\195\\169"\nempty = ""\n'
+    "i = 42\nneg = -7\nf = 0.5\nbig = 1e300\nwhole = 3.0\nnan = 0/0\ninf = 1/0\n"
+    "yes = true\nno = false\nnothing = nil\n"
+    'list = {1, "two", false, {3}}\nhash = {a = 1, b = {c = "d"}}\nmixed = {1, 2, x = "y"}\nholes = {[1] = 1, [3] = 3}\n'
+    'emptyt = {}\nnumkeys = {[2.5] = "f", [10] = "t"}\n'
+    'output_path = "ignored"\nLogger = {"replaced"}\noutput_limit = 1024.75\n'
+)
+
+
+@pytest.mark.parametrize("plugin_type", ["input", "analysis", "output"])
+def test_runtime_values_are_what_the_runtime_cfg_evaluates_to(root: Path, plugin_type: str) -> None:
+    """A Python plugin's config is handed over as data; it must be exactly what evaluating the
+    `.rtc` (a Lua plugin's config) gives: the same keys, values and types."""
+    hs = load_hs(root, "analysis_threads = 2\n", tables=defaults(output="{read_queue = 'input'}"))
+    body = EVERY_KIND if plugin_type != "input" else EVERY_KIND.replace('message_matcher = "TRUE"\n', "")
+    p = load_plugin_config(write_plugin(root, plugin_type, "p", body), plugin_type, hs, log_level=7, pid=99)
+    if plugin_type == "analysis":
+        p.assigned_thread = 1
+    values = p.runtime_values()
+    assert same_typed(values, bare_eval(p.runtime_cfg))
+    assert "nothing" not in values
+    assert values["Logger"] == f"{plugin_type}.p" and values["output_limit"] == 1024
+    assert same_typed(values["whole"], 3) and same_typed(values["f"], 0.5) and values["yes"] is True
+    assert values["odd"] == "a]]b\r\nc\0d" and values["utf"] == "h\u00e9"
+    assert values["list"] == [1, "two", False, [3]] and values["hash"] == {"a": 1, "b": {"c": "d"}}
+    assert values["mixed"] == {1: 1, 2: 2, "x": "y"} and values["holes"] == {1: 1, 3: 3}
+    assert values["numkeys"] == {2.5: "f", 10: "t"} and values["emptyt"] == {}
+    values["hash"]["a"] = 2  # each call gets its own copy
+    assert p.runtime_values()["hash"]["a"] == 1

@@ -27,9 +27,9 @@ def py_sandbox(tmp_path: Path, source: str, kind: str = "analysis", host: FakeHo
     n = len(list(tmp_path.glob("p*.py")))
     f = tmp_path / f"p{n}.py"
     f.write_text(HEADER + textwrap.dedent(source))
+    values = {**kw.pop("cfg", {}), "Logger": "test.plugin"}  # what read_config() answers
     plugin = SimpleNamespace(
-        name=f"{kind}.p{n}", type=kind, source_path=f, runtime_cfg=kw.pop("cfg", "") + "\nLogger = 'test.plugin'\n",
-        rtc_path=tmp_path / f"{kind}.p{n}.rtc", restricted_headers=kw.pop("restricted", kind == "analysis"),
+        name=f"{kind}.p{n}", type=kind, source_path=f, runtime_values=lambda: dict(values), restricted_headers=kw.pop("restricted", kind == "analysis"),
         output_limit=kw.pop("output_limit", 65536), async_buffer_size=kw.pop("async_buffer_size", 0),
         preserve_data=kw.pop("preserve_data", False), refused_messages=kw.pop("refused_messages", "dead_letter"),
     )
@@ -70,7 +70,7 @@ def test_input_inject_forms_and_checkpoints(tmp_path: Path) -> None:
                     raise AssertionError(text)
             assert is_running()
             return 0, "done"
-    """.replace("encode_raw", repr(raw_message(Type="raw"))), "input", cfg="user = 'v'")
+    """.replace("encode_raw", repr(raw_message(Type="raw"))), "input", cfg={"user": "v"})
     assert sb.run_input(None) == (0, "done")
     assert [m.type for m in host.messages()] == ["dict", "raw"]
     assert host.messages()[0].logger == "input.p0" and host.checkpoints[-1] == 3

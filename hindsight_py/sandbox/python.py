@@ -23,7 +23,6 @@ from typing import Any
 from hindsight_py import framing, message_dict, peek
 from hindsight_py import message as hmsg
 from hindsight_py import plugin as api
-from hindsight_py.config import runtime_values
 from hindsight_py.json_records import frame_json_records
 from hindsight_py.matcher import MatcherError, compile_matcher
 from hindsight_py.sandbox.base import BatchResult, PluginError
@@ -68,7 +67,7 @@ class PythonSandbox:
         self.plugin_type = plugin.type
         self._host = host
         self._log_level = log_level
-        self.config = runtime_values(plugin.runtime_cfg, str(plugin.rtc_path))
+        self.config = plugin.runtime_values()
         self._module: Any = None
         self._batch_fn: Any = None
         self._ticker = 0
