@@ -476,10 +476,11 @@ def _fold(node: _Node) -> _Node:
     return (op, left, right)
 
 
-def _uses_fields(node: _Node) -> bool:
+def _uses(node: _Node, var: str) -> bool:
+    """Whether any test of the tree looks at ``var`` ("fields", "payload" or a header attribute)."""
     if isinstance(node, tuple):
-        return _uses_fields(node[1]) or _uses_fields(node[2])
-    return isinstance(node, _Test) and node.var == "fields"
+        return _uses(node[1], var) or _uses(node[2], var)
+    return isinstance(node, _Test) and node.var == var
 
 
 _NUMBER_CHECKS: dict[str, Callable[[float], Callable[[Any], bool]]] = {
@@ -583,7 +584,8 @@ def compile_matcher(expression: str | bytes) -> Matcher:
     namespace: dict[str, Any] = {}
     exec(compile(code, f"<message_matcher {text[:60]!r}>", "exec"), namespace)
     match = namespace["_factory"](*constants)
-    return Matcher(text, match, always=tree is True, headers_only=not _uses_fields(tree), header_test=_header_test(tree))
+    return Matcher(text, match, always=tree is True, headers_only=not _uses(tree, "fields"),
+                   header_test=_header_test(tree))
 
 
 _HEADER_TAGS = {"type": 3, "logger": 4, "env_version": 7, "hostname": 9, "payload": 6}
@@ -597,12 +599,45 @@ def _header_test(tree: _Node) -> tuple[int, bytes, bool] | None:
 
 
 def compile_raw_matcher(expression: str) -> Callable[[bytes], bool] | None:
-    """A matcher over a message's protobuf bytes (create_message_matcher's); None if the expression is invalid."""
-    from hindsight_py.message import decode
+    """A matcher over a message's protobuf bytes (create_message_matcher's); None if the expression is invalid.
 
+    A plugin's matchers usually test the same message one after another (a router's): a single
+    header comparison is read off the bytes, and the others share the last message decoded, so
+    a message is decoded at most once whatever the number of matchers."""
     try:
         m = compile_matcher(expression)
     except MatcherError:
         return None
+    if m.always:
+        return lambda raw: True
     match = m.match
-    return lambda raw: match(decode(raw))
+    if m.header_test is not None:
+        from hindsight_py import peek
+
+        tag, literal, equal = m.header_test
+
+        def header_match(raw: bytes) -> bool:
+            verdict = peek.header_selection([raw], tag, literal)[0]
+            if verdict < 0:  # not walkable without decoding: the decoder has the last word
+                return match(_decoded(raw))
+            return verdict == equal
+
+        return header_match
+    return lambda raw: match(_decoded(raw))
+
+
+# The last message the raw matchers decoded, with its bytes. One tuple, replaced whole, so a
+# thread never sees one message's bytes with another's Message.
+_last_decoded: tuple[bytes, Any] = (b"", None)
+
+
+def _decoded(raw: bytes) -> Any:
+    global _last_decoded
+    last_raw, msg = _last_decoded
+    if msg is not None and raw == last_raw:
+        return msg
+    from hindsight_py import message as hmsg
+
+    msg = hmsg.decode(raw)
+    _last_decoded = (raw, msg)
+    return msg

@@ -15,6 +15,7 @@ import shutil
 import subprocess
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from upstream_files import LUA_SANDBOX, copy_tree, source, unavailable
@@ -25,6 +26,7 @@ from hindsight_py.matcher import (
     Matcher,
     MatcherError,
     compile_matcher,
+    compile_raw_matcher,
 )
 from hindsight_py.message import Field, Message, encode
 
@@ -799,3 +801,54 @@ def test_agrees_with_lua_sandbox_matcher(lua_sandbox_matcher: ctypes.CDLL) -> No
             assert matcher(msg) is bool(upstream), (expression, msg)
             evaluated += 1
     assert valid > 1000 and invalid > 100 and evaluated == 4 * valid
+
+
+# --------------------------------------------------------------------------------------
+# Matchers over raw bytes (create_message_matcher): what they decode.
+# --------------------------------------------------------------------------------------
+
+def _raw(**kw: Any) -> bytes:
+    fields = [Field("x", values=["y"]), Field("n", INTEGER, values=[1])]
+    msg = Message(uuid=bytes(16), timestamp=10**18, type=kw.get("type", "t"), logger="l", severity=6,
+                  payload=kw.get("payload", "p"), fields=kw.get("fields", fields))
+    return encode(msg)
+
+
+def test_raw_matchers_decode_a_message_at_most_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    from hindsight_py import matcher as matcher_module
+    from hindsight_py import message as hmsg
+
+    decodes: list[tuple[bool, bool]] = []
+    real = hmsg.decode
+
+    def counting(raw: bytes, *, fields: bool = True, payload: bool = True) -> Message:
+        decodes.append((fields, payload))
+        return real(raw, fields=fields, payload=payload)
+
+    monkeypatch.setattr(hmsg, "decode", counting)
+    monkeypatch.setattr(matcher_module, "_last_decoded", (b"", None))
+    expressions = ["TRUE", "Type == 't'", "Logger != 'l'", "Fields[x] == 'y'", "Severity < 7 && Fields[n] == 1",
+                   "Payload =~ '^p'", "Fields[x] == 'z' || Type == 'u'"]
+    raw_matchers = [compile_raw_matcher(e) for e in expressions]
+    messages = [_raw(), _raw(type="u", payload="q", fields=[])]
+    for raw in messages:
+        expected = [compile_matcher(e)(real(raw)) for e in expressions]
+        # the bytes the Lua sandbox passes are a new object at each eval
+        assert [m(bytes(bytearray(raw))) for m in raw_matchers if m is not None] == expected
+        assert [m(bytes(bytearray(raw))) for m in raw_matchers if m is not None] == expected
+    # TRUE and the header comparisons decode nothing; the others share one decode per message
+    assert decodes == [(True, True), (True, True)]
+
+
+def test_raw_matchers_of_one_header_decode_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    from hindsight_py import message as hmsg
+
+    def no_decoding(raw: bytes, **kw: Any) -> Message:
+        raise AssertionError("decoded")
+
+    monkeypatch.setattr(hmsg, "decode", no_decoding)
+    for expression, matching in (("Type == 't'", True), ("Type != 't'", False), ("Hostname == 'h'", False),
+                                 ("Hostname != 'h'", True), ("Payload == 'p'", True)):
+        m = compile_raw_matcher(expression)
+        assert m is not None and m(_raw()) is matching, expression
+    assert compile_raw_matcher("Type ==") is None
