@@ -1,9 +1,9 @@
-"""hindsight.cfg and plugin .cfg files: evaluation, validation, defaults and the `.rtc` text.
+"""hindsight.cfg and plugin .cfg files: validation and defaults, the loaded configurations.
 
-Both kinds of file are Lua 5.1 chunks run in a bare state, exactly as Hindsight runs them: no
-standard library at all, so a cfg can only compute with literals, operators, table constructors,
-locals and globals it assigned itself. Every error is a `ConfigError` whose text names the file
-and the offending key, so the user can fix the cfg from the one log line.
+Both are evaluated in a bare Lua state (config_lua); this module checks what they assigned, key by
+key with Hindsight's texts, and merges a plugin's cfg over its type's defaults. What Hindsight
+assigns after a plugin's cfg is one list: rendered as the `.rtc` text for Lua plugins
+(config_rtc), handed over as data to Python plugins (`PluginConfig.runtime_values`).
 """
 
 from __future__ import annotations
@@ -16,7 +16,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hindsight_py._lupa import LuaError, interpreted_runtime, lua
+from hindsight_py.config_lua import (
+    UINT_MAX,
+    BareLua,
+    CfgTable,
+    ChunkError,
+    ConfigError,
+    decode_text,
+    encode_text,
+    globals_as_python,
+    lua_type,
+)
+from hindsight_py.config_rtc import Assignments, render_runtime_cfg
 from hindsight_py.matcher import MatcherError, compile_matcher
 
 __all__ = [
@@ -36,219 +47,10 @@ READ_QUEUES = ("both", "input", "analysis")
 DEFAULT_INSTALL_PATH = "/usr/share/luasandbox/sandboxes/heka"
 MAX_ANALYSIS_THREADS = 64
 MAX_HOSTNAME = 64
-UINT_MAX = 4294967295
-UINT8_MAX = 255
-
-# A cfg only assigns a handful of values; these caps turn a runaway loop or a
-# string-doubling accident into an error instead of a hung or OOM-killed start.
-_INSTRUCTION_CAP = 10_000_000
-_MEMORY_CAP = 128 * 1024 * 1024
 
 _PLUGIN_EXTENSIONS = {".lua": "lua", ".py": "python"}
 
-Scalar = int | float | str | bool
 DefaultValue = int | bool | str
-
-
-# Control characters as escapes (tab stays): a cfg value with a newline in it, quoted in an
-# error, must not split the error over several log lines.
-_LINE_ESCAPES = {c: f"\\x{c:02x}" for c in (*range(32), 127) if c != 9} | {10: "\\n", 13: "\\r"}
-
-
-class ConfigError(Exception):
-    """A cfg that cannot be used. `str()` is the single log line Hindsight prints."""
-
-    def __init__(self, file: str | os.PathLike[str], reason: str, key: str | None = None) -> None:
-        self.file = os.fspath(file).translate(_LINE_ESCAPES)
-        self.key = key
-        self.reason = reason.translate(_LINE_ESCAPES)
-        super().__init__(f"loading {self.file} failed: {self.reason}")
-
-
-# --------------------------------------------------------------------------- bare Lua evaluation
-
-# Lua shortens long chunk names to "...<tail>", so chunks run under this short name and the
-# file's full path is put back into the message afterwards.
-_CHUNK = b"cfg"
-
-_RUNNER = """
-local loadstring, setfenv, pcall, error, sethook = loadstring, setfenv, pcall, error, debug.sethook
--- A bare Hindsight state has no string library, so strings have no methods either.
-debug.setmetatable("", nil)
-return function(text, chunkname, env, limit, compile_only)
-  local fn, err = loadstring(text, chunkname)
-  if not fn then return false, err end
-  if compile_only then return true, nil end
-  setfenv(fn, env)
-  sethook(function() error("instruction limit exceeded", 2) end, "", limit)
-  local ok, msg = pcall(fn)
-  sethook()
-  return ok, msg
-end
-"""
-
-
-def _decode(b: bytes) -> str:
-    # surrogateescape keeps non-UTF-8 bytes intact all the way into the .rtc text.
-    return b.decode("utf-8", "surrogateescape")
-
-
-def _encode(s: str) -> bytes:
-    return s.encode("utf-8", "surrogateescape")
-
-
-class _BareLua:
-    """One private Lua state used to run one cfg chunk with an empty global table."""
-
-    def __init__(self) -> None:
-        self.runtime = interpreted_runtime(encoding=None, register_eval=False, register_builtins=False,
-                                           max_memory=_MEMORY_CAP)
-        self._run = self.runtime.execute(_RUNNER)
-
-    def run(self, text: str, chunkname: str) -> Any:
-        """Run the chunk and return its global table, or raise `_ChunkError`."""
-        env = self.runtime.table()
-        try:
-            ok, msg = self._run(_encode(text), b"=" + _CHUNK, env, _INSTRUCTION_CAP, False)
-        except LuaError as e:  # out of memory surfaces here
-            raise _ChunkError(str(e)) from None
-        if not ok:
-            raise _ChunkError(_lua_message(msg, chunkname))
-        return env
-
-    def compile_error(self, text: str, chunkname: str) -> str | None:
-        ok, msg = self._run(_encode(text), b"=" + _CHUNK, None, 0, True)
-        return None if ok else _lua_message(msg, chunkname)
-
-
-class _ChunkError(Exception):
-    pass
-
-
-def _lua_message(msg: Any, chunkname: str) -> str:
-    if msg is None:
-        return "not enough memory"
-    text = _decode(msg) if isinstance(msg, bytes) else str(msg)
-    prefix = _CHUNK.decode() + ":"
-    return chunkname + text[len(prefix) - 1 :] if text.startswith(prefix) else text
-
-
-def _lua_tostring(value: Any) -> str | None:
-    """Lua's lua_tolstring: strings as they are, numbers as "%.14g", anything else None."""
-    if isinstance(value, bytes):
-        return _decode(value)
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int | float):
-        return _format_g14(value)
-    return None
-
-
-def _format_g14(n: int | float) -> str:
-    f = float(n)
-    if math.isnan(f):
-        return "nan" if math.copysign(1, f) > 0 else "-nan"
-    return format(f, ".14g")
-
-
-def _lua_type(value: Any) -> str:
-    if value is None:
-        return "nil"
-    if isinstance(value, bool):
-        return "boolean"
-    if isinstance(value, int | float):
-        return "number"
-    if isinstance(value, bytes):
-        return "string"
-    return lua.lua_type(value) or type(value).__name__
-
-
-class _Globals:
-    """The evaluated global table, consumed key by key like Hindsight's validation does."""
-
-    def __init__(self, table: Any, file: str, parent: str | None = None) -> None:
-        self.file = file
-        self.parent = parent
-        self.items: dict[Any, Any] = {}
-        for k, v in table.items():
-            self.items[_decode(k) if isinstance(k, bytes) else k] = v
-
-    def qualified(self, key: str) -> str:
-        return f"{self.parent}.{key}" if self.parent else key
-
-    def fail(self, key: str | None, reason: str) -> ConfigError:
-        return ConfigError(self.file, reason, self.qualified(key) if key else self.parent)
-
-    def take(self, key: str) -> Any:
-        return self.items.pop(key, None)
-
-    def unsigned(self, key: str, default: int) -> int:
-        return self._number(key, default, UINT_MAX, "an unsigned int")
-
-    def uint8(self, key: str, default: int) -> int:
-        return self._number(key, default, UINT8_MAX, "a uint8_t")
-
-    def _number(self, key: str, default: int, maximum: int, kind: str) -> int:
-        value = self.take(key)
-        if value is None:
-            return default
-        if _lua_type(value) != "number":
-            raise self.fail(key, f"{key} must be set to a number")
-        # NaN passes upstream's range check and becomes garbage; we reject it.
-        if math.isnan(value) or value < 0 or value > maximum:
-            raise self.fail(key, f"{key} must be {kind}")
-        return int(value)  # fractions truncate, as the C cast does
-
-    def boolean(self, key: str, default: bool) -> bool:
-        value = self.take(key)
-        if value is None:
-            return default
-        if not isinstance(value, bool):
-            # Upstream says "preserve_data must be set to a bool" whatever the key is;
-            # we name the key the user actually got wrong.
-            raise self.fail(key, f"{key} must be set to a bool")
-        return value
-
-    def string(self, key: str, default: str | None = None) -> str:
-        value = self.take(key)
-        text = _lua_tostring(value)
-        if text is None:
-            # Upstream silently falls back to the default for a boolean or a table when the
-            # key has one; a value of the wrong type is always a mistake, so we report it.
-            if value is None and default is not None:
-                return default
-            raise self.fail(key, f"{key} must be set to a string")
-        return text
-
-    def option(self, key: str, default: str, options: tuple[str, ...]) -> str:
-        value = self.take(key)
-        if value is None:
-            return default
-        if not isinstance(value, bytes):  # no number coercion here, as upstream
-            raise self.fail(key, f"{key} must be set to a string")
-        text = _decode(value)
-        if text not in options:
-            raise self.fail(key, f"{key} invalid option {text}")
-        return text
-
-    def choice(self, key: str, default: str, options: tuple[str, ...]) -> str:
-        """A hindsight-py key with a few string values: the error names them."""
-        value = self.take(key)
-        if value is None:
-            return default
-        allowed = " or ".join(f'"{o}"' for o in options)
-        text = _decode(value) if isinstance(value, bytes) else None
-        if text not in options:
-            shown = f'"{text}"' if text is not None else f"a {_lua_type(value)}"
-            raise self.fail(key, f"{self.qualified(key)} must be {allowed}, not {shown}")
-        return text
-
-    def reject_unknown(self) -> None:
-        for key in sorted(self.items, key=lambda k: (not isinstance(k, str), str(k))):
-            if not isinstance(key, str):
-                where = f" in '{self.parent}'" if self.parent else ""
-                raise ConfigError(self.file, f"non string key{where}", self.parent)
-            raise self.fail(key, f"invalid option: '{self.qualified(key)}'")
 
 
 # --------------------------------------------------------------------------- hindsight.cfg
@@ -338,7 +140,7 @@ class HindsightConfig:
 
 def _read_text(path: Path, shown: str) -> str:
     try:
-        return _decode(path.read_bytes())
+        return decode_text(path.read_bytes())
     except OSError as e:
         raise ConfigError(shown, f"cannot open {shown}: {e.strerror}") from None
 
@@ -348,8 +150,8 @@ def load_hindsight_config(path: str | os.PathLike[str], log_level: int = 6) -> H
     shown = os.fspath(path)
     text = _read_text(Path(path), shown)
     try:
-        g = _Globals(_BareLua().run(text, shown), shown)
-    except _ChunkError as e:
+        g = CfgTable(BareLua().run(text, shown), shown)
+    except ChunkError as e:
         raise ConfigError(shown, str(e)) from None
     warnings: list[str] = []
 
@@ -371,8 +173,8 @@ def load_hindsight_config(path: str | os.PathLike[str], log_level: int = 6) -> H
     analysis_lua_path = g.string("analysis_lua_path")
     analysis_lua_cpath = g.string("analysis_lua_cpath")
     hostname = g.string("hostname", socket.gethostname())
-    if len(_encode(hostname)) > MAX_HOSTNAME:
-        hostname = _decode(_encode(hostname)[:MAX_HOSTNAME])
+    if len(encode_text(hostname)) > MAX_HOSTNAME:
+        hostname = decode_text(encode_text(hostname)[:MAX_HOSTNAME])
         warnings.append(f"the configured hostname was truncated to: {hostname}")
     threads = g.uint8("analysis_threads", 1)
     if not 1 <= threads <= MAX_ANALYSIS_THREADS:
@@ -418,12 +220,12 @@ def load_hindsight_config(path: str | os.PathLike[str], log_level: int = 6) -> H
     )
 
 
-def _load_sandbox_defaults(g: _Globals, plugin_type: str) -> dict[str, DefaultValue]:
+def _load_sandbox_defaults(g: CfgTable, plugin_type: str) -> dict[str, DefaultValue]:
     key = f"{plugin_type}_defaults"
     table = g.take(key)
-    if _lua_type(table) != "table":
+    if lua_type(table) != "table":
         raise g.fail(key, f"{key} must be a table")
-    d = _Globals(table, g.file, parent=key)
+    d = CfgTable(table, g.file, parent=key)
     result = dict(_TYPE_BUILTINS[plugin_type])
     for name, default in result.items():
         if name == "read_queue":
@@ -502,7 +304,7 @@ class PluginConfig:
     @property
     def runtime_cfg(self) -> str:
         """The cfg a Lua sandbox evaluates: the original text, then Hindsight's assignments."""
-        return _render_runtime_cfg(self)
+        return render_runtime_cfg(self.cfg_text, *_hindsight_assignments(self))
 
     def runtime_values(self) -> dict[str, Any]:
         """What the runtime cfg evaluates to, as Python data (a Python plugin's ``read_config``):
@@ -544,15 +346,15 @@ def load_plugin_config(
         raise ConfigError(shown, "a plugin cfg file name must end in .cfg")
     name = f"{plugin_type}.{cfg_file.name[:-4]}"
     text = _read_text(cfg_file, shown)
-    lua = _BareLua()
+    lua = BareLua()
     try:
         table = lua.run(text, shown)
-    except _ChunkError as e:
+    except ChunkError as e:
         raise ConfigError(shown, str(e)) from None
 
     warnings: list[str] = []
-    values = _to_python_globals(table, shown, warnings)
-    g = _Globals(table, shown)
+    values = globals_as_python(table, shown, warnings)
+    g = CfgTable(table, shown)
     d = hs.defaults_for(plugin_type)
 
     limits = {k: g.unsigned(k, int(d[k])) for k in _UNSIGNED_KEYS[:4]}
@@ -653,90 +455,11 @@ def _find_source(file: str, name: str, plugin_type: str, filename: str, cfg_dir:
     raise ConfigError(file, f"{name} failed to find the specified filename: {filename}", "filename")
 
 
-def _to_python_globals(table: Any, file: str, warnings: list[str]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in table.items():
-        key = _decode(k) if isinstance(k, bytes) else str(k)
-        converted = _to_python(v, key, file, warnings, set())
-        if converted is not _DROP:
-            out[key] = converted
-    return out
-
-
-_DROP = object()
-
-
-def _to_python(value: Any, where: str, file: str, warnings: list[str], seen: set[int]) -> Any:
-    kind = _lua_type(value)
-    if kind == "string":
-        return _decode(value)
-    if kind in ("number", "boolean"):
-        return value
-    if kind != "table":
-        warnings.append(f"{where}: dropped a {kind} value (only strings, numbers, booleans and tables are kept)")
-        return _DROP
-    ident = id(value)
-    if ident in seen:
-        raise ConfigError(file, f"{where} contains a reference cycle", where.split(".", 1)[0].split("[", 1)[0])
-    seen = seen | {ident}
-    items: dict[Any, Any] = {}
-    for k, v in value.items():
-        if isinstance(k, bytes):
-            key: Any = _decode(k)
-            sub = f"{where}.{key}"
-        elif isinstance(k, int | float) and not isinstance(k, bool):
-            key = k
-            sub = f"{where}[{_format_g14(k)}]"
-        else:
-            warnings.append(f"{where}: dropped an entry with a {_lua_type(k)} key")
-            continue
-        converted = _to_python(v, sub, file, warnings, seen)
-        if converted is not _DROP:
-            items[key] = converted
-    n = len(items)
-    if n and all(isinstance(k, int) and not isinstance(k, bool) for k in items) and set(items) == set(
-        range(1, n + 1)
-    ):
-        return [items[i] for i in range(1, n + 1)]
-    return items
-
-
-# --------------------------------------------------------------------------- runtime cfg (.rtc)
-
-
-def _lua_long_string(s: str) -> str:
-    """`s` as a Lua long string that reads back exactly, or a quoted string where none can."""
-    if "\r" in s:
-        # Long strings turn every \r and \r\n into \n; only an escaped string keeps them.
-        return _lua_quoted(s)
-    level = 0
-    while True:
-        eq = "=" * level
-        close = f"]{eq}]"
-        if close not in s and f"[{eq}[" not in s and not s.endswith(f"]{eq}"):
-            break
-        level += 1
-    # Lua drops a newline right after the opening bracket, so keep a leading one by doubling it.
-    lead = "\n" if s.startswith("\n") else ""
-    return f"[{eq}[{lead}{s}{close}"
-
-
-def _lua_quoted(s: str) -> str:
-    escaped = (
-        s.replace("\\", "\\\\")
-        .replace('"', '\\"')
-        .replace("\n", "\\n")
-        .replace("\r", "\\r")
-        .replace("\0", "\\000")
-    )
-    return f'"{escaped}"'
-
-
-def _hindsight_assignments(p: PluginConfig) -> tuple[list[tuple[str, Scalar]], list[tuple[str, Scalar]]]:
+def _hindsight_assignments(p: PluginConfig) -> tuple[Assignments, Assignments]:
     """What Hindsight assigns after a plugin's own cfg, in upstream's order: its global settings,
     then the sandbox's. The `.rtc` text renders these; a Python plugin's config takes them as data."""
     hs = p.hs
-    settings: list[tuple[str, Scalar]] = [("Hostname", hs.hostname), ("Pid", p.pid), ("log_level", p.log_level)]
+    settings: Assignments = [("Hostname", hs.hostname), ("Pid", p.pid), ("log_level", p.log_level)]
     if p.type == "analysis":
         settings += [("path", hs.analysis_lua_path), ("cpath", hs.analysis_lua_cpath)]
     else:
@@ -750,7 +473,7 @@ def _hindsight_assignments(p: PluginConfig) -> tuple[list[tuple[str, Scalar]], l
             ("sandbox_run_path", hs.sandbox_run_path),
             ("sandbox_install_path", hs.sandbox_install_path),
         ]
-    sandbox: list[tuple[str, Scalar]] = [
+    sandbox: Assignments = [
         ("Logger", p.name),
         ("output_limit", p.output_limit),
         ("memory_limit", p.memory_limit),
@@ -777,31 +500,12 @@ def _hindsight_assignments(p: PluginConfig) -> tuple[list[tuple[str, Scalar]], l
     return settings, sandbox
 
 
-def _lua_literal(name: str, value: Scalar) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str):
-        # upstream quotes read_queue (one of three plain words) and long-brackets every other string
-        return f'"{value}"' if name == "read_queue" else _lua_long_string(value)
-    return str(value)
-
-
-def _render_runtime_cfg(p: PluginConfig) -> str:
-    settings, sandbox = _hindsight_assignments(p)
-    lines = ["-- original configuration", p.cfg_text, "-- Hindsight defaults and overrides"]
-    lines += [f"{k} = {_lua_literal(k, v)}" for k, v in settings]
-    lines += ["", "-- Sandbox defaults and overrides"]
-    lines += [f"{k} = {_lua_literal(k, v)}" for k, v in sandbox]
-    lines.append("-- end Hindsight configuration")
-    return "\n".join(lines) + "\n"
-
-
 def write_runtime_cfg(plugin: PluginConfig, output_path: str | os.PathLike[str]) -> Path:
     """Write `<output_path>/<name>.rtc` (through a temp file, so a crash never leaves half of one)."""
     target = Path(output_path) / f"{plugin.name}.rtc"
     tmp = target.with_name(target.name + ".tmp")
     try:
-        tmp.write_bytes(_encode(plugin.runtime_cfg))
+        tmp.write_bytes(encode_text(plugin.runtime_cfg))
         os.replace(tmp, target)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -813,11 +517,11 @@ def previous_analysis_thread(hs: HindsightConfig, name: str) -> int | None:
     """The thread an analysis plugin ran on last time, from its old `.rtc` (None if unknown)."""
     rtc = hs.output_dir / f"{name}.rtc"
     try:
-        text = _decode(rtc.read_bytes())
-        g = _BareLua().run(text, str(rtc))
-    except (OSError, _ChunkError):
+        text = decode_text(rtc.read_bytes())
+        g = BareLua().run(text, str(rtc))
+    except (OSError, ChunkError):
         return None
     thread = g[b"thread"]
-    if _lua_type(thread) != "number" or math.isnan(thread) or not 0 <= thread < UINT_MAX:
+    if lua_type(thread) != "number" or math.isnan(thread) or not 0 <= thread < UINT_MAX:
         return None
     return int(thread)
