@@ -193,7 +193,7 @@ _frame_cache: dict[int, bytes] = {}
 
 
 
-def _payload_message_parts(logger: str, hostname: str, pid: int | None, now_ns: int,
+def payload_message_parts(logger: str, hostname: str, pid: int | None, now_ns: int,
                            type: str | None) -> tuple[bytes, bytes]:
     """The bytes every Payload-only message of one batch shares: from the Timestamp to the
     Payload key, and the headers after the Payload."""
@@ -221,7 +221,7 @@ def encode_payloads(
     would build them (restricted headers off), but about three times faster: the headers every
     message shares are encoded once, and each message costs a few list appends."""
     uuids = random_uuids(len(payloads))
-    head, tail = _payload_message_parts(logger, hostname, pid, now_ns, type)
+    head, tail = payload_message_parts(logger, hostname, pid, now_ns, type)
     fast = _accel.speedups
     if fast is not None and isinstance(payloads, list):
         try:
@@ -280,7 +280,7 @@ def encode_records(
     (_speedups.frame_records is the loop below, in C.)"""
     n = len(payloads)
     uuids = random_uuids(n)
-    head, tail = _payload_message_parts(logger, hostname, pid, 0, type)
+    head, tail = payload_message_parts(logger, hostname, pid, 0, type)
     head = head[2:]  # without the Timestamp (0x10, varint(0))
     names = [field_prefix(name) for name in fields]
     columns = list(fields.values())
@@ -332,7 +332,7 @@ def encode_lines(
     fast = _accel.speedups
     if fast is not None:
         count, stop = fast.count_lines(data, start, end, max_len)
-        head, tail = _payload_message_parts(logger, hostname, pid, now_ns, type)
+        head, tail = payload_message_parts(logger, hostname, pid, now_ns, type)
         return fast.frame_lines(data, start, stop, random_uuids(count), head, tail), count, stop
     lines = split_lines(data, start, end)
     stop = start
