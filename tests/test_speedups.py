@@ -10,11 +10,14 @@ from __future__ import annotations
 import functools
 import os
 import random
+import re
 import shutil
 import subprocess
 import sys
 
 import pytest
+from conftest import REPO_ROOT
+from twin_vectors import BODY_LINES, ID_VALUES, PAYLOAD_PIECES, VECTORS, fixed_uuids
 
 from hindsight_py import _accel, framing, message_dict, peek
 from hindsight_py import message as hmsg
@@ -53,6 +56,19 @@ def test_hindsight_py_pure_turns_the_c_loops_off():
     env = {**os.environ, "HINDSIGHT_PY_PURE": "1"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "True"
+
+
+@pytest.mark.parametrize("vector", VECTORS, ids=lambda v: v.id)
+def test_vectors(impl, vector, monkeypatch):
+    """One table (tests/twin_vectors.py), the same answers from the C loop and from its Python twin."""
+    monkeypatch.setattr(framing, "random_uuids", fixed_uuids)
+    assert vector.call() == vector.answer()
+
+
+def test_every_c_loop_has_vectors():
+    source = (REPO_ROOT / "hindsight_py" / "_speedups.c").read_text()
+    loops = set(re.findall(r'^\s*\{"(\w+)", \w+, METH_', source, re.MULTILINE))
+    assert loops and {v.twin for v in VECTORS} == loops
 
 
 def _messages(rng: random.Random, n: int, *, one_shape: bool) -> list[bytes]:
@@ -274,7 +290,7 @@ def test_payloads_of_cuts_one_shape_without_walking(impl, monkeypatch):
 
 def test_one_line_objects(impl):
     rng = random.Random(17)
-    pieces = [b"{}", b'{"a":1}', b"", b"[1]", b'{"a":\n1}', b"{" + b"x" * 5000, b'{"b":"\\n"}', b" {}"]
+    pieces = list(PAYLOAD_PIECES)
     for _ in range(500):
         payloads = [rng.choice(pieces) for _ in range(rng.randrange(0, 6))]
         want = all(p[:1] == b"{" and b"\n" not in p for p in payloads)
@@ -283,7 +299,7 @@ def test_one_line_objects(impl):
 
 def test_every_line_is_an_object(impl):
     rng = random.Random(29)
-    pieces = [b"{}", b'{"index":{}}', b"", b"[1]", b" {}", b"x", b"{" + b"y" * 3000]
+    pieces = list(BODY_LINES)
     for _ in range(500):
         body = b"\n".join(rng.choice(pieces) for _ in range(rng.randrange(0, 7))) + rng.choice([b"", b"\n"])
         want = body.startswith(b"{") and all(line.startswith(b"{") for line in body.split(b"\n")[1:-1]) and (
@@ -364,7 +380,7 @@ def test_id_action_lines_give_the_same_in_c(monkeypatch):
     from hindsight_py.outputs.bulk_lines import id_action_lines
 
     rng = random.Random(29)
-    ids = [b"abc-123", b"", b'a\\"b', b"\xc3\xbc", b"a\x01", b"x" * 100, b"~ !"]
+    ids = list(ID_VALUES)
     for case in range(300):
         payloads = []
         for _ in range(rng.randrange(0, 10)):
