@@ -1,6 +1,7 @@
 """Python plugins: a `.py` file with the same callbacks and return codes as a Lua plugin.
 
-The plugin calls the API in hindsight_py.plugin; this module is what those calls reach. Lua's
+The plugin calls the API in hindsight_py.plugin; this module is what those calls reach (what the
+plugin injects is handled by its base class, sandbox/python_inject's Injection). Lua's
 memory and instruction limits have no Python equivalent and are not enforced here; an exception
 terminates the plugin exactly as a Lua error does.
 
