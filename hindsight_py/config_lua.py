@@ -1,4 +1,5 @@
-"""A cfg chunk run in a bare Lua state, and what it evaluates to as Python data.
+"""A cfg chunk run in a bare Lua state, and what it evaluates to: its values read key by key with
+Hindsight's checks (`CfgTable`), or all of them as Python data (`globals_as_python`).
 
 hindsight.cfg and plugin .cfg files are both Lua 5.1 chunks run in a bare state, exactly as
 Hindsight runs them: no standard library at all, so a cfg can only compute with literals,
@@ -16,7 +17,6 @@ from typing import Any
 from hindsight_py._lupa import LuaError, interpreted_runtime, lua
 
 __all__ = [
-    "UINT8_MAX",
     "UINT_MAX",
     "BareLua",
     "CfgTable",
@@ -24,14 +24,12 @@ __all__ = [
     "ConfigError",
     "decode_text",
     "encode_text",
-    "format_g14",
     "globals_as_python",
-    "lua_tostring",
     "lua_type",
 ]
 
 UINT_MAX = 4294967295
-UINT8_MAX = 255
+_UINT8_MAX = 255
 
 # A cfg only assigns a handful of values; these caps turn a runaway loop or a
 # string-doubling accident into an error instead of a hung or OOM-killed start.
@@ -121,18 +119,18 @@ def _lua_message(msg: Any, chunkname: str) -> str:
     return chunkname + text[len(prefix) - 1 :] if text.startswith(prefix) else text
 
 
-def lua_tostring(value: Any) -> str | None:
+def _lua_tostring(value: Any) -> str | None:
     """Lua's lua_tolstring: strings as they are, numbers as "%.14g", anything else None."""
     if isinstance(value, bytes):
         return decode_text(value)
     if isinstance(value, bool):
         return None
     if isinstance(value, int | float):
-        return format_g14(value)
+        return _format_g14(value)
     return None
 
 
-def format_g14(n: int | float) -> str:
+def _format_g14(n: int | float) -> str:
     f = float(n)
     if math.isnan(f):
         return "nan" if math.copysign(1, f) > 0 else "-nan"
@@ -152,6 +150,8 @@ def lua_type(value: Any) -> str:
 
 
 def globals_as_python(table: Any, file: str, warnings: list[str]) -> dict[str, Any]:
+    """An evaluated global table as Python data: strings as str, numbers and booleans as they are,
+    tables as dicts (lists when their keys are 1..n). Any other value is dropped, with a warning."""
     out: dict[str, Any] = {}
     for k, v in table.items():
         key = decode_text(k) if isinstance(k, bytes) else str(k)
@@ -184,7 +184,7 @@ def _to_python(value: Any, where: str, file: str, warnings: list[str], seen: set
             sub = f"{where}.{key}"
         elif isinstance(k, int | float) and not isinstance(k, bool):
             key = k
-            sub = f"{where}[{format_g14(k)}]"
+            sub = f"{where}[{_format_g14(k)}]"
         else:
             warnings.append(f"{where}: dropped an entry with a {lua_type(k)} key")
             continue
@@ -223,7 +223,7 @@ class CfgTable:
         return self._number(key, default, UINT_MAX, "an unsigned int")
 
     def uint8(self, key: str, default: int) -> int:
-        return self._number(key, default, UINT8_MAX, "a uint8_t")
+        return self._number(key, default, _UINT8_MAX, "a uint8_t")
 
     def _number(self, key: str, default: int, maximum: int, kind: str) -> int:
         value = self.take(key)
@@ -248,7 +248,7 @@ class CfgTable:
 
     def string(self, key: str, default: str | None = None) -> str:
         value = self.take(key)
-        text = lua_tostring(value)
+        text = _lua_tostring(value)
         if text is None:
             # Upstream silently falls back to the default for a boolean or a table when the
             # key has one; a value of the wrong type is always a mistake, so we report it.
