@@ -1,4 +1,5 @@
-"""`hindsight_cli <cfg> [log_level]`, as upstream, and `hindsight-py` (the same, plus subcommands)."""
+"""`hindsight_cli <cfg> [log_level]` and the daemon `hindsight <cfg> [log_level]`, as upstream, and
+`hindsight-py` (the same as hindsight_cli, plus subcommands)."""
 
 from __future__ import annotations
 
@@ -18,17 +19,25 @@ def _log_level(text: str) -> int:
     return level if 0 <= level <= 7 else 6
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, daemon: bool = False) -> int:
     args = sys.argv[1:] if argv is None else argv
     if not 1 <= len(args) <= 2:
-        sys.stderr.write(USAGE)
+        sys.stderr.write(USAGE.replace("hindsight_cli", "hindsight") if daemon else USAGE)
         return 1
     # lua_sandbox runs in UTC: os.date, os.time{} and the matcher's RFC3339 times all depend on it
     os.environ["TZ"] = "UTC"
     time.tzset()
-    from hindsight_py.supervisor import run
+    if daemon:
+        from hindsight_py.daemon import run
+    else:
+        from hindsight_py.supervisor import run
 
     return run(args[0], _log_level(args[1]) if len(args) == 2 else 6)
+
+
+def main_daemon(argv: list[str] | None = None) -> int:
+    """`hindsight <cfg> [loglevel]`: runs until SIGINT/SIGTERM, with dynamic loading (daemon.py)."""
+    return main(argv, daemon=True)
 
 
 def main_py(argv: list[str] | None = None) -> int:

@@ -144,13 +144,13 @@ class Supervisor:
                 continue
             del self.checkpoints[key]
 
+    def spec(self, kind: str, label: str, plugins: list[PluginConfig], thread: int = 0) -> ProcessSpec:
+        """One plugin process, resuming from the checkpoints known now."""
+        return ProcessSpec(kind, label, plugins, self.hs, self.log_level, os.getpid(), dict(self.checkpoints), thread)
+
     def _specs(self) -> list[ProcessSpec]:
-        pid = os.getpid()
         specs = []
-
-        def spec(kind: str, label: str, plugins: list[PluginConfig], thread: int = 0) -> ProcessSpec:
-            return ProcessSpec(kind, label, plugins, self.hs, self.log_level, pid, dict(self.checkpoints), thread)
-
+        spec = self.spec
         for p in self.plugins:
             if p.type == "input":
                 specs.append(spec("input", p.name, [p]))
@@ -166,13 +166,16 @@ class Supervisor:
         return specs
 
     def start(self) -> None:
-        ctx = multiprocessing.get_context("fork")
         for s in self._specs():
-            parent, child = ctx.Pipe()
-            proc = ctx.Process(target=run_process, args=(s, child), name=s.label, daemon=False)
-            proc.start()
-            child.close()
-            self.children.append(_Child(s, proc, parent))
+            self.start_process(s)
+
+    def start_process(self, spec: ProcessSpec) -> None:
+        ctx = multiprocessing.get_context("fork")
+        parent, child = ctx.Pipe()
+        proc = ctx.Process(target=run_process, args=(spec, child), name=spec.label, daemon=False)
+        proc.start()
+        child.close()
+        self.children.append(_Child(spec, proc, parent))
 
     # -- run --------------------------------------------------------------------------------
     def _on_signal(self, signum: int, frame: Any) -> None:
@@ -203,8 +206,9 @@ class Supervisor:
         last_cp = last_status = time.monotonic()
         handled_signals = 0
         while True:
+            self.tick()
             live = [c for c in self.children if not c.done]
-            if not live:
+            if not live and self.finished():
                 return
             if self._signals != handled_signals:
                 handled_signals = self._signals
@@ -224,10 +228,14 @@ class Supervisor:
                 self.log(4, f"processes still running {STOP_GRACE:g}s after being told to stop: killing them")
                 self._force_stop()
                 return
-            try:
-                ready = wait([c.conn for c in live], timeout=0.2)
-            except InterruptedError:
-                ready = []
+            ready = []
+            if not live:  # the daemon with no plugin running: it waits for load/ or a signal
+                time.sleep(0.2)
+            else:
+                try:
+                    ready = wait([c.conn for c in live], timeout=0.2)
+                except InterruptedError:
+                    pass
             for conn in ready:
                 child = next(c for c in live if c.conn is conn)
                 self._receive(child)
@@ -300,8 +308,29 @@ class Supervisor:
     def _kind_done(self, kind: str) -> bool:
         return all(c.done for c in self.children if c.spec.kind == kind)
 
+    # -- what the daemon (daemon.py) changes -------------------------------------------------
+    def tick(self) -> None:
+        """Called once per loop turn (about every 0.2 s), before anything else."""
+
+    def finished(self) -> bool:
+        """Whether the run ends now that no plugin process is running (run-once: yes)."""
+        return True
+
+    @property
+    def stopping(self) -> bool:
+        """A stop signal arrived."""
+        return self._signals > 0
+
+    def stages_may_drain(self) -> bool:
+        """Whether finished inputs start the staged drain (run-once: yes; the daemon: on a signal)."""
+        return True
+
+    def exit_status(self) -> int:
+        """The exit status of the run: the failed plugins' bits, dead letters, system errors."""
+        return self.summary.status | (STATUS_DEAD_LETTERS if self.summary.total("dead_lettered") else 0)
+
     def _advance_stages(self) -> None:
-        if not self._kind_done("input"):
+        if not self.stages_may_drain() or not self._kind_done("input"):
             return
         self._send("analysis", "drain")
         if self._kind_done("analysis"):
@@ -485,7 +514,8 @@ def _tune_malloc() -> None:
         mallopt(param, value)
 
 
-def run(cfg_path: str, log_level: int = 6) -> int:
+def run(cfg_path: str, log_level: int = 6, supervisor: type[Supervisor] = Supervisor) -> int:
+    """Run a configuration to its end (run-once), or until signalled with `supervisor=Daemon`."""
     _tune_malloc()
     logger = Logger(log_level)
     log = logger.bind("hindsight")
@@ -497,7 +527,7 @@ def run(cfg_path: str, log_level: int = 6) -> int:
     except OSError as e:
         log(3, f"loading {cfg_path} failed: {e}")
         return STATUS_SYSTEM_ERROR
-    sup = Supervisor(hs, plugins, log_level, shutdown_timeout=_shutdown_timeout(log))
+    sup = supervisor(hs, plugins, log_level, shutdown_timeout=_shutdown_timeout(log))
     try:
         sup.prepare()
     except Exception as e:  # a broken hindsight.cp or an unwritable output_path
@@ -507,10 +537,8 @@ def run(cfg_path: str, log_level: int = 6) -> int:
     sup.start()
     summary = sup.run()
     elapsed = time.monotonic() - started
-    status = summary.status
+    status = sup.exit_status()
     dead = summary.total("dead_lettered")
-    if dead:
-        status |= STATUS_DEAD_LETTERS
     for name, err in summary.errors.items():
         log(3, f"{name}: {err}")
     aside = summary.total("set_aside")
