@@ -99,7 +99,7 @@ class Daemon(Supervisor):
         for p in list(self.plugins):
             if p.source_path.absolute() == target.absolute():
                 # as upstream, the plugins using that code restart with their run cfg
-                self._start_from_run_cfg(p.cfg_path, p.type, dropped.path)
+                self._start_from_run_cfg(p.cfg_path, p.type, p.cfg_path)
 
     def _load_cfg(self, dropped: Dropped) -> None:
         target = run_path_of(dropped, self.hs.run_dir)
@@ -123,10 +123,13 @@ class Daemon(Supervisor):
         try:
             plugin = load_plugin_config(self._shown(cfg), plugin_type, self.hs, self.log_level, os.getpid())
         except ConfigError as e:
-            self.log(3, f"loading {self._shown(dropped)} failed: {e}")
+            # named as the operator dropped it (the run/ path it was checked under is temporary)
+            reason = e.reason.replace(self._shown(cfg), self._shown(dropped))
+            self.log(3, f"loading {self._shown(dropped)} failed: {reason} (refused: "
+                        + ("it stays in load/; " if dropped != cfg else "") + "the running plugin, if any, is unchanged)")
             try:
-                cfg.with_suffix(".err").write_text(
-                    time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()) + f"\t{self._shown(dropped)}: {e}\n")
+                cfg.with_suffix(".err").write_text(time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime())
+                                                   + f"\tloading {self._shown(dropped)} failed: {reason}\n")
             except OSError:
                 pass
             return False
