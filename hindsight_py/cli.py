@@ -50,6 +50,8 @@ def main_py(argv: list[str] | None = None) -> int:
         sys.stdout.write(
             "usage: hindsight-py <cfg> [loglevel]        run a Hindsight configuration (as hindsight_cli)\n"
             "       hindsight-py create-index --help     create an Elasticsearch/OpenSearch index\n"
+            "       hindsight <cfg> [loglevel]           the daemon: runs until signalled, loads plugins from\n"
+            "                                            sandbox_load_path (docs/operations.md)\n"
             "\n"
             "A first SIGINT/SIGTERM drains the queues, a second one stops at once (docs/delivery.md).\n"
             "HINDSIGHT_PY_SHUTDOWN_TIMEOUT=<seconds>  how long the drain may take (default 60)\n"
