@@ -45,6 +45,13 @@ class DaemonDir:
             HINDSIGHT_CFG.replace('sandbox_load_path      = ""', 'sandbox_load_path      = "load"'))
         self.proc: subprocess.Popen[str] | None = None
 
+    @classmethod
+    def existing(cls, root: Path) -> DaemonDir:
+        """A directory laid out already (its hindsight.cfg and run/ as they are)."""
+        d = cls.__new__(cls)
+        d.root, d.proc = root, None
+        return d
+
     def put(self, where: str, kind: str, name: str, text: str) -> Path:
         """Write `<where>/<kind>/<name>` through a rename, as an operator's deploy would."""
         path = self.root / where / kind / name

@@ -6,7 +6,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from conftest import CLOUDTRAIL_NDJSON
 from daemon_helpers import DaemonDir, cfg_text, es_output
+from delivery_helpers import project_workdir
 from native_pipeline import count, documents
 
 FAILING_INPUT = """
@@ -60,3 +62,28 @@ def test_the_daemon_runs_until_signalled_and_a_failed_plugin_stays_down(tmp_path
     assert cps["input.file"] == str((tmp_path / "data.ndjson").stat().st_size)
     assert cps["input->output.es"] == cps["input"]  # drained on the signal
     assert "summary: read" in d.log()
+
+
+def test_the_daemon_runs_the_cloudtracker_setup_and_follows_its_file(tmp_path: Path, es8_url: str,
+                                                                    scratch_index) -> None:
+    # the project's run/ (file.lua -> elasticsearch_bulk_api.lua, counter.lua), the file followed
+    index = scratch_index(es8_url)
+    records = CLOUDTRAIL_NDJSON.read_bytes().splitlines(keepends=True)
+    data = tmp_path / "cloudtrail.json"
+    data.write_bytes(b"".join(records[:200]))
+    wd = project_workdir(tmp_path / "w", data, es8_url, index, id_from_json="eventID")
+    wd.edit(wd.input_cfg, ticker_interval="1")
+    wd.edit(wd.es_cfg, ticker_interval="1")
+    d = DaemonDir.existing(wd.path)
+    d.start()
+    try:
+        d.wait_for("the first 200 records", lambda: count(es8_url, index + "*") == 200)
+        with open(data, "ab") as f:
+            f.write(b"".join(records[200:]))
+        d.wait_for(f"all {len(records)} records", lambda: count(es8_url, index + "*") == len(records))
+    finally:
+        status = d.stop()
+    assert status == 0, d.log()[-4000:]
+    held = {doc["_id"] for doc in documents(es8_url, index + "*")}
+    assert held == {json.loads(line)["eventID"] for line in records}
+    assert wd.checkpoints()["input.file"] == data.stat().st_size
