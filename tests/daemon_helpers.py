@@ -67,17 +67,17 @@ class DaemonDir:
         return self.proc
 
     def stop(self, timeout: float = WAIT) -> int:
+        """SIGTERM and the exit status; a daemon that does not stop in time is killed (and fails)."""
         assert self.proc is not None
         self.proc.send_signal(signal.SIGTERM)
         try:
             return self.proc.wait(timeout)
-        finally:
-            self._log.close()
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
+        except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait(30)
+            raise AssertionError(f"the daemon did not stop within {timeout:g}s:\n{self.log()[-4000:]}") from None
+        finally:
+            self._log.close()
 
     def log(self) -> str:
         return (self.root / "hindsight.log").read_text(errors="replace")
