@@ -30,6 +30,7 @@ from hindsight_py import message as hmsg
 from hindsight_py.config import HindsightConfig, PluginConfig
 from hindsight_py.log import Logger
 from hindsight_py.matcher import compile_matcher, compile_raw_matcher
+from hindsight_py.plugin_stats import PluginTimings
 from hindsight_py.queue import LOCK_NAME, QueueReader, QueueWriter, format_position, parse_position
 from hindsight_py.sandbox import PluginError, Sandbox, create_sandbox
 
@@ -65,6 +66,8 @@ class _Stats:
     dropped: int = 0  # refused messages dropped on purpose (refused_messages = "drop")
     retried: int = 0
     discarded_bytes: int = 0
+    inject_bytes: int = 0
+    timings: PluginTimings = field(default_factory=PluginTimings)  # plugins.tsv's columns
     extra: dict[str, int] = field(default_factory=dict)
 
 
@@ -142,11 +145,13 @@ class _Host:
         self._es_types: bool | None = None
         self.pipelined_senders: list[Any] = []  # outputs/delivery.PipelinedSender
         self.pending_refusal: dict[str, Any] | None = None  # an input's refused message (refused())
+        self.memory_used: Callable[[], int] = lambda: 0  # the sandbox's, once it is made
 
     # messages and checkpoints
     def write_messages(self, data: bytes, count: int) -> None:
         self.runner.writer.append(data)
         self.stats.injected += count
+        self.stats.inject_bytes += len(data)
 
     def checkpoint(self, value: Any) -> None:
         self.checkpoint_value = value
@@ -281,6 +286,7 @@ class _Runner:
         host = _Host(self, plugin)
         self.hosts.append(host)
         sandbox = create_sandbox(plugin, self.hs, host, log_level=self.spec.log_level, pid=self.spec.supervisor_pid)
+        host.memory_used = getattr(sandbox, "memory_used", host.memory_used)
         sandbox.load()
         return sandbox, host
 
@@ -344,6 +350,8 @@ def _stats_dict(host: _Host | None) -> dict[str, int]:
         "dropped": s.dropped,
         "retried": s.retried,
         "discarded_bytes": s.discarded_bytes,
+        "inject_bytes": s.inject_bytes,
+        **s.timings.as_dict(host.memory_used()),
     }
     d.update(s.extra)
     return d
@@ -364,11 +372,13 @@ def _run_input(r: _Runner) -> None:
         return
     log = host.log_fn
     while True:
+        started = time.perf_counter_ns()
         try:
             rc, msg = sandbox.run_input(host.checkpoint_value)
         except PluginError as e:
             r.terminated(plugin, str(e), host)
             return
+        host.stats.timings.call(host.stats.timings.process, time.perf_counter_ns() - started, 1)
         if rc > 0:
             r.terminated(plugin, f"process_message() received a termination status code {rc} {msg or ''}".strip(), host)
             return
@@ -491,9 +501,9 @@ def _read_loop(r: _Runner, readers: list[_Reader], slots: list[_PluginSlot], *, 
         if slot.plugin.ticker_interval:
             slot.sandbox.set_ticker(slot.plugin.ticker_interval, slot.timer_inject_limit)
 
-    def postpone_timers() -> None:
+    def postpone_timers(fed: list[_PluginSlot]) -> None:
         now = time.monotonic()
-        for slot in slots:
+        for slot in fed:
             if slot.next_timer is not None:
                 slot.next_timer = now + slot.plugin.ticker_interval
 
@@ -509,12 +519,15 @@ def _read_loop(r: _Runner, readers: list[_Reader], slots: list[_PluginSlot], *, 
                 ns = data_secs * 1_000_000_000
             else:
                 ns = time.time_ns() // 1_000_000_000 * 1_000_000_000
+            started = time.perf_counter_ns()
             try:
                 slot.sandbox.run_timer(ns, shutdown, slot.timer_inject_limit)
             except PluginError as e:
                 slot.alive = False
                 r.terminated(slot.plugin, str(e), slot.host)
                 continue
+            timings = slot.host.stats.timings
+            timings.call(timings.timer, time.perf_counter_ns() - started, 1)
             if slot.next_timer is not None:
                 slot.next_timer = now + slot.plugin.ticker_interval
 
@@ -549,9 +562,13 @@ def _read_loop(r: _Runner, readers: list[_Reader], slots: list[_PluginSlot], *, 
         records = batch.records
         decoded: list[Any] | None = None
         batch_commit: int | None = len(records)  # index (exclusive) up to which this batch is committable
+        fed: list[_PluginSlot] = []  # the plugins this batch gave messages to
         for slot in slots:
             if not slot.alive:
                 continue
+            timings = slot.host.stats.timings
+            timings.read += len(records)
+            started = time.perf_counter_ns()
             if slot.matcher.always:
                 idx = None
                 subset = records
@@ -562,6 +579,9 @@ def _read_loop(r: _Runner, readers: list[_Reader], slots: list[_PluginSlot], *, 
                         decoded = [_safe_decode(raw, need_fields, need_payload) for raw in records]
                     idx = [i for i, m in enumerate(decoded) if m is not None and slot.matcher(m)]
                 subset = [records[i] for i in idx]
+            if subset:
+                fed.append(slot)
+            timings.call(timings.matcher, time.perf_counter_ns() - started, len(records))
             host = slot.host
             start = 0
             if is_output and not subset and slot.holding:
@@ -571,7 +591,9 @@ def _read_loop(r: _Runner, readers: list[_Reader], slots: list[_PluginSlot], *, 
                     break
                 part = subset[start:]
                 seq0 = slot.sandbox.seq_counter() if slot.plugin.async_buffer_size else 0
+                started = time.perf_counter_ns()
                 res = slot.sandbox.run_batch(part, slot.message_inject_limit)
+                timings.call(timings.process, time.perf_counter_ns() - started, res.processed)
                 host.stats.processed += res.processed
                 host.stats.failures += res.failures
                 slot.holding = res.batching
@@ -619,7 +641,10 @@ def _read_loop(r: _Runner, readers: list[_Reader], slots: list[_PluginSlot], *, 
             commit(reader, end)
         if out_slot is not None and not out_slot.alive:
             break
-        postpone_timers()
+        # a plugin whose matcher took nothing from this batch gets no data-time timers from it: its
+        # ticker runs on the wall clock meanwhile, as upstream's fires for every message, matched or not
+        postpone_timers(fed)
+        fire_timers(False)
         commits.settle()
 
     fire_timers(True)

@@ -39,6 +39,7 @@ from hindsight_py.config import (
 from hindsight_py.log import Logger
 from hindsight_py.queue import list_ids, queue_head
 from hindsight_py.runner import STATUS_BITS, ProcessSpec, run_process
+from hindsight_py.stats_files import StatsFiles
 
 #: seconds between writes of hindsight.cp; what a kill -9 can make the next run send again is about
 #: this much input (the input's checkpoint lags its queue by up to this, plus the children's 0.25 s)
@@ -97,6 +98,7 @@ class Supervisor:
         self._kill_deadline: float | None = None
         # per queue, the head up to which the queue files are known to be fsync()ed
         self._synced_heads: dict[str, tuple[int, int]] = {}
+        self.stats_files = StatsFiles(hs.output_dir)
 
     # -- start ------------------------------------------------------------------------------
     def prepare(self) -> None:
@@ -203,7 +205,7 @@ class Supervisor:
         return self.summary
 
     def _loop(self) -> None:
-        last_cp = last_status = time.monotonic()
+        last_cp = last_status = last_stats = time.monotonic()
         handled_signals = 0
         while True:
             self.tick()
@@ -247,9 +249,18 @@ class Supervisor:
             if now - last_cp >= CHECKPOINT_INTERVAL:
                 self._write_checkpoints()
                 last_cp = time.monotonic()
+            if now - last_stats >= 1.0:
+                last_stats = now
+                self.stats_files.tick(self.running_plugins(), self.live_stats, self.hs.analysis_threads)
             if self.status_line is not None and now - last_status >= STATUS_INTERVAL:
                 self.status_line.show(self._totals(), now)
                 last_status = now
+
+    def running_plugins(self) -> list[PluginConfig]:
+        """The plugins that have neither ended nor been terminated (nor lost their process)."""
+        ended = self.summary.stats.keys() | self.summary.errors.keys()
+        live = {p.name for c in self.children if not c.done for p in c.spec.plugins}
+        return [p for p in self.plugins if p.name in live and p.name not in ended]
 
     def _totals(self) -> dict[str, int]:
         """The live counters over every plugin (the final ones for plugins that exited)."""

@@ -335,6 +335,11 @@ class LuaSandbox:
         if not ok:
             raise PluginError(_text(err))
 
+    def memory_used(self) -> int:
+        """Bytes the Lua state holds (plugins.tsv's Current Memory); 0 when memory_limit = 0 (lupa
+        counts only with a limit)."""
+        return int(self._rt.get_memory_used(total=True) or 0) if self._memory_limit else 0
+
     def seq_counter(self) -> int:
         return int(self._control.seq_counter())
 
