@@ -46,12 +46,17 @@ def main_py(argv: list[str] | None = None) -> int:
         from hindsight_py.outputs.index_setup import main as create_index
 
         return create_index(args[1:])
+    if args and args[0] == "check":
+        from hindsight_py.check import main as check
+
+        return check(args[1:])
     if args and args[0] in ("-h", "--help"):
         sys.stdout.write(
             "usage: hindsight-py <cfg> [loglevel]        run a Hindsight configuration (as hindsight_cli)\n"
             "       hindsight-py create-index --help     create an Elasticsearch/OpenSearch index\n"
             "       hindsight <cfg> [loglevel]           the daemon: runs until signalled, loads plugins from\n"
             "                                            sandbox_load_path (docs/operations.md)\n"
+            "       hindsight-py check <cfg>             load every cfg, compile every plugin, run nothing\n"
             "\n"
             "A first SIGINT/SIGTERM drains the queues, a second one stops at once (docs/delivery.md).\n"
             "HINDSIGHT_PY_SHUTDOWN_TIMEOUT=<seconds>  how long the drain may take (default 60)\n"
