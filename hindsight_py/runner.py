@@ -65,6 +65,7 @@ class _Stats:
     set_aside: int = 0  # not documents at all (text payloads): in the dead-letter file, not a failure
     dropped: int = 0  # refused messages dropped on purpose (refused_messages = "drop")
     retried: int = 0
+    moved_aside: int = 0  # documents delivered with mistyped fields moved aside (type_conflicts)
     discarded_bytes: int = 0
     inject_bytes: int = 0
     timings: PluginTimings = field(default_factory=PluginTimings)  # plugins.tsv's columns
@@ -349,6 +350,7 @@ def _stats_dict(host: _Host | None) -> dict[str, int]:
         "set_aside": s.set_aside,
         "dropped": s.dropped,
         "retried": s.retried,
+        "moved_aside": s.moved_aside,
         "discarded_bytes": s.discarded_bytes,
         "inject_bytes": s.inject_bytes,
         **s.timings.as_dict(host.memory_used()),

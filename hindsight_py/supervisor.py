@@ -267,7 +267,7 @@ class Supervisor:
         stats = {**self.live_stats, **self.summary.stats}
         inputs = {p.name for p in self.plugins if p.type == "input"}
         totals = {"read": sum(s.get("injected", 0) for name, s in stats.items() if name in inputs)}
-        for key in ("indexed", "dead_lettered", "set_aside", "retried"):
+        for key in ("indexed", "dead_lettered", "set_aside", "retried", "moved_aside"):
             totals[key] = sum(s.get(key, 0) for s in stats.values())
         return totals
 
@@ -554,12 +554,14 @@ def run(cfg_path: str, log_level: int = 6, supervisor: type[Supervisor] = Superv
         log(3, f"{name}: {err}")
     aside = summary.total("set_aside")
     dropped = summary.total("dropped")
+    moved = summary.total("moved_aside")
     read = sum(s.get("injected", 0) for name, s in summary.stats.items() if name.startswith("input."))
     log(
         5 if status == 0 else 3,
         f"summary: read {read} messages, delivered {summary.total('indexed')} documents, "
         f"dead-lettered {dead}, retried {summary.total('retried')} requests, "
         + (f"set aside {aside} non-JSON payloads, " if aside else "")
+        + (f"moved mistyped fields aside in {moved} documents, " if moved else "")
         + (f'dropped {dropped} refused messages (refused_messages = "drop"), ' if dropped else "")
         + f"{elapsed:.1f}s, exit status {status}"
         + (f" (see {hs.output_dir / 'dead_letter'})" if dead or aside else ""),

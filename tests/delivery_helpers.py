@@ -34,6 +34,7 @@ SUMMARY = re.compile(
     r"hindsight summary: read (?P<read>\d+) messages, delivered (?P<delivered>\d+) documents, "
     r"dead-lettered (?P<dead>\d+), retried (?P<retried>\d+) requests, "
     r"(?:set aside (?P<aside>\d+) non-JSON payloads, )?"
+    r"(?:moved mistyped fields aside in (?P<moved>\d+) documents, )?"
     r"(?:dropped (?P<dropped>\d+) refused messages \(refused_messages = \"drop\"\), )?"
     r"[\d.]+s, exit status (?P<status>\d+)"
 )

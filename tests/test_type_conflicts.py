@@ -377,6 +377,10 @@ def test_a_flat_file_of_conflicting_records_loads_through_the_lua_output(server,
         assert dead_letter_records(work / "output") == []
         stored = search_sources(server, index)
         assert len(stored) == len(records)
+        # the summary counts the documents that arrived changed
+        moved = sum(1 for doc in stored if tc.RENAMED_KEY in doc)
+        assert moved > 0
+        assert f"moved mistyped fields aside in {moved} documents, " in result.stderr
         by_id = {doc["eventID"]: tc.undo_renames(doc) for doc in stored}
         assert by_id == {r["eventID"]: r for r in records}
     finally:
@@ -403,3 +407,9 @@ def test_a_tree_of_conflicting_records_loads_through_the_example_config(server, 
         assert by_id == {r["eventID"]: r for r in [*records, wide_record(300)]}
     finally:
         delete_template(server, index)
+
+
+def test_the_sender_recognises_a_mended_source_by_the_renamed_key():
+    from hindsight_py.outputs.elasticsearch import MENDED_MARK
+
+    assert MENDED_MARK == json.dumps(tc.RENAMED_KEY).encode()

@@ -87,6 +87,7 @@ def count_result(stats: Any, result: SendResult) -> None:
     stats.dead_lettered += result.dead_lettered - result.set_aside
     stats.set_aside += result.set_aside
     stats.retried += result.retried
+    stats.moved_aside += result.moved_aside
 
 
 class PipelinedSender:

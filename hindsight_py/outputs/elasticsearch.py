@@ -105,6 +105,11 @@ class ServerInfo:
         return cls(distribution=distribution, version=number, major=major)
 
 
+#: how a mended source names the fields moved aside (type_conflicts.RENAMED_KEY, which imports this
+#: module): a document that has it was counted in moved_aside already
+MENDED_MARK = b'"_hindsight_renamed"'
+
+
 @dataclass
 class SendResult:
     """The outcome of one :meth:`BulkSender.send`. ``retried`` counts extra requests."""
@@ -115,6 +120,9 @@ class SendResult:
     #: sources that are not JSON objects (an analysis plugin's text report, say): no server can
     #: index them, so they go to the dead-letter file without being sent. Also in dead_lettered.
     set_aside: int = 0
+    #: documents sent again with mistyped fields moved aside (outputs/type_conflicts.py): delivered
+    #: (so also in indexed once the server took them), but not as they came
+    moved_aside: int = 0
 
 
 class SendInterrupted(Exception):
@@ -597,6 +605,8 @@ class BulkSender:
                 error = error if isinstance(error, dict) else {"reason": str(error)}
                 mended = self._mend(document, error)
                 if mended is not None:
+                    if MENDED_MARK not in (document.source or b""):  # mended for the first time
+                        result.moved_aside += 1
                     resend.append(mended)
                     continue
                 dead.setdefault((status, _describe_error(error)), (error, []))[1].append(document)
