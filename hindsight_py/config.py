@@ -114,6 +114,7 @@ class HindsightConfig:
     output_defaults: dict[str, DefaultValue]
     log_level: int = 6
     warnings: tuple[str, ...] = ()
+    metrics_address: str = ""  # hindsight-py: "host:port" of the Prometheus endpoint (metrics.py), "" = off
 
     def resolve(self, path: str) -> Path:
         return self.base_dir / path
@@ -180,6 +181,10 @@ def load_hindsight_config(path: str | os.PathLike[str], log_level: int = 6) -> H
     if not 1 <= threads <= MAX_ANALYSIS_THREADS:
         raise g.fail("analysis_threads", f"analysis_threads must be 1-{MAX_ANALYSIS_THREADS}")
 
+    metrics_address = g.string("metrics_address", "")
+    host, _, port = metrics_address.rpartition(":")
+    if metrics_address and not (host and port.isdigit() and 0 < int(port) < 65536):
+        raise g.fail("metrics_address", f"metrics_address must be 'host:port', not '{metrics_address}'")
     defaults = {t: _load_sandbox_defaults(g, t) for t in PLUGIN_TYPES}
     if any(max_message_size < d["output_limit"] for d in defaults.values()):  # type: ignore[operator]
         raise g.fail(
@@ -217,6 +222,7 @@ def load_hindsight_config(path: str | os.PathLike[str], log_level: int = 6) -> H
         output_defaults=defaults["output"],
         log_level=log_level,
         warnings=tuple(warnings),
+        metrics_address=metrics_address,
     )
 
 

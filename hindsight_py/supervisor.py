@@ -36,7 +36,9 @@ from hindsight_py.config import (
     previous_analysis_thread,
     write_runtime_cfg,
 )
+from hindsight_py.live_stats import snapshot, write_stats_file
 from hindsight_py.log import Logger
+from hindsight_py.metrics import MetricsServer
 from hindsight_py.queue import list_ids, queue_head
 from hindsight_py.runner import STATUS_BITS, ProcessSpec, run_process
 from hindsight_py.stats_files import StatsFiles
@@ -99,6 +101,10 @@ class Supervisor:
         # per queue, the head up to which the queue files are known to be fsync()ed
         self._synced_heads: dict[str, tuple[int, int]] = {}
         self.stats_files = StatsFiles(hs.output_dir)
+        self.started = time.time()
+        #: the latest live_stats snapshot: what stats.json and the metrics endpoint show
+        self.latest: dict[str, Any] | None = None
+        self.metrics: MetricsServer | None = None
 
     # -- start ------------------------------------------------------------------------------
     def prepare(self) -> None:
@@ -251,10 +257,31 @@ class Supervisor:
                 last_cp = time.monotonic()
             if now - last_stats >= 1.0:
                 last_stats = now
-                self.stats_files.tick(self.running_plugins(), self.live_stats, self.hs.analysis_threads)
+                self._publish_stats()
             if self.status_line is not None and now - last_status >= STATUS_INTERVAL:
                 self.status_line.show(self._totals(), now)
                 last_status = now
+
+    def start_metrics(self) -> None:
+        """The Prometheus endpoint, when hindsight.cfg asks for one (after the children are forked:
+        they need neither its thread nor its socket). A port in use is logged, not fatal."""
+        if not self.hs.metrics_address:
+            return
+        try:
+            self.metrics = MetricsServer(self.hs.metrics_address, lambda: self.latest)
+        except (OSError, ValueError) as e:
+            self.log(3, f"metrics_address {self.hs.metrics_address}: {e}")
+            return
+        self.log(6, f"serving metrics on http://{self.hs.metrics_address}/metrics")
+
+    def _publish_stats(self) -> None:
+        """Once a second: plugins.tsv/utilization.tsv on their cadence, stats.json and the metrics."""
+        running = self.running_plugins()
+        self.stats_files.tick(running, self.live_stats, self.hs.analysis_threads)
+        stats = {**self.live_stats, **self.summary.stats}
+        self.latest = snapshot(self.plugins, {p.name for p in running}, stats, self.checkpoints,
+                               self.hs.output_dir, self.started)
+        write_stats_file(self.hs.output_dir, self.latest)
 
     def running_plugins(self) -> list[PluginConfig]:
         """The plugins that have neither ended nor been terminated (nor lost their process)."""
@@ -546,7 +573,12 @@ def run(cfg_path: str, log_level: int = 6, supervisor: type[Supervisor] = Superv
         return STATUS_SYSTEM_ERROR
     started = time.monotonic()
     sup.start()
-    summary = sup.run()
+    sup.start_metrics()
+    try:
+        summary = sup.run()
+    finally:
+        if sup.metrics is not None:
+            sup.metrics.close()
     elapsed = time.monotonic() - started
     status = sup.exit_status()
     dead = summary.total("dead_lettered")
