@@ -50,6 +50,10 @@ def main_py(argv: list[str] | None = None) -> int:
         from hindsight_py.check import main as check
 
         return check(args[1:])
+    if args and args[0] == "top":
+        from hindsight_py.top import main as top
+
+        return top(args[1:])
     if args and args[0] in ("-h", "--help"):
         sys.stdout.write(
             "usage: hindsight-py <cfg> [loglevel]        run a Hindsight configuration (as hindsight_cli)\n"
@@ -57,6 +61,7 @@ def main_py(argv: list[str] | None = None) -> int:
             "       hindsight <cfg> [loglevel]           the daemon: runs until signalled, loads plugins from\n"
             "                                            sandbox_load_path (docs/operations.md)\n"
             "       hindsight-py check <cfg>             load every cfg, compile every plugin, run nothing\n"
+            "       hindsight-py top <cfg>               a live view of the running daemon's plugins and queues\n"
             "\n"
             "A first SIGINT/SIGTERM drains the queues, a second one stops at once (docs/delivery.md).\n"
             "HINDSIGHT_PY_SHUTDOWN_TIMEOUT=<seconds>  how long the drain may take (default 60)\n"

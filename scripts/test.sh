@@ -13,8 +13,9 @@ step() { printf '\n== %s (%ss)\n' "$*" "$SECONDS"; }
 step "system packages"
 # javac builds the GET / module of the Elasticsearch 8+ test servers; gcc builds lua_sandbox's own
 # matcher, which tests/test_matcher.py compares with hindsight-py's.
+# tmux drives `hindsight-py top` in tests/test_top.py.
 bash scripts/install_debian_packages.sh lua-lpeg lua-cjson lua-socket lua-filesystem lua-zlib lua-bitop nginx-light maven openjdk-17-jdk-headless \
-    gcc libc6-dev
+    gcc libc6-dev tmux
 
 step "python packages"
 "$PYTHON" -m pip install -q -e '.[test]'
