@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pytest
 from delivery_helpers import hindsight_cli, wait_until
 from upstream_files import HINDSIGHT, LUA_SANDBOX_EXTENSIONS, copy_tree, extension_modules, read_text
 
@@ -87,9 +88,10 @@ def test_first_window_counts_and_shares(tmp_path: Path) -> None:
     assert util == ["output.c", "600", "0", "40", "60", "0"]
 
 
-def test_plugin_monitor_alerts_on_failures_and_terminations(tmp_path: Path) -> None:
+@pytest.mark.parametrize("reader", ["plugins_tsv.lua", "plugins_tsv.py"])
+def test_plugin_monitor_alerts_on_failures_and_terminations(tmp_path: Path, reader: str) -> None:
     """lua_sandbox_extensions' hindsight/plugin_monitor case, its plugins unchanged, with plugins_tsv
-    started from run/ (the case drops its cfg into sandbox_load_path, and stops it with a .off file
+    (lua_sandbox_extensions' or the one hindsight-py ships) started from run/ (the case drops its cfg into sandbox_load_path, and stops it with a .off file
     there: dynamic loading, which this test leaves out). Its test_alert output checks both alerts
     (10% failures of output.test_percent; analysis.terminate's error from its .err file) and then
     writes the .off file; the test stops the run when it appears."""
@@ -108,7 +110,7 @@ def test_plugin_monitor_alerts_on_failures_and_terminations(tmp_path: Path) -> N
         'hostname = "integration_test"\nanalysis_defaults = {}\ninput_defaults = {}\noutput_defaults = {}\n'
     )
     (case / "run/input/plugin_tsv.cfg").write_text(
-        'filename = "plugins_tsv.lua"\nticker_interval = 1\npreserve_data = false\n')
+        f'filename = "{reader}"\nticker_interval = 1\npreserve_data = false\n')
     log = (tmp_path / "stderr.log").open("wb")
     proc = subprocess.Popen([hindsight_cli(), "hindsight.cfg", "7"], cwd=case, stdin=subprocess.DEVNULL,
                             stdout=subprocess.DEVNULL, stderr=log)
