@@ -24,6 +24,7 @@ from hindsight_py.config import (
     load_hindsight_config,
     load_plugin_config,
 )
+from hindsight_py.config_yaml import YAML_SUFFIXES
 
 _LUA_COMPILER = "return function(source, name) local f, err = loadstring(source, name); return err end"
 
@@ -81,7 +82,8 @@ def _load_path_cfgs(hs: HindsightConfig) -> list[Path]:
     for plugin_type in PLUGIN_TYPES:
         directory = hs.resolve(hs.sandbox_load_path) / plugin_type
         if directory.is_dir():
-            found += sorted(p for p in directory.iterdir() if p.name.endswith(".cfg") and p.is_file())
+            found += sorted(p for p in directory.iterdir() if p.name.endswith((".cfg", *YAML_SUFFIXES))
+                            and p.is_file())
     return found
 
 

@@ -50,6 +50,10 @@ def main_py(argv: list[str] | None = None) -> int:
         from hindsight_py.check import main as check
 
         return check(args[1:])
+    if args and args[0] == "convert":
+        from hindsight_py.convert import main as convert
+
+        return convert(args[1:])
     if args and args[0] == "top":
         from hindsight_py.top import main as top
 
@@ -62,6 +66,7 @@ def main_py(argv: list[str] | None = None) -> int:
             "                                            sandbox_load_path (docs/operations.md)\n"
             "       hindsight-py check <cfg>             load every cfg, compile every plugin, run nothing\n"
             "       hindsight-py top <cfg>               a live view of the running daemon's plugins and queues\n"
+            "       hindsight-py convert <src> [dest]    a .cfg to YAML, or a .yaml to a Lua cfg\n"
             "\n"
             "A first SIGINT/SIGTERM drains the queues, a second one stops at once (docs/delivery.md).\n"
             "HINDSIGHT_PY_SHUTDOWN_TIMEOUT=<seconds>  how long the drain may take (default 60)\n"

@@ -28,6 +28,7 @@ from hindsight_py.config_lua import (
     lua_type,
 )
 from hindsight_py.config_rtc import Assignments, render_runtime_cfg
+from hindsight_py.config_yaml import YAML_SUFFIXES, YamlConfigError, is_yaml, yaml_to_lua
 from hindsight_py.matcher import MatcherError, compile_matcher
 
 __all__ = [
@@ -140,10 +141,17 @@ class HindsightConfig:
 
 
 def _read_text(path: Path, shown: str) -> str:
+    """A cfg's Lua text; a `.yaml` file's is made from its YAML (config_yaml.py)."""
     try:
-        return decode_text(path.read_bytes())
+        text = decode_text(path.read_bytes())
     except OSError as e:
         raise ConfigError(shown, f"cannot open {shown}: {e.strerror}") from None
+    if is_yaml(path.name):
+        try:
+            return yaml_to_lua(text, shown)
+        except YamlConfigError as e:
+            raise ConfigError(shown, str(e)) from None
+    return text
 
 
 def load_hindsight_config(path: str | os.PathLike[str], log_level: int = 6) -> HindsightConfig:
@@ -319,6 +327,14 @@ class PluginConfig:
         return {**copy.deepcopy(self.values), **dict(settings), **dict(sandbox)}
 
 
+def _plugin_cfg_stem(file_name: str) -> str:
+    """The plugin name part of a cfg file's name ("" when it is not one: .cfg, .yaml, .yml)."""
+    for suffix in (".cfg", *YAML_SUFFIXES):
+        if file_name.endswith(suffix) and len(file_name) > len(suffix):
+            return file_name[: -len(suffix)]
+    return ""
+
+
 def discover_plugin_configs(hs: HindsightConfig) -> list[Path]:
     """The plugin cfgs under `<run>/{input,analysis,output}`, in that order, sorted by name."""
     found: list[Path] = []
@@ -332,7 +348,13 @@ def discover_plugin_configs(hs: HindsightConfig) -> list[Path]:
                 f"sandbox_run_path: {os.path.join(hs.sandbox_run_path, plugin_type)}: {e.strerror}",
                 "sandbox_run_path",
             ) from None
-        found.extend(p for p in entries if len(p.name) > 4 and p.name.endswith(".cfg") and p.is_file())
+        cfgs = [p for p in entries if _plugin_cfg_stem(p.name) and p.is_file()]
+        stems = [_plugin_cfg_stem(p.name) for p in cfgs]
+        twice = sorted({s for s in stems if stems.count(s) > 1})
+        if twice:  # x.cfg and x.yaml: which one is the plugin?
+            both = " and ".join(p.name for p in cfgs if _plugin_cfg_stem(p.name) == twice[0])
+            raise ConfigError(directory / f"{twice[0]}.cfg", f"{plugin_type}.{twice[0]} has two configurations: {both}")
+        found.extend(cfgs)
     return found
 
 
@@ -348,9 +370,10 @@ def load_plugin_config(
         raise ValueError(f"unknown plugin type: {plugin_type!r}")
     shown = os.fspath(cfg_path)
     cfg_file = Path(cfg_path).absolute()
-    if not cfg_file.name.endswith(".cfg") or len(cfg_file.name) <= 4:
-        raise ConfigError(shown, "a plugin cfg file name must end in .cfg")
-    name = f"{plugin_type}.{cfg_file.name[:-4]}"
+    stem = _plugin_cfg_stem(cfg_file.name)
+    if not stem:
+        raise ConfigError(shown, "a plugin cfg file name must end in .cfg (or .yaml)")
+    name = f"{plugin_type}.{stem}"
     text = _read_text(cfg_file, shown)
     lua = BareLua()
     try:
