@@ -14,10 +14,16 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from hindsight_py.metrics import MetricsServer
 from hindsight_py.queue import list_ids, parse_position, queue_head
+from hindsight_py.stats_files import StatsFiles
+
+if TYPE_CHECKING:
+    from hindsight_py.config import HindsightConfig, PluginConfig
 
 #: the writer of each queue: inputs write "input", analysis plugins "analysis"
 QUEUE_WRITERS = {"input": "input", "analysis": "analysis"}
@@ -105,4 +111,42 @@ def read_stats_file(output_dir: Path) -> dict[str, Any] | None:
         return None
 
 
-__all__ = ["STATS_FILE", "lag_bytes", "read_stats_file", "snapshot", "write_stats_file"]
+class LiveStats:
+    """What the supervisor publishes of its children's stats: plugins.tsv/utilization.tsv (on
+    upstream's cadence), stats.json and, when hindsight.cfg asks for it, the metrics endpoint."""
+
+    def __init__(self, hs: HindsightConfig) -> None:
+        self.hs = hs
+        self.stats_files = StatsFiles(hs.output_dir)
+        self.started = time.time()
+        #: the latest snapshot: what stats.json and the metrics endpoint show
+        self.latest: dict[str, Any] | None = None
+        self.metrics: MetricsServer | None = None
+
+    def start_metrics(self, log: Callable[[int, str], None]) -> None:
+        """The Prometheus endpoint, if configured (start it after forking the plugin processes:
+        they need neither its thread nor its socket). A port in use is logged, not fatal."""
+        if not self.hs.metrics_address:
+            return
+        try:
+            self.metrics = MetricsServer(self.hs.metrics_address, lambda: self.latest)
+        except (OSError, ValueError) as e:
+            log(3, f"metrics_address {self.hs.metrics_address}: {e}")
+            return
+        log(6, f"serving metrics on http://{self.hs.metrics_address}/metrics")
+
+    def publish(self, plugins: list[PluginConfig], running: list[PluginConfig], live: dict[str, dict[str, int]],
+                final: dict[str, dict[str, int]], checkpoints: dict[str, Any]) -> None:
+        """Once a second. `live`: the latest report of each plugin, `final`: the last one of those
+        that exited."""
+        self.stats_files.tick(running, live, self.hs.analysis_threads)
+        self.latest = snapshot(plugins, {p.name for p in running}, {**live, **final}, checkpoints,
+                               self.hs.output_dir, self.started)
+        write_stats_file(self.hs.output_dir, self.latest)
+
+    def close(self) -> None:
+        if self.metrics is not None:
+            self.metrics.close()
+
+
+__all__ = ["STATS_FILE", "LiveStats", "lag_bytes", "read_stats_file", "snapshot", "write_stats_file"]

@@ -36,12 +36,10 @@ from hindsight_py.config import (
     previous_analysis_thread,
     write_runtime_cfg,
 )
-from hindsight_py.live_stats import snapshot, write_stats_file
+from hindsight_py.live_stats import LiveStats
 from hindsight_py.log import Logger
-from hindsight_py.metrics import MetricsServer
 from hindsight_py.queue import list_ids, queue_head
 from hindsight_py.runner import STATUS_BITS, ProcessSpec, run_process
-from hindsight_py.stats_files import StatsFiles
 
 #: seconds between writes of hindsight.cp; what a kill -9 can make the next run send again is about
 #: this much input (the input's checkpoint lags its queue by up to this, plus the children's 0.25 s)
@@ -66,6 +64,7 @@ class _Child:
     done: bool = False
     drain_sent: bool = False
     stop_sent: bool = False
+    exited: set[str] = field(default_factory=set)  # its plugins that reported their end
 
 
 @dataclass
@@ -100,11 +99,7 @@ class Supervisor:
         self._kill_deadline: float | None = None
         # per queue, the head up to which the queue files are known to be fsync()ed
         self._synced_heads: dict[str, tuple[int, int]] = {}
-        self.stats_files = StatsFiles(hs.output_dir)
-        self.started = time.time()
-        #: the latest live_stats snapshot: what stats.json and the metrics endpoint show
-        self.latest: dict[str, Any] | None = None
-        self.metrics: MetricsServer | None = None
+        self.published = LiveStats(hs)  # plugins.tsv, utilization.tsv, stats.json, metrics
 
     # -- start ------------------------------------------------------------------------------
     def prepare(self) -> None:
@@ -257,37 +252,16 @@ class Supervisor:
                 last_cp = time.monotonic()
             if now - last_stats >= 1.0:
                 last_stats = now
-                self._publish_stats()
+                self.published.publish(self.plugins, self.running_plugins(), self.live_stats, self.summary.stats,
+                                       self.checkpoints)
             if self.status_line is not None and now - last_status >= STATUS_INTERVAL:
                 self.status_line.show(self._totals(), now)
                 last_status = now
 
-    def start_metrics(self) -> None:
-        """The Prometheus endpoint, when hindsight.cfg asks for one (after the children are forked:
-        they need neither its thread nor its socket). A port in use is logged, not fatal."""
-        if not self.hs.metrics_address:
-            return
-        try:
-            self.metrics = MetricsServer(self.hs.metrics_address, lambda: self.latest)
-        except (OSError, ValueError) as e:
-            self.log(3, f"metrics_address {self.hs.metrics_address}: {e}")
-            return
-        self.log(6, f"serving metrics on http://{self.hs.metrics_address}/metrics")
-
-    def _publish_stats(self) -> None:
-        """Once a second: plugins.tsv/utilization.tsv on their cadence, stats.json and the metrics."""
-        running = self.running_plugins()
-        self.stats_files.tick(running, self.live_stats, self.hs.analysis_threads)
-        stats = {**self.live_stats, **self.summary.stats}
-        self.latest = snapshot(self.plugins, {p.name for p in running}, stats, self.checkpoints,
-                               self.hs.output_dir, self.started)
-        write_stats_file(self.hs.output_dir, self.latest)
-
     def running_plugins(self) -> list[PluginConfig]:
-        """The plugins that have neither ended nor been terminated (nor lost their process)."""
-        ended = self.summary.stats.keys() | self.summary.errors.keys()
-        live = {p.name for c in self.children if not c.done for p in c.spec.plugins}
-        return [p for p in self.plugins if p.name in live and p.name not in ended]
+        """The plugins whose process runs and has not reported their end."""
+        live = {p.name for c in self.children if not c.done for p in c.spec.plugins if p.name not in c.exited}
+        return [p for p in self.plugins if p.name in live]
 
     def _totals(self) -> dict[str, int]:
         """The live counters over every plugin (the final ones for plugins that exited)."""
@@ -319,6 +293,7 @@ class Supervisor:
                         self.cp_dirty = True
             elif kind == "exit":
                 _, name, status, err, stats = msg
+                child.exited.add(name)
                 self.summary.status |= status
                 if stats:
                     self.summary.stats[name] = stats
@@ -573,12 +548,11 @@ def run(cfg_path: str, log_level: int = 6, supervisor: type[Supervisor] = Superv
         return STATUS_SYSTEM_ERROR
     started = time.monotonic()
     sup.start()
-    sup.start_metrics()
+    sup.published.start_metrics(log)
     try:
         summary = sup.run()
     finally:
-        if sup.metrics is not None:
-            sup.metrics.close()
+        sup.published.close()
     elapsed = time.monotonic() - started
     status = sup.exit_status()
     dead = summary.total("dead_lettered")
