@@ -26,11 +26,11 @@ from pathlib import Path
 from typing import Any
 
 from hindsight_py import dead_letters
-from hindsight_py import message as hmsg
 from hindsight_py.config import HindsightConfig, PluginConfig
 from hindsight_py.log import Logger
-from hindsight_py.matcher import compile_matcher, compile_raw_matcher
+from hindsight_py.matcher import compile_raw_matcher
 from hindsight_py.queue import LOCK_NAME, QueueReader, QueueWriter, format_position, parse_position
+from hindsight_py.read_loop import QueueCursor, ReadLoop, Slot
 from hindsight_py.sandbox import PluginError, Sandbox, create_sandbox
 
 # Exit status bits, as hindsight_cli: the OR of the types of plugins that failed.
@@ -38,8 +38,6 @@ STATUS_BITS = {"input": 2, "analysis": 4, "output": 8}
 
 CP_SEND_INTERVAL = 0.25  # seconds between checkpoint reports to the supervisor
 STATS_SEND_INTERVAL = 1.0  # seconds between ("stats", ...) reports (the supervisor's live status line)
-IDLE_SLEEP = 0.02  # seconds to wait for new queue data
-RETRY_DELAY = 1.0  # upstream re-offers a -3 message after one second
 
 
 @dataclass
@@ -140,7 +138,7 @@ class _Host:
         self.checkpoint_value: Any = runner.spec.checkpoints.get(plugin.name)
         self.stats = _Stats()
         self._es_types: bool | None = None
-        self.pipelined_senders: list[Any] = []  # outputs/delivery.PipelinedSender
+        self.deliveries: list[Any] = []  # outputs/delivery.PipelinedSender
         self.pending_refusal: dict[str, Any] | None = None  # an input's refused message (refused())
 
     # messages and checkpoints
@@ -234,7 +232,7 @@ class _Host:
 
         sender.stop_event = self.stop_event()  # it now waits in the delivery thread too
         pipe = PipelinedSender(sender, self.stats, abort=abort, is_running=self.is_running)
-        self.pipelined_senders.append(pipe)
+        self.deliveries.append(pipe)
         return pipe
 
     def bulk_takeover(self, host: str, port: int, body: bytes) -> tuple[bool, str | None]:
@@ -398,249 +396,25 @@ def _run_input(r: _Runner) -> None:
 # ------------------------------------------------------------------------------------------------
 # analysis and output: the read loop
 # ------------------------------------------------------------------------------------------------
-class _Reader:
-    """One queue reader with its checkpoint key and committed position."""
-
-    def __init__(self, r: _Runner, queue: str, key: str) -> None:
-        pos = r.spec.checkpoints.get(key)
-        position = parse_position(pos) if isinstance(pos, str) else None
-        self.queue = queue
-        self.key = key
-        directory = r.output_path / queue
-        # A queue hindsight-py writes only ever exposes complete appends (its head lives in the lock
-        # file), so full validation would only re-check our own encoder at ~3 us a record. Queues
-        # left by upstream Hindsight (no lock file) are validated record by record.
-        trusted = (directory / LOCK_NAME).exists() or not any(directory.glob("*.log"))
-        self.reader = QueueReader(directory, position, r.hs.max_message_size, validate=not trusted)
-        self.committed = format_position(self.reader.position())
-        self.reported_discards = 0
+def _cursor(r: _Runner, queue: str, key: str) -> QueueCursor:
+    """A queue to read from its checkpoint on."""
+    pos = r.spec.checkpoints.get(key)
+    position = parse_position(pos) if isinstance(pos, str) else None
+    directory = r.output_path / queue
+    # A queue hindsight-py writes only ever exposes complete appends (its head lives in the lock
+    # file), so full validation would only re-check our own encoder at ~3 us a record. Queues
+    # left by upstream Hindsight (no lock file) are validated record by record.
+    trusted = (directory / LOCK_NAME).exists() or not any(directory.glob("*.log"))
+    reader = QueueReader(directory, position, r.hs.max_message_size, validate=not trusted)
+    return QueueCursor(queue, key, reader, format_position(reader.position()))
 
 
-class _PluginSlot:
-    def __init__(self, plugin: PluginConfig, sandbox: Sandbox, host: _Host) -> None:
-        self.plugin = plugin
-        self.sandbox = sandbox
-        self.host = host
-        self.matcher = compile_matcher(plugin.message_matcher)
-        self.alive = True
-        self.next_timer = time.monotonic() + plugin.ticker_interval if plugin.ticker_interval else None
-        self.async_positions: dict[int, tuple[int, int]] = {}
-        # injection budgets per call: analysis plugins have upstream's limits, outputs none (-1)
-        analysis = plugin.type == "analysis"
-        self.message_inject_limit = plugin.process_message_inject_limit if analysis else -1
-        self.timer_inject_limit = plugin.timer_event_inject_limit if analysis else -1
-        # an output that returned -4 holds messages it has not delivered yet: until it commits, the
-        # read position must not pass them, not even over a batch its matcher skips entirely
-        self.holding = False
-
-
-class _Commits:
-    """The checkpoints of one read loop, in the order they were made. A position becomes its
-    queue's checkpoint only once every bulk body handed to a background delivery (PipelinedSender:
-    ``ticket`` the last body handed over, ``done`` the last delivered) before it has been
-    delivered; until then it waits, and every later position waits behind it."""
-
-    def __init__(self, senders: Callable[[], list[Any]], send: Callable[[str, str], None]) -> None:
-        self._senders = senders  # looked at anew each time: a takeover adds its sender late
-        self._send = send
-        self.waiting: list[tuple[list[tuple[Any, int]], Any, tuple[int, int]]] = []
-
-    def commit(self, reader: Any, pos: tuple[int, int]) -> None:
-        busy = [(p, p.ticket) for p in self._senders() if p.busy]
-        if busy or self.waiting:
-            self.waiting.append((busy, reader, pos))
-        else:
-            self._now(reader, pos)
-
-    def settle(self) -> None:
-        """Commit the waiting positions whose deliveries have all finished, oldest first."""
-        while self.waiting and all(p.done >= t for p, t in self.waiting[0][0]):
-            _, reader, pos = self.waiting.pop(0)
-            self._now(reader, pos)
-
-    def _now(self, reader: Any, pos: tuple[int, int]) -> None:
-        reader.committed = format_position(pos)
-        self._send(reader.key, reader.committed)
-
-
-def _read_loop(r: _Runner, readers: list[_Reader], slots: list[_PluginSlot], *, is_output: bool) -> None:
-    last_pos: dict[str, tuple[int, int]] = {}
-    which = 0
-    out_slot = slots[0] if is_output else None
-    # Lua outputs' background deliveries hold the checkpoints back (see _Commits)
-    commits = _Commits(lambda: [p for slot in slots for p in slot.host.pipelined_senders], r.channel.checkpoint)
-    commit = commits.commit
-
-    def commit_processed() -> None:
-        for reader in readers:
-            if reader.key in last_pos:
-                commit(reader, last_pos[reader.key])
-        if out_slot is not None:
-            out_slot.holding = False  # update_checkpoint() from timer_event: everything is delivered
-
-    r._commit_cb = commit_processed
-    # decode only what the matchers look at: most test headers alone
-    live_matchers = [s.matcher for s in slots if not s.matcher.always]
-    need_fields = any(not m.headers_only for m in live_matchers)
-    need_payload = any("Payload" in m.expression for m in live_matchers)
-
-    # Timers run on data time inside batches (the sandboxes do it, as hindsight_cli does). When no
-    # message arrives for ticker_interval seconds, they fire on the wall clock instead, so that a
-    # partly filled batch still leaves while the input is idle.
-    for slot in slots:
-        if slot.plugin.ticker_interval:
-            slot.sandbox.set_ticker(slot.plugin.ticker_interval, slot.timer_inject_limit)
-
-    def postpone_timers() -> None:
-        now = time.monotonic()
-        for slot in slots:
-            if slot.next_timer is not None:
-                slot.next_timer = now + slot.plugin.ticker_interval
-
-    def fire_timers(shutdown: bool) -> None:
-        now = time.monotonic()
-        for slot in slots:
-            if not slot.alive:
-                continue
-            if not shutdown and (slot.next_timer is None or now < slot.next_timer):
-                continue
-            data_secs = slot.sandbox.data_now()
-            if shutdown and data_secs:
-                ns = data_secs * 1_000_000_000
-            else:
-                ns = time.time_ns() // 1_000_000_000 * 1_000_000_000
-            try:
-                slot.sandbox.run_timer(ns, shutdown, slot.timer_inject_limit)
-            except PluginError as e:
-                slot.alive = False
-                r.terminated(slot.plugin, str(e), slot.host)
-                continue
-            if slot.next_timer is not None:
-                slot.next_timer = now + slot.plugin.ticker_interval
-
-    while True:
-        r.channel.poll()
-        if r.channel.stop:
-            break
-        if not any(s.alive for s in slots):
-            return
-        batch = None
-        reader = None
-        for k in range(len(readers)):
-            cand = readers[(which + k) % len(readers)]
-            batch = cand.reader.read_batch(1000)
-            if batch is not None:
-                reader = cand
-                which = (which + k + 1) % len(readers)
-                break
-        for rd in readers:
-            d = rd.reader.discarded_bytes
-            if d != rd.reported_discards:
-                r.logger.bind(r.spec.label)(4, f"{rd.queue} queue: skipped {d - rd.reported_discards} corrupt bytes")
-                rd.reported_discards = d
-        if batch is None:
-            commits.settle()
-            if r.channel.drain and all(rd.reader.at_end() for rd in readers):
-                break
-            fire_timers(False)
-            time.sleep(IDLE_SLEEP)
-            continue
-        assert reader is not None
-        records = batch.records
-        decoded: list[Any] | None = None
-        batch_commit: int | None = len(records)  # index (exclusive) up to which this batch is committable
-        for slot in slots:
-            if not slot.alive:
-                continue
-            if slot.matcher.always:
-                idx = None
-                subset = records
-            else:
-                idx = slot.matcher.select(records) if decoded is None else None  # no decoding if it can
-                if idx is None:
-                    if decoded is None:
-                        decoded = [_safe_decode(raw, need_fields, need_payload) for raw in records]
-                    idx = [i for i, m in enumerate(decoded) if m is not None and slot.matcher(m)]
-                subset = [records[i] for i in idx]
-            host = slot.host
-            start = 0
-            if is_output and not subset and slot.holding:
-                batch_commit = None
-            while start < len(subset) or (not subset and start == 0):
-                if not subset:
-                    break
-                part = subset[start:]
-                seq0 = slot.sandbox.seq_counter() if slot.plugin.async_buffer_size else 0
-                res = slot.sandbox.run_batch(part, slot.message_inject_limit)
-                host.stats.processed += res.processed
-                host.stats.failures += res.failures
-                slot.holding = res.batching
-                if is_output:
-                    if slot.plugin.async_buffer_size:
-                        for j in range(res.processed):
-                            i = start + j if idx is None else idx[start + j]
-                            slot.async_positions[seq0 + j + 1] = (batch.file_id, batch.ends[i])
-                        for seq in slot.sandbox.take_acks():
-                            pos = slot.async_positions.pop(seq, None)
-                            if pos is not None:
-                                commit(reader, pos)
-                        batch_commit = None
-                    elif res.batching or res.status != "ok":
-                        # held messages: only what the plugin committed may be checkpointed
-                        if res.commit_index:
-                            j = start + res.commit_index - 1
-                            i = j if idx is None else idx[j]
-                            commit(reader, (batch.file_id, batch.ends[i]))
-                        batch_commit = None
-                if res.status == "terminate":
-                    slot.alive = False
-                    r.terminated(slot.plugin, res.error or "terminated", host)
-                    batch_commit = None
-                    break
-                if res.status == "retry":
-                    start += res.processed
-                    host.stats.retried += 1
-                    deadline = time.monotonic() + RETRY_DELAY
-                    while time.monotonic() < deadline:
-                        r.channel.poll()
-                        fire_timers(False)
-                        time.sleep(0.05)
-                    if r.channel.stop:
-                        batch_commit = None
-                        break
-                    continue
-                break
-        end = (batch.file_id, batch.ends[-1])
-        last_pos[reader.key] = end
-        if not is_output:
-            # analysis: the messages it injected are on disk before the read position moves
-            commit(reader, end)
-        elif batch_commit is not None:
-            commit(reader, end)
-        if out_slot is not None and not out_slot.alive:
-            break
-        postpone_timers()
-        commits.settle()
-
-    fire_timers(True)
-    for slot in slots:
-        for pipe in slot.host.pipelined_senders:
-            err = pipe.wait()
-            if err and pipe.interrupted:
-                # a stop request cut the retries short: not a failure, the messages stay queued
-                slot.host.log(4, f"stopped with documents not confirmed by the server: {err}")
-            elif err and slot.alive:
-                slot.alive = False
-                r.terminated(slot.plugin, f"timer_event() {err}", slot.host)
-    commits.settle()
-    r.channel.send_checkpoints()
-
-
-def _safe_decode(raw: bytes, fields: bool = True, payload: bool = True) -> Any:
-    try:
-        return hmsg.decode(raw, fields=fields, payload=payload)
-    except hmsg.DecodeError:
-        return None
+def _read_loop(r: _Runner, cursors: list[QueueCursor], slots: list[Slot], *, is_output: bool) -> None:
+    loop = ReadLoop(r.channel, cursors, slots, is_output=is_output,
+                    terminated=lambda slot, err: r.terminated(slot.plugin, err, slot.host),
+                    log=r.logger.bind(r.spec.label))
+    r._commit_cb = loop.commit_processed
+    loop.run()
 
 
 def _run_analysis(r: _Runner) -> None:
@@ -649,7 +423,7 @@ def _run_analysis(r: _Runner) -> None:
     if not slots:
         r.channel.send("exit", r.spec.label, 0, None, {})
         return
-    reader = _Reader(r, "input", f"input->analysis{r.spec.thread}")
+    reader = _cursor(r, "input", f"input->analysis{r.spec.thread}")
     _read_loop(r, [reader], slots, is_output=False)
     for slot in slots:
         if slot.alive:
@@ -669,9 +443,9 @@ def _run_output(r: _Runner) -> None:
     rq = plugin.read_queue
     readers = []
     if rq in ("both", "input"):
-        readers.append(_Reader(r, "input", f"input->{plugin.name}"))
+        readers.append(_cursor(r, "input", f"input->{plugin.name}"))
     if rq in ("both", "analysis"):
-        readers.append(_Reader(r, "analysis", f"analysis->{plugin.name}"))
+        readers.append(_cursor(r, "analysis", f"analysis->{plugin.name}"))
     _read_loop(r, readers, slots, is_output=True)
     slot = slots[0]
     if slot.alive:
@@ -680,7 +454,7 @@ def _run_output(r: _Runner) -> None:
         r.channel.send("exit", plugin.name, 0, None, _stats_dict(slot.host))
 
 
-def _load_slots(r: _Runner) -> list[_PluginSlot]:
+def _load_slots(r: _Runner) -> list[Slot]:
     slots = []
     for plugin in r.spec.plugins:
         try:
@@ -688,11 +462,11 @@ def _load_slots(r: _Runner) -> list[_PluginSlot]:
         except PluginError as e:
             r.terminated(plugin, str(e), None)
             continue
-        slots.append(_PluginSlot(plugin, sandbox, host))
+        slots.append(Slot(plugin, sandbox, host))
     return slots
 
 
-def _save_state(slot: _PluginSlot) -> None:
+def _save_state(slot: Slot) -> None:
     if slot.plugin.preserve_data:
         try:
             slot.sandbox.save_state()
