@@ -12,9 +12,7 @@ def run_output(r: PluginProcess) -> None:
     slots = load_slots(r)
     if not slots:
         return
-    from hindsight_py.outputs.lua_binding import takeover_recover
-
-    takeover_recover(slots[0].host)  # a stop that cuts it short ends the read loop at once
+    slots[0].host.before_reading()  # an output's leftovers of the last run (a stop ends the loop at once)
     rq = plugin.read_queue
     readers = []
     if rq in ("both", "input"):

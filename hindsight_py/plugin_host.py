@@ -1,17 +1,23 @@
 """What one plugin's sandbox sees of its process: the SandboxHost of sandbox/lua.py and the
 host of sandbox/python.py. Messages and checkpoints go to the process; dead letters and refused
-messages to the plugin's dead-letter file; counters to its Stats."""
+messages to the plugin's dead-letter file; counters to its Stats. Outputs reach it only through
+their extensions (outputs/extension.py: the OutputHost they see, registered in outputs/registry.py)."""
 
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from hindsight_py import dead_letters
 from hindsight_py.config import PluginConfig
 from hindsight_py.matcher import compile_raw_matcher
+from hindsight_py.outputs.delivery import background_delivery
+from hindsight_py.outputs.extension import LuaExtension
+from hindsight_py.outputs.registry import output_extensions
 
 
 @dataclass
@@ -31,44 +37,45 @@ class Stats:
 class PluginHost:
     """What one sandbox sees of its process (the SandboxHost protocol of sandbox/lua.py)."""
 
-    def __init__(self, runner: Any, plugin: PluginConfig) -> None:
-        self.runner = runner
+    def __init__(self, process: Any, plugin: PluginConfig) -> None:
+        self.process = process  # plugin_process.PluginProcess
         self.plugin = plugin
-        self.log_fn = runner.logger.bind(plugin.name)
-        self.checkpoint_value: Any = runner.spec.checkpoints.get(plugin.name)
+        self.output_path: Path = process.output_path
+        self.log_fn = process.logger.bind(plugin.name)
+        self.checkpoint_value: Any = process.spec.checkpoints.get(plugin.name)
         self.stats = Stats()
-        self._es_types: bool | None = None
-        self.deliveries: list[Any] = []  # outputs/delivery.PipelinedSender
+        self.deliveries: list[Any] = []  # read_loop.Delivery: what the read loop waits for (track)
         self.pending_refusal: dict[str, Any] | None = None  # an input's refused message (refused())
+        self.extensions = output_extensions(self)
 
     # messages and checkpoints
     def write_messages(self, data: bytes, count: int) -> None:
-        self.runner.writer.append(data)
+        self.process.writer.append(data)
         self.stats.injected += count
 
     def checkpoint(self, value: Any) -> None:
         self.checkpoint_value = value
-        self.runner.channel.checkpoint(self.plugin.name, value)
+        self.process.channel.checkpoint(self.plugin.name, value)
 
     def is_running(self) -> bool:
-        self.runner.channel.poll()
-        return not self.runner.channel.stop
+        self.process.channel.poll()
+        return not self.process.channel.stop
 
     def log(self, level: int, text: str) -> None:
         self.log_fn(level, text)
 
     def inject_input(self, framed: bytes) -> None:
-        self.runner.input_writer().append(framed)
+        self.process.input_writer().append(framed)
 
     def commit_processed(self) -> None:
-        self.runner.commit_processed()
+        self.process.commit_processed()
 
     def create_matcher(self, expr: str) -> Callable[[bytes], bool] | None:
         return compile_raw_matcher(expr)
 
     # dead letters: one file per plugin, one schema (hindsight_py/dead_letters.py)
     def _dead_letter_records(self, records: list[dict[str, Any]]) -> None:
-        path = self.runner.output_path / "dead_letter" / f"{self.plugin.name}.jsonl"
+        path = self.output_path / "dead_letter" / f"{self.plugin.name}.jsonl"
         dead_letters.dead_letter_file(path).append(records)  # fsync()ed before any checkpoint moves on
         self.stats.dead_lettered += len(records)
 
@@ -108,51 +115,53 @@ class PluginHost:
             rec["next_offset"] = dead_letters.jsonable(next_offset)
             self._dead_letter_records([rec])
 
-    # Elasticsearch
-    def new_es_sender(self, cfg: dict) -> tuple[Callable[..., Any], Callable[[], bool]]:
-        from hindsight_py.outputs.lua_binding import make_lua_sender
-
-        return make_lua_sender(cfg, self)
-
-    def stop_event(self) -> Any:
-        """A stop event a bulk sender may wait on from any thread: on the main thread it reads the
+    # outputs: their extensions (outputs/extension.py) and the deliveries the read loop waits for
+    def stop_event(self) -> StopEvent:
+        """A stop event a delivery may wait on from any thread: on the main thread it reads the
         supervisor pipe, elsewhere only the flag that reading sets (the pipe has one reader)."""
-        from hindsight_py.outputs.delivery import ChannelStopEvent
-
         main = threading.main_thread()
+        channel = self.process.channel
 
         def running() -> bool:
-            return self.is_running() if threading.current_thread() is main else not self.runner.channel.stop
+            return self.is_running() if threading.current_thread() is main else not channel.stop
 
-        return ChannelStopEvent(running)
+        return StopEvent(running)
+
+    def track(self, delivery: Any) -> None:
+        """A settle/commit ticket counter (read_loop.Delivery): no position made while one of its
+        tickets is open is committed before that ticket is settled."""
+        self.deliveries.append(delivery)
 
     def background_delivery(self, sender: Any, *, abort: bool = False) -> Any:
-        """A PipelinedSender for `sender`: the read loop commits nothing past a body in flight."""
-        from hindsight_py.outputs.delivery import PipelinedSender
+        """Python plugins' deliver_in_background: the bulk sender in a background thread, tracked."""
+        return background_delivery(self, sender, abort=abort)
 
-        sender.stop_event = self.stop_event()  # it now waits in the delivery thread too
-        pipe = PipelinedSender(sender, self.stats, abort=abort, is_running=self.is_running)
-        self.deliveries.append(pipe)
-        return pipe
+    def lua_extensions(self) -> list[LuaExtension]:
+        return [x for x in (ext.lua_extension() for ext in self.extensions) if x is not None]
 
-    def bulk_takeover(self, host: str, port: int, body: bytes) -> tuple[bool, str | None]:
-        from hindsight_py.outputs.lua_binding import takeover_send
+    def before_reading(self) -> None:
+        for ext in self.extensions:
+            ext.before_reading()
 
-        return takeover_send(self, host, port, body)
 
-    def drop_es_types(self) -> bool:
-        if self._es_types is None:
-            from hindsight_py.outputs.lua_binding import server_accepts_types
+class StopEvent:
+    """A threading.Event look-alike that checks the supervisor pipe while a delivery waits to retry."""
 
-            accepts = server_accepts_types(self.plugin.values, self.log_fn)
-            if accepts is None:
-                # unknown (no answer from the server): leave `_type` out, as modern servers want.
-                # _es_types stays unset, but env.lua's hook keeps this first answer for the run.
+    def __init__(self, is_running: Callable[[], bool]) -> None:
+        self._is_running = is_running
+
+    def is_set(self) -> bool:
+        return not self._is_running()
+
+    def wait(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while True:
+            if not self._is_running():
                 return True
-            self._es_types = accepts
-            if not accepts:
-                self.log_fn(6, "the server does not accept mapping types: `_type` is left out of action lines")
-        return not self._es_types
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            time.sleep(min(0.05, left))
 
 
 def stats_dict(host: PluginHost | None) -> dict[str, int]:
@@ -174,4 +183,4 @@ def stats_dict(host: PluginHost | None) -> dict[str, int]:
     return d
 
 
-__all__ = ["PluginHost", "Stats", "stats_dict"]
+__all__ = ["PluginHost", "Stats", "StopEvent", "stats_dict"]
