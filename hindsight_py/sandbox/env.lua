@@ -387,7 +387,6 @@ do
             if type(name) == "string" then disabled[name] = true end
         end
     end
-    for _, name in ipairs(host.disable_modules or {}) do disabled[name] = true end
 end
 
 -- lua_sandbox's remove_entries: applied to every module as `require` loads it
@@ -1873,10 +1872,6 @@ end
 
 function control.has_timer()
     return type(rawget(env, "timer_event")) == "function"
-end
-
-function control.set_running(flag)
-    running = flag
 end
 
 function control.env()

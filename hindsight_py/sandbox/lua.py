@@ -81,7 +81,6 @@ class LuaSandbox:
         restricted_headers: bool,
         max_message_size: int,
         async_buffer_size: int = 0,
-        disable_modules: Sequence[str] = (),
         preserve_data: bool = False,
         state_path: Path | None = None,
         refused_messages: str = "dead_letter",
@@ -98,7 +97,7 @@ class LuaSandbox:
             plugin_type=plugin_type, name=name, path=path, cpath=cpath, logger=logger, hostname=hostname,
             pid=pid, log_level=log_level, output_limit=output_limit, restricted_headers=restricted_headers,
             max_message_size=max_message_size, runtime_cfg=runtime_cfg, async_buffer_size=async_buffer_size,
-            disable_modules=tuple(disable_modules), refused_messages=refused_messages,
+            refused_messages=refused_messages,
         )
         self._build(**self._settings)
 
@@ -118,7 +117,6 @@ class LuaSandbox:
         max_message_size: int,
         runtime_cfg: str,
         async_buffer_size: int,
-        disable_modules: Sequence[str],
         refused_messages: str,
     ) -> None:
         """A fresh Lua runtime with the sandbox environment, the plugin not loaded yet."""
@@ -181,7 +179,6 @@ class LuaSandbox:
                 "runtime_cfg": runtime_cfg.encode(),
                 "async_buffer_size": async_buffer_size,
                 "instruction_limit": instruction_limit,
-                "disable_modules": lua_table([m.encode() for m in disable_modules]),
                 "refused_messages": refused_messages,
                 "extensions": lua_table([self._extension_table(x) for x in getattr(host, "lua_extensions", list)()]),
             },
@@ -397,9 +394,6 @@ class LuaSandbox:
 
     def has_timer(self) -> bool:
         return bool(self._control.has_timer())
-
-    def set_running(self, flag: bool) -> None:
-        self._control.set_running(flag)
 
     def globals_table(self) -> Any:
         return self._control.env()
