@@ -297,7 +297,7 @@ def test_one_line_objects(impl):
         assert one_line_objects(payloads) is want
 
 
-def testevery_line_is_an_object(impl):
+def test_every_line_is_an_object(impl):
     rng = random.Random(29)
     pieces = list(BODY_LINES)
     for _ in range(500):
