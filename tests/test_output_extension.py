@@ -144,19 +144,21 @@ def test_a_kill_with_a_write_in_flight_loses_nothing(tmp_path: Path) -> None:
     sink = wd / "sink.txt"
     # the first body is the first 50 lines at most (the sink hands over 50, or a timer fewer)
     wait_until(lambda: sink.exists() and sink.read_text().count("\n") > 0, 60, "a first body on disk")
-    wait_until(lambda: "input->output.file_sink" in checkpoints(wd), 30, "a checkpoint of the output")
-    time.sleep(1)  # more checkpoints, if the loop makes any: none may pass the write in flight
+    # The loop learns what a call settled when the call returns, and a position then waits for
+    # every ticket open at that moment: under load the first checkpoint may wait behind the hung
+    # write too. Whatever was committed, none may pass the write in flight.
+    time.sleep(2)
     proc.send_signal(signal.SIGKILL)  # its plugin processes die with it (PR_SET_PDEATHSIG)
     proc.wait(60)
     written = sink.read_text().splitlines()
     assert written == lines[:len(written)] and len(written) < 4500
-    cp = checkpoints(wd)["input->output.file_sink"]
+    cp = checkpoints(wd).get("input->output.file_sink")
     reader = QueueReader(wd / "output" / "input", None, 1 << 20)
     ends = []
     while (batch := reader.read_batch(1000)) is not None:
         ends += [format_position((batch.file_id, end)) for end in batch.ends]
     settled = ends[:len(written)]
-    assert cp in settled, f"the checkpoint {cp} is not past the last line on disk ({settled[-1]})"
+    assert cp is None or cp in settled, f"the checkpoint {cp} is past the last line on disk ({settled[-1]})"
 
     run = subprocess.run([hindsight_cli(), "hindsight.cfg"], cwd=wd, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr[-3000:]
