@@ -15,7 +15,6 @@ from typing import Any
 from hindsight_py import dead_letters
 from hindsight_py.config import PluginConfig
 from hindsight_py.matcher import compile_raw_matcher
-from hindsight_py.outputs.delivery import background_delivery
 from hindsight_py.outputs.extension import LuaExtension
 from hindsight_py.outputs.registry import output_extensions
 
@@ -134,6 +133,8 @@ class PluginHost:
 
     def background_delivery(self, sender: Any, *, abort: bool = False) -> Any:
         """Python plugins' deliver_in_background: the bulk sender in a background thread, tracked."""
+        from hindsight_py.outputs.delivery import background_delivery  # (urllib3: only where it is used)
+
         return background_delivery(self, sender, abort=abort)
 
     def lua_extensions(self) -> list[LuaExtension]:

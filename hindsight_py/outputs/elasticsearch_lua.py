@@ -14,18 +14,16 @@ import time
 from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from hindsight_py.outputs import type_conflicts
-from hindsight_py.outputs.delivery import (
-    PipelinedSender,
-    background_delivery,
-    count_result,
-    sender_from_config,
-    urls_from_config,
-)
-from hindsight_py.outputs.elasticsearch import BulkSender, SendInterrupted, ServerInfo, bulk_body_count
 from hindsight_py.outputs.extension import LuaExtension, OutputHost
+
+if TYPE_CHECKING:
+    from hindsight_py.outputs.delivery import PipelinedSender
+    from hindsight_py.outputs.elasticsearch import BulkSender
+
+# The sender's modules (urllib3 among them) are imported where a sender is made: every plugin
+# host creates this extension, and most plugin processes never send anything.
 
 PROBE_INTERVAL = 1.0  # seconds between two questions to a server that has not answered yet
 
@@ -41,11 +39,14 @@ def _hooks_source() -> str:
 
 def server_accepts_types(cfg: dict[str, Any], log: Callable[[int, str], None]) -> bool | None:
     """Whether the server an output is configured for takes `_type`; None if it cannot be reached now."""
+    from hindsight_py.outputs.delivery import urls_from_config
+    from hindsight_py.outputs.elasticsearch import BulkSender
+
     probe = BulkSender(urls_from_config(cfg), dead_letter_path="/dev/null", timeout=5, max_retries=0, log=log,
                        username=cfg.get("username"), password=cfg.get("password"), api_key=cfg.get("api_key"),
                        ca_certs=cfg.get("ca_certs"), verify=cfg.get("verify_certs", True) is not False)
     try:
-        info: ServerInfo | None = probe.detect()
+        info = probe.detect()
     finally:
         probe.close()
     return None if info is None else info.accepts_types
@@ -76,6 +77,9 @@ class ElasticsearchLua:
     # -- require "hindsight.elasticsearch" ------------------------------------------------------------
     def new_sender(self, cfg: dict[str, Any]) -> tuple[Callable[..., Any], Callable[[], bool]]:
         """The two functions behind the Lua `sender` object: send(body, n) and accepts_types()."""
+        from hindsight_py.outputs import type_conflicts
+        from hindsight_py.outputs.delivery import background_delivery, sender_from_config
+
         host = self.host
         # The Lua plugin forwards the keys it knows; these come from its cfg all the same.
         cfg = {**{k: host.plugin.values.get(k) for k in type_conflicts.CONFIG_KEYS}, **cfg}
@@ -122,6 +126,9 @@ class ElasticsearchLua:
         return ok, (err.encode() if err else None)
 
     def _takeover(self, address: str, port: int, body: bytes) -> tuple[bool, str | None]:
+        from hindsight_py.outputs.delivery import background_delivery
+        from hindsight_py.outputs.elasticsearch import bulk_body_count
+
         if not self._spool_recovered:
             return False, "stopped before the bulk request left by the last run was delivered"
         pipe = self._takeover_pipes.get((address, port))
@@ -143,6 +150,9 @@ class ElasticsearchLua:
 
         If a stop cuts the delivery short, the spool stays for the next run, and takeover refuses
         new bodies meanwhile (one would replace it)."""
+        from hindsight_py.outputs.delivery import count_result
+        from hindsight_py.outputs.elasticsearch import SendInterrupted, bulk_body_count
+
         spool = takeover_spool(self.host)
         try:
             data = spool.read_bytes()
@@ -164,6 +174,8 @@ class ElasticsearchLua:
         spool.unlink()
 
     def _takeover_sender(self, address: str, port: int) -> BulkSender:
+        from hindsight_py.outputs.delivery import sender_from_config
+
         cfg = dict(self.host.plugin.values)
         cfg.update(address=address, port=port)
         for key in ("discard_on_error", "abort_on_error"):
