@@ -61,6 +61,7 @@ class Host(Protocol):
     def dead_letter(self, reason: str, data: bytes | str) -> None: ...
     def count_delivery(self, indexed: int, dead_lettered: int, set_aside: int, retried: int) -> None: ...
     def background_delivery(self, sender: BulkSender, abort: bool) -> PipelinedSender: ...
+    def track_delivery(self, delivery: Any) -> None: ...
     def log(self, level: int, text: str) -> None: ...
 
 
@@ -252,6 +253,17 @@ def deliver_in_background(sender: BulkSender, *, abort_on_error: bool = False) -
     return _sandbox().background_delivery(sender, abort_on_error)
 
 
+def track_delivery(delivery: Any) -> None:
+    """Outputs: have the host wait for `delivery`, work the plugin finishes after its call returns
+    (a write, a request): an object with ``ticket`` (the last piece handed over), ``done`` (the
+    last one settled: delivered or dead-lettered), ``busy`` (done != ticket), ``interrupted``, and
+    ``wait()`` (wait for what is in flight; its error or None). Once a message is reported done
+    (0, or update_checkpoint), its checkpoint is held back until ``done`` reaches the ``ticket``
+    of that moment: the extension point any output type delivers through (deliver_in_background
+    is one)."""
+    _sandbox().track_delivery(delivery)
+
+
 def logger() -> Callable[[int, str], None]:
     """`log`, bound to this plugin: for threads the plugin runs (`log` itself finds its plugin
     only while a callback runs, or in a function wrapped by `bind`)."""
@@ -267,6 +279,7 @@ __all__ = [
     "add_to_payload",
     "bind",
     "count_delivery",
+    "track_delivery",
     "create_message_matcher",
     "current_message",
     "dead_letter",

@@ -9,12 +9,20 @@ sandbox/__init__.py does, from a plugin file and a few cfg values.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from hindsight_py import message as hmsg
 from hindsight_py.matcher import compile_raw_matcher
+from hindsight_py.outputs.elasticsearch_lua import ElasticsearchLua
+from hindsight_py.outputs.extension import LuaExtension
 from hindsight_py.sandbox.lua import LuaSandbox
+
+
+def _not_here(*args: Any) -> Any:
+    raise NotImplementedError("no Elasticsearch server behind the fake host")
 
 
 def split_framed(data: bytes) -> list[bytes]:
@@ -68,6 +76,7 @@ class FakeHost:
         self.running = running
         # upstream's inject callbacks, for the upstream test harness: (pb | None, cp) -> rv
         self.inject_callback: Callable[[bytes | None, Any], int] | None = None
+        self.plugin = SimpleNamespace(type="output", name="test.plugin", values={})  # lua_sandbox sets the type
 
     def write_messages(self, data: bytes, count: int) -> None:
         msgs = split_framed(data)
@@ -93,14 +102,18 @@ class FakeHost:
     def create_matcher(self, expr: str) -> Callable[[bytes], bool] | None:
         return compile_raw_matcher(expr)
 
-    def new_es_sender(self, cfg: dict) -> Any:
-        raise NotImplementedError
-
-    def drop_es_types(self) -> bool:
-        return True
-
     def dead_letter(self, reason: str, data: bytes) -> None:
         self.dead_letters.append((reason, data))
+
+    def lua_extensions(self) -> list[LuaExtension]:
+        """The Elasticsearch output's Lua code, as PluginHost loads it, with no server behind it: no
+        sender can be made, and `_type` is left out (as for a server without mapping types)."""
+        ext = ElasticsearchLua(self).lua_extension()  # type: ignore[arg-type]
+        functions: dict[str, Callable[..., Any]] = {**ext.functions, "types_dropped": lambda: (True, True),
+                                                    "takeover": _not_here}
+        if "new_sender" in functions:
+            functions["new_sender"] = _not_here
+        return [replace(ext, functions=functions)]
 
     def refused(self, reason: str, message: Any, offset: Any) -> bool:
         self.settle_refused(None)
@@ -112,9 +125,6 @@ class FakeHost:
             reason, message, offset = self.refused_pending
             self.refusals.append((reason, message, offset, next_offset))
             self.refused_pending = None
-
-    def bulk_takeover(self, host: str, port: int, body: bytes) -> tuple[bool, str | None]:
-        raise NotImplementedError
 
     # helpers
     def messages(self) -> list[hmsg.Message]:
@@ -144,6 +154,8 @@ def lua_sandbox(
     load: bool = True,
 ) -> tuple[LuaSandbox, FakeHost]:
     host = host or FakeHost()
+    if isinstance(getattr(host, "plugin", None), SimpleNamespace):
+        host.plugin.type = plugin_type
     if restricted_headers is None:
         restricted_headers = plugin_type == "analysis"
     sb = LuaSandbox(

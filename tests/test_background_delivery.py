@@ -188,7 +188,7 @@ def test_kill_9_during_background_delivery_loses_nothing(pipeline: str, lines: L
 
 def test_a_bulk_request_left_in_the_spool_is_delivered_before_anything_else(lines: LineFile, es8_url: str,
                                                                             scratch_index, tmp_path: Path) -> None:
-    # What a kill leaves when upstream's plugin had handed a request over (lua_binding.takeover_send)
+    # What a kill leaves when upstream's plugin had handed a request over (outputs/elasticsearch_lua.py, ElasticsearchLua.takeover)
     index = Index(es8_url, scratch_index(es8_url))
     port = es8_url.rsplit(":", 1)[1].rstrip("/")
     empty = tmp_path / "empty.json"
@@ -212,11 +212,11 @@ def test_a_bulk_request_left_in_the_spool_is_delivered_before_anything_else(line
 def test_a_spool_that_is_not_ours_stops_the_start_naming_the_file(tmp_path: Path) -> None:
     from types import SimpleNamespace
 
-    from hindsight_py.outputs.lua_binding import takeover_recover
+    from hindsight_py.outputs.elasticsearch_lua import ElasticsearchLua
 
     (tmp_path / "output.es.bulk").write_bytes(b"garbage without a port\n{}\n")
-    host = SimpleNamespace(runner=SimpleNamespace(output_path=tmp_path), plugin=SimpleNamespace(name="output.es"))
+    host = SimpleNamespace(output_path=tmp_path, plugin=SimpleNamespace(name="output.es"))
     with pytest.raises(ValueError, match=r"output\.es\.bulk: not a bulk request spooled by hindsight-py .*"
                                          r"'garbage without a port'"):
-        takeover_recover(host)
+        ElasticsearchLua(host).recover()  # type: ignore[arg-type]
     assert (tmp_path / "output.es.bulk").exists()  # left for the user to look at, not dropped

@@ -1,10 +1,10 @@
-"""runner._Commits without processes: checkpoints wait behind background deliveries, in order."""
+"""read_loop.Commits without processes: checkpoints wait behind background deliveries, in order."""
 
 from __future__ import annotations
 
 from types import SimpleNamespace
 
-from hindsight_py.runner import _Commits
+from hindsight_py.read_loop import Commits
 
 
 class Sender:
@@ -17,10 +17,10 @@ class Sender:
         return self.done != self.ticket
 
 
-def setup() -> tuple[_Commits, list[Sender], list[tuple[str, str]]]:
+def setup() -> tuple[Commits, list[Sender], list[tuple[str, str]]]:
     senders: list[Sender] = []
     sent: list[tuple[str, str]] = []
-    return _Commits(lambda: senders, lambda key, value: sent.append((key, value))), senders, sent
+    return Commits(lambda: senders, lambda key, value: sent.append((key, value))), senders, sent
 
 
 def test_without_deliveries_in_flight_a_position_is_committed_at_once() -> None:

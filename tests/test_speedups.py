@@ -21,7 +21,7 @@ from twin_vectors import BODY_LINES, ID_VALUES, PAYLOAD_PIECES, VECTORS, fixed_u
 
 from hindsight_py import _accel, framing, message_dict, peek
 from hindsight_py import message as hmsg
-from hindsight_py.outputs.elasticsearch import _every_line_is_an_object, one_line_objects
+from hindsight_py.outputs.bulk_body import every_line_is_an_object, one_line_objects
 
 try:
     from hindsight_py import _speedups
@@ -304,7 +304,7 @@ def test_every_line_is_an_object(impl):
         body = b"\n".join(rng.choice(pieces) for _ in range(rng.randrange(0, 7))) + rng.choice([b"", b"\n"])
         want = body.startswith(b"{") and all(line.startswith(b"{") for line in body.split(b"\n")[1:-1]) and (
             body.endswith(b"\n") or body.split(b"\n")[-1].startswith(b"{"))
-        assert _every_line_is_an_object(body) is want, body[:80]
+        assert every_line_is_an_object(body) is want, body[:80]
 
 
 # -- the fast paths of issue 17: tree input, header matchers, per-batch action lines ------------------

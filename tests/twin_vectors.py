@@ -16,8 +16,8 @@ from typing import Any
 from hindsight_py import framing, message_dict, peek
 from hindsight_py import message as hmsg
 from hindsight_py.json_records import frame_json_records
+from hindsight_py.outputs.bulk_body import every_line_is_an_object, one_line_objects
 from hindsight_py.outputs.bulk_lines import id_action_lines
-from hindsight_py.outputs.elasticsearch import _every_line_is_an_object, one_line_objects
 
 UUID = bytes(range(16))
 STAMP = 1_700_000_000_000_000_000  # a Timestamp of nine varint bytes, as every time since 1972
@@ -104,10 +104,10 @@ def _vectors() -> list[Vector]:
     add(Vector("one_line_objects", "one bad of three", lambda: one_line_objects([b"{}", b"x", b"{}"]), False))
 
     for line, ok in BODY_LINES.items():
-        add(Vector("every_line_is_an_object", repr(line[:12]), lambda b=line + b"\n": _every_line_is_an_object(b), ok))
+        add(Vector("every_line_is_an_object", repr(line[:12]), lambda b=line + b"\n": every_line_is_an_object(b), ok))
     for body, ok in ((b"", False), (b"{}\n{}", True), (b"{}\nx", False), (b"{}\n\n", False),
                      (b'{"index":{}}\n{"a":1}\n', True), (b"{}\n[1]\n{}\n", False)):
-        add(Vector("every_line_is_an_object", repr(body), lambda b=body: _every_line_is_an_object(b), ok))
+        add(Vector("every_line_is_an_object", repr(body), lambda b=body: every_line_is_an_object(b), ok))
 
     for value, ok in ID_VALUES.items():
         payload = b'{"k":1,' + KEY + value + b'"}'

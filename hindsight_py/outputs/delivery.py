@@ -2,41 +2,22 @@
 
 Both outputs (the Lua `require "hindsight.elasticsearch"` binding and plugins/elasticsearch_bulk.py)
 build their sender here, and both hand their bulk bodies to a :class:`PipelinedSender`: the
-request goes out in a thread while the plugin prepares the next one, and the runner holds back
-every checkpoint that depends on a body until that body is delivered.
+request goes out in a thread while the plugin prepares the next one. A PipelinedSender is a
+settle/commit ticket counter (outputs/extension.py): the read loop holds back every checkpoint that
+depends on a body until that body is delivered.
 """
 
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Callable
 from typing import Any
 
 from hindsight_py.outputs import type_conflicts
 from hindsight_py.outputs.elasticsearch import BulkSender, SendInterrupted, SendResult
+from hindsight_py.outputs.extension import OutputHost
 
-__all__ = ["ChannelStopEvent", "PipelinedSender", "count_result", "sender_from_config", "urls_from_config"]
-
-
-class ChannelStopEvent:
-    """A threading.Event look-alike that checks the supervisor pipe while a sender waits to retry."""
-
-    def __init__(self, is_running: Callable[[], bool]) -> None:
-        self._is_running = is_running
-
-    def is_set(self) -> bool:
-        return not self._is_running()
-
-    def wait(self, timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
-        while True:
-            if not self._is_running():
-                return True
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return False
-            time.sleep(min(0.05, left))
+__all__ = ["PipelinedSender", "background_delivery", "count_result", "sender_from_config", "urls_from_config"]
 
 
 def urls_from_config(cfg: dict[str, Any]) -> list[str]:
@@ -93,7 +74,7 @@ def count_result(stats: Any, result: SendResult) -> None:
 class PipelinedSender:
     """Delivers one bulk body in a background thread while the plugin prepares the next.
 
-    The plugin may report its messages done as soon as `submit` returns; the runner holds such
+    The plugin may report its messages done as soon as `submit` returns; the read loop holds such
     commits back until the delivery they depend on has finished (`ticket` / `done`), so a crash
     still re-sends instead of losing. At most one body is in flight: the next `submit` waits for
     it. A failed delivery is reported by the next `submit` or `wait`, and stays reported: its
@@ -175,3 +156,12 @@ class PipelinedSender:
     @property
     def busy(self) -> bool:
         return self.done != self.ticket
+
+
+def background_delivery(host: OutputHost, sender: BulkSender, *, abort: bool = False) -> PipelinedSender:
+    """A PipelinedSender for `sender`, tracked by the plugin's host: the read loop commits nothing
+    past a body in flight."""
+    sender.stop_event = host.stop_event()  # it now waits in the delivery thread too
+    pipe = PipelinedSender(sender, host.stats, abort=abort, is_running=host.is_running)
+    host.track(pipe)
+    return pipe

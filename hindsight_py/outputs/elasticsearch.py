@@ -20,7 +20,6 @@ import gzip as gzip_module
 import json
 import logging
 import random
-import re
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -32,7 +31,21 @@ from urllib.parse import unquote, urlsplit
 import urllib3
 from urllib3.exceptions import HTTPError as Urllib3Error
 
-from hindsight_py import _accel, dead_letters
+from hindsight_py import dead_letters
+from hindsight_py.outputs.bulk_body import (
+    Document,
+    bulk_body_count,
+    every_line_is_an_object,
+    one_line_objects,
+    split_bulk_body,
+)
+from hindsight_py.outputs.es_transport import (
+    connection_pool,
+    describe_error,
+    error_from_body,
+    request_headers,
+    transport_problem,
+)
 
 try:
     import orjson
@@ -46,7 +59,8 @@ __all__ = [
     "SendInterrupted",
     "SendResult",
     "ServerInfo",
-    "bulk_body_count",
+    "bulk_body_count",  # (outputs/bulk_body.py, for the plugins that import it from here)
+    "one_line_objects",
 ]
 
 # Syslog severities, as lua_sandbox and Hindsight use them.
@@ -138,17 +152,6 @@ class SendInterrupted(Exception):
 
 
 @dataclass
-class _Document:
-    action: bytes
-    source: bytes | None  # None for a delete action
-
-    def to_ndjson(self) -> bytes:
-        if self.source is None:
-            return self.action + b"\n"
-        return self.action + b"\n" + self.source + b"\n"
-
-
-@dataclass
 class _Failure:
     """A request that got no usable answer, or an answer that says "try again"."""
 
@@ -157,80 +160,10 @@ class _Failure:
     error: dict[str, Any] = field(default_factory=dict)
 
 
-def _action_has_source(action: bytes) -> bool:
-    try:
-        doc = _loads(action)
-    except ValueError:
-        return True  # malformed; the server will say so, assume the usual pair
-    return not (isinstance(doc, dict) and len(doc) == 1 and "delete" in doc)
-
-
-def _split_bulk_body(body: bytes) -> list[_Document]:
-    """Cut an NDJSON bulk body into documents (action line + source line; delete has none).
-
-    Lines pair up as the server pairs them: blank lines where an action is expected are skipped,
-    but the line after an action is its source even when blank (or missing at the end), so an
-    empty document cannot shift the documents after it onto the wrong action lines.
-    """
-    lines = body.split(b"\n")
-    if lines and not lines[-1]:
-        lines.pop()  # the body's final newline
-    docs: list[_Document] = []
-    i = 0
-    while i < len(lines):
-        action = lines[i]
-        if not action.strip():
-            i += 1
-        elif _action_has_source(action):
-            docs.append(_Document(action, lines[i + 1] if i + 1 < len(lines) else b""))
-            i += 2
-        else:
-            docs.append(_Document(action, None))
-            i += 1
-    return docs
-
-
-# A line that does not start with "{" (an empty line included); the final newline has no line after it.
-_LINE_NOT_AN_OBJECT = re.compile(rb"\n[^{]")
-
-
-def _every_line_is_an_object(body: bytes) -> bool:
-    # the common case: every action and source line starts with "{"
-    fast = _accel.speedups
-    if fast is not None:
-        return fast.every_line_is_an_object(body)  # a memchr loop, four times faster than the regex
-    # a regex with a literal prefix scans at memchr speed, five times faster than counting b"\n{"
-    return body.startswith(b"{") and _LINE_NOT_AN_OBJECT.search(body) is None
-
-
-def one_line_objects(payloads: list[bytes]) -> bool:
-    """Every payload starts with "{" and has no line feed: it can go into a bulk body as it is."""
-    fast = _accel.speedups
-    if fast is not None:
-        return fast.one_line_objects(payloads)
-    return not any(p[:1] != b"{" for p in payloads) and not any(b"\n" in p for p in payloads)
-
-
-def bulk_body_count(body: bytes) -> int:
-    """The number of documents (actions) in a bulk body.
-
-    The usual body repeats one action line before every source: then the count is the number of
-    line pairs, found with C-level calls. Anything else is cut up as the server would cut it."""
-    lines = body.split(b"\n")
-    if lines and not lines[-1]:
-        lines.pop()
-    pairs = len(lines) // 2
-    if pairs and len(lines) % 2 == 0:
-        action = lines[0]
-        if action.strip() and _action_has_source(action) and lines[0::2].count(action) == pairs:
-            return pairs
-    return len(_split_bulk_body(body))
-
-
 class _Batch:
     """A bulk body on its way; cut into documents only when an answer needs it."""
 
-    def __init__(self, body: bytes, count: int, docs: list[_Document] | None = None) -> None:
+    def __init__(self, body: bytes, count: int, docs: list[Document] | None = None) -> None:
         self.body = body
         self.count = count
         self.refusal: _Failure | None = None  # why these documents are being sent again
@@ -238,12 +171,12 @@ class _Batch:
         self._gzipped: bytes | None = None
 
     @classmethod
-    def of(cls, docs: list[_Document]) -> _Batch:
+    def of(cls, docs: list[Document]) -> _Batch:
         return cls(b"".join(doc.to_ndjson() for doc in docs), len(docs), docs)
 
-    def documents(self) -> list[_Document]:
+    def documents(self) -> list[Document]:
         if self._docs is None:
-            self._docs = _split_bulk_body(self.body)
+            self._docs = split_bulk_body(self.body)
             if len(self._docs) != self.count:
                 # The caller's count was wrong; the body is what the server sees.
                 self.count = len(self._docs)
@@ -256,43 +189,6 @@ class _Batch:
             # Level 1: most of gzip's gain on JSON at a fraction of the CPU.
             self._gzipped = gzip_module.compress(self.body, compresslevel=1)
         return self._gzipped
-
-
-def _transport_problem(exc: BaseException) -> str:
-    """A failed connection in words, with what to do when it is the certificate check."""
-    text = f"{type(exc).__name__}: {exc}"
-    if "CERTIFICATE_VERIFY_FAILED" in text:
-        text += (
-            " -- the server's TLS certificate could not be verified: give the CA bundle that signed it"
-            " (ca_certs), or check the host name in the URL against the certificate"
-        )
-    return text
-
-
-def _describe_error(error: Any) -> str:
-    if not isinstance(error, dict):
-        return str(error)
-    text = f"{error.get('type', 'error')}: {error.get('reason', '')}".rstrip(": ")
-    cause = error.get("caused_by")
-    if isinstance(cause, dict):
-        text += f" (caused by {cause.get('type', 'error')}: {cause.get('reason', '')})"
-    return text
-
-
-def _error_from_body(status: int, data: bytes) -> tuple[str, dict[str, Any]]:
-    """The reason and the error object of a whole-request failure."""
-    try:
-        doc = _loads(data)
-    except ValueError:
-        doc = None
-    if isinstance(doc, dict) and "error" in doc:
-        error = doc["error"]
-        if not isinstance(error, dict):
-            error = {"reason": str(error)}
-        return f"HTTP {status}: {_describe_error(error)}", error
-    text = data[:2000].decode("utf-8", "replace")
-    # one line in the log, even for a proxy's HTML page
-    return f"HTTP {status}: {' '.join(text.split())[:300]}", {"body": text}
 
 
 class BulkSender:
@@ -358,36 +254,11 @@ class BulkSender:
             parts = urlsplit(url if "://" in url else f"http://{url}")
             if parts.username and username is None:
                 username, password = unquote(parts.username), unquote(parts.password or "")
-            pool_kwargs: dict[str, Any] = {
-                "maxsize": 1,
-                "timeout": urllib3.Timeout(connect=timeout, read=timeout),
-                "retries": False,
-            }
-            if parts.scheme == "https":
-                pool_kwargs.update(
-                    cert_reqs="CERT_REQUIRED" if verify else "CERT_NONE",
-                    ca_certs=ca_certs,
-                    cert_file=client_cert,
-                    key_file=client_key,
-                    assert_hostname=None if verify else False,
-                )
-            origin = f"{parts.scheme}://{parts.hostname}" + (f":{parts.port}" if parts.port else "")
-            pool = urllib3.connection_from_url(origin, **pool_kwargs)
+            pool = connection_pool(parts, timeout=timeout, verify=verify, ca_certs=ca_certs,
+                                    client_cert=client_cert, client_key=client_key)
             self._targets.append((pool, parts.path.rstrip("/")))
         self._current = 0
-
-        self._headers = {
-            "Content-Type": "application/x-ndjson",
-            "Accept": "application/json",
-            "User-Agent": "hindsight-py",
-        }
-        if api_key:
-            self._headers["Authorization"] = f"ApiKey {api_key}"
-        elif username is not None:
-            basic = urllib3.make_headers(basic_auth=f"{username}:{password or ''}")
-            self._headers["Authorization"] = basic["authorization"]
-        if gzip:
-            self._headers["Content-Encoding"] = "gzip"
+        self._headers = request_headers(api_key=api_key, username=username, password=password, gzip=gzip)
 
     # -- detection ------------------------------------------------------------------------
 
@@ -404,12 +275,12 @@ class BulkSender:
                     "GET", prefix + "/", headers=self._signed(pool, "GET", prefix + "/", headers, b""), retries=False
                 )
             except (Urllib3Error, OSError) as exc:
-                problems.append(f"{pool.host}:{pool.port}: {_transport_problem(exc)}")
+                problems.append(f"{pool.host}:{pool.port}: {transport_problem(exc)}")
                 continue
             if response.status != 200:
                 self.detect_failure_status = response.status
                 problems.append(
-                    f"{pool.host}:{pool.port}: {_error_from_body(response.status, response.data)[0]}"
+                    f"{pool.host}:{pool.port}: {error_from_body(response.status, response.data)[0]}"
                 )
                 continue
             try:
@@ -434,7 +305,7 @@ class BulkSender:
         with self._lock:
             batch = _Batch(body, count)
             # sources_checked: the caller already set aside every source that is not a JSON object
-            if not sources_checked and not _every_line_is_an_object(body):
+            if not sources_checked and not every_line_is_an_object(body):
                 docs = batch.documents()
                 good = [d for d in docs if d.source is None or d.source.lstrip().startswith(b"{")]
                 if len(good) != len(docs):
@@ -468,7 +339,7 @@ class BulkSender:
                 elif status == 413:
                     docs = batch.documents()
                     if len(docs) <= 1:
-                        self._dead_letter(docs, status, *_error_from_body(status, data), result)
+                        self._dead_letter(docs, status, *error_from_body(status, data), result)
                         return
                     half = len(docs) // 2
                     self._log(
@@ -479,7 +350,7 @@ class BulkSender:
                     self._deliver(_Batch.of(docs[half:]), result)
                     return
                 else:
-                    reason, error = _error_from_body(status, data)
+                    reason, error = error_from_body(status, data)
                     if status < 500 and status not in _RETRYABLE_REQUEST_STATUSES:
                         self._dead_letter(batch.documents(), status, reason, error, result)
                         return
@@ -516,7 +387,7 @@ class BulkSender:
             response = pool.urlopen(method, prefix + path, body=data, headers=headers, retries=False,
                                     redirect=False, preload_content=True)
         except (Urllib3Error, OSError) as exc:
-            return f"{pool.scheme}://{pool.host}:{pool.port}: {_transport_problem(exc)}"
+            return f"{pool.scheme}://{pool.host}:{pool.port}: {transport_problem(exc)}"
         return response.status, response.data
 
     def _post(self, payload: bytes) -> tuple[int, bytes] | _Failure:
@@ -533,7 +404,7 @@ class BulkSender:
                 preload_content=True,
             )
         except (Urllib3Error, OSError) as exc:
-            return _Failure(f"{pool.scheme}://{pool.host}:{pool.port}: {_transport_problem(exc)}")
+            return _Failure(f"{pool.scheme}://{pool.host}:{pool.port}: {transport_problem(exc)}")
         return response.status, response.data
 
     def _signed(
@@ -575,11 +446,36 @@ class BulkSender:
                 f"the bulk response has {len(items)} items for {len(docs)} documents; "
                 "documents without an item are dead-lettered",
             )
-        retry: list[_Document] = []
-        resend: list[_Document] = []  # rejected, then mended by the conflict resolver
+        sorted_items = self._sort_items(docs, items)
+        indexed, retry, resend, dead, refusal, moved_aside = sorted_items
+        self._settle_indexed(indexed, result)
+        result.moved_aside += moved_aside
+        for (status, reason), (error, documents) in dead.items():
+            self._dead_letter(documents, status, reason, error, result)
+        if resend:
+            self._log(LOG_INFO, f"{len(resend)} documents sent again with mistyped fields moved aside")
+            self._deliver(_Batch.of(resend), result)
+        again = _Batch.of(retry)
+        if refusal is not None:
+            again.refusal = _Failure(
+                f"{len(retry)} of {len(docs)} documents refused for now, e.g. {refusal.reason}",
+                refusal.status,
+                refusal.error if isinstance(refusal.error, dict) else {"reason": str(refusal.error)},
+            )
+        return again
+
+    def _sort_items(self, docs: list[Document], items: list[Any]) -> tuple[
+            int, list[Document], list[Document], dict[tuple[int, str], tuple[dict[str, Any], list[Document]]],
+            _Failure | None, int]:
+        """The documents of an answer with errors by outcome: the number indexed, those to retry
+        (429, 5xx), those mended to send again, those to dead-letter (by status and reason), a
+        retried item's refusal to report, and how many were mended for the first time."""
+        retry: list[Document] = []
+        resend: list[Document] = []  # rejected, then mended by the conflict resolver
         refusal: _Failure | None = None
         indexed = 0
-        dead: dict[tuple[int, str], tuple[dict[str, Any], list[_Document]]] = {}
+        moved_aside = 0
+        dead: dict[tuple[int, str], tuple[dict[str, Any], list[Document]]] = {}
         for position, document in enumerate(docs):
             if position >= len(items):
                 reason = "the server returned no item for this document"
@@ -599,37 +495,24 @@ class BulkSender:
             elif status == 429 or status >= 500:
                 retry.append(document)
                 error = outcome.get("error")
-                refusal = _Failure(f"item {status}: {_describe_error(error)}", status, error or {})
+                refusal = _Failure(f"item {status}: {describe_error(error)}", status, error or {})
             else:
                 error = outcome.get("error")
                 error = error if isinstance(error, dict) else {"reason": str(error)}
                 mended = self._mend(document, error)
                 if mended is not None:
                     if MENDED_MARK not in (document.source or b""):  # mended for the first time
-                        result.moved_aside += 1
+                        moved_aside += 1
                     resend.append(mended)
                     continue
-                dead.setdefault((status, _describe_error(error)), (error, []))[1].append(document)
-        self._settle_indexed(indexed, result)
-        for (status, reason), (error, documents) in dead.items():
-            self._dead_letter(documents, status, reason, error, result)
-        if resend:
-            self._log(LOG_INFO, f"{len(resend)} documents sent again with mistyped fields moved aside")
-            self._deliver(_Batch.of(resend), result)
-        again = _Batch.of(retry)
-        if refusal is not None:
-            again.refusal = _Failure(
-                f"{len(retry)} of {len(docs)} documents refused for now, e.g. {refusal.reason}",
-                refusal.status,
-                refusal.error if isinstance(refusal.error, dict) else {"reason": str(refusal.error)},
-            )
-        return again
+                dead.setdefault((status, describe_error(error)), (error, []))[1].append(document)
+        return indexed, retry, resend, dead, refusal, moved_aside
 
-    def _mend(self, document: _Document, error: dict[str, Any]) -> _Document | None:
+    def _mend(self, document: Document, error: dict[str, Any]) -> Document | None:
         if self.conflict_resolver is None or document.source is None:
             return None
         source = self.conflict_resolver(document.source, error)
-        return None if source is None else _Document(document.action, source)
+        return None if source is None else Document(document.action, source)
 
     def _wait_before_retry(self, attempt: int, reason: str, result: SendResult) -> None:
         # The exponent is bounded: retrying forever must not overflow a float.
@@ -656,7 +539,7 @@ class BulkSender:
 
     def _dead_letter(
         self,
-        docs: list[_Document],
+        docs: list[Document],
         status: int | None,
         reason: str,
         error: dict[str, Any],

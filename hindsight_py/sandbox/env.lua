@@ -60,7 +60,8 @@ end
 -- it, Lua code could walk to Python's builtins (e.__traceback__.tb_frame.f_globals...). So every
 -- callable of the host is called through pcall, and what it raises reaches Lua as a string (Python
 -- keeps the exception itself: sandbox/lua.py). Values the callables return are plain (numbers,
--- strings, booleans, nil), except create_matcher's and new_es_sender's, which stay in upvalues here.
+-- strings, booleans, nil), except create_matcher's and those of output extensions, which stay in upvalues
+-- here.
 local guard
 do
     local function settle(ok, ...)
@@ -386,7 +387,6 @@ do
             if type(name) == "string" then disabled[name] = true end
         end
     end
-    for _, name in ipairs(host.disable_modules or {}) do disabled[name] = true end
 end
 
 -- lua_sandbox's remove_entries: applied to every module as `require` loads it
@@ -734,44 +734,9 @@ if plugin_type ~= "analysis" then
 end
 
 local sandbox_require -- forward declaration: the hooks below load what the upstream versions loaded
--- `require "hindsight.elasticsearch"` (inputs and outputs): the bulk sender (outputs/elasticsearch.py)
--- as a Lua module, so that the Lua output plugin and the native one share a single delivery path.
-local new_es_sender = host.new_es_sender
-
-local function es_module()
-    local M = {}
-    function M.sender(cfg)
-        local send, accepts = new_es_sender(cfg)
-        send, accepts = guard(send), guard(accepts)
-        local s = {}
-        function s:send(body, n)
-            local ok, a, b = send(body, n)
-            if not ok then error(a, 2) end
-            return a, b
-        end
-        function s:accepts_types() return accepts() end
-        return s
-    end
-    return M
-end
 
 local module_hooks -- name -> function(module) -> the module as the sandbox gives it
 do
-    -- Elasticsearch 8+ and OpenSearch 2+ reject `_type` in bulk action lines, and CloudTracker's config sends
-    -- type_name = "doc". Whatever encoders.elasticsearch.common a user has (ours or upstream's), its action
-    -- lines lose `_type` unless the configured server is one that still accepts mapping types.
-    local function es_common_hook(m)
-        if type(m) ~= "table" or type(rawget(m, "bulkapi_index_json")) ~= "function" then return m end
-        local orig = m.bulkapi_index_json
-        local drop = nil
-        m.bulkapi_index_json = function(index, type_name, id, ns)
-            if drop == nil then drop = host.drop_es_types() end
-            if drop then type_name = nil end
-            return orig(index, type_name, id, ns)
-        end
-        return m
-    end
-
     -- lua_sandbox ships LuaSocket 3.0-rc1; hindsight-py uses Debian's 3.1. Two differences break plugins
     -- written for the former: its mime.lua required "io" (making `io` a global plugins came to rely on),
     -- and http.open(host, port) defaulted its third argument to socket.tcp.
@@ -780,91 +745,61 @@ do
         return m
     end
 
-    -- Bulk requests made through http.open (as upstream's elasticsearch_bulk_api.lua does, by hand) are
-    -- delivered by hindsight-py's bulk sender instead of the raw socket: retries with backoff, per-document
-    -- results, dead letters and counts, so even an unmodified upstream plugin never loses a document
-    -- silently. The plugin then sees a clean 200 with no errors. Every other request goes out unchanged.
-    local BULK_OK = '{"took":0,"errors":false,"items":[]}'
-
-    local function wrap_http_client(client, host_name, port)
-        local takeover = false
-        local body = nil
-        local w = setmetatable({}, { __index = client })
-        w.c = client.c
-        function w:sendrequestline(method, uri)
-            takeover = method == "POST" and type(uri) == "string" and sfind(uri, "/_bulk", 1, true) ~= nil
-            if takeover then
-                body = nil
-                return 1
-            end
-            return client:sendrequestline(method, uri)
-        end
-        function w:sendheaders(headers)
-            if takeover then return 1 end
-            return client:sendheaders(headers)
-        end
-        function w:sendbody(headers, source, step)
-            if not takeover then return client:sendbody(headers, source, step) end
-            -- ltn12.source.file(fh): read the rest of the file at once instead of 2 KB per call (and
-            -- close it, as the source does at its end)
-            for i = 1, type(source) == "function" and 4 or 0 do
-                local name, value = std.debug.getupvalue(source, i)
-                if name == nil then break end
-                if io_type(value) == "file" then
-                    body = fileops.read(value, "*a") or ""
-                    fileops.close(value)
-                    return 1
-                end
-            end
-            local parts = {}
-            while true do
-                local chunk, err = source()
-                if chunk == nil then
-                    if err then return nil, err end
-                    break
-                end
-                if chunk ~= "" then parts[#parts + 1] = chunk end
-            end
-            body = tconcat(parts)
-            return 1
-        end
-        function w:receivestatusline()
-            if not takeover then return client:receivestatusline() end
-            local ok, err = host.bulk_takeover(host_name, port, body or "")
-            body = nil
-            if not ok then error(err, 0) end
-            return 200
-        end
-        function w:receiveheaders()
-            if not takeover then return client:receiveheaders() end
-            return { ["content-type"] = "application/json", ["content-length"] = tostring(#BULK_OK) }
-        end
-        function w:receivebody(headers, sink, step)
-            if not takeover then return client:receivebody(headers, sink, step) end
-            takeover = false
-            sink(BULK_OK)
-            sink(nil)
-            return 1
-        end
-        return w
-    end
-
     local function socket_http_hook(m)
         if type(m) ~= "table" or type(rawget(m, "open")) ~= "function" then return m end
         local orig = m.open
         local tcp = sandbox_require("socket").tcp
         m.open = function(host_name, port, create)
-            local client = orig(host_name, port, create or tcp)
-            return wrap_http_client(client, host_name, port)
+            return orig(host_name, port, create or tcp)
         end
         return m
     end
 
     module_hooks = {
-        ["encoders.elasticsearch.common"] = es_common_hook,
         mime = mime_hook,
         ["socket.http"] = socket_http_hook,
     }
+end
+
+-- Output extensions (outputs/extension.py): Lua code an output ships, run as host code, that gives
+-- plugins modules of its own (`provides`) and intercepts modules they require (`wraps`, applied
+-- after the hooks above). Each gets its Python functions behind the guard, and a small api.
+local provided_modules = {} -- name -> function() -> the module
+do
+    local api = {
+        guard = guard,
+        require = function(name) return sandbox_require(name) end,
+        -- the rest of a file an output reads whole (closed after), with the host's own io methods
+        read_file = function(fh)
+            local data = fileops.read(fh, "*a") or ""
+            fileops.close(fh)
+            return data
+        end,
+        -- the file an ltn12.source.file(fh) closure reads, or nil
+        file_of = function(source)
+            if type(source) ~= "function" then return nil end
+            for i = 1, 4 do
+                local name, value = std.debug.getupvalue(source, i)
+                if name == nil then break end
+                if io_type(value) == "file" then return value end
+            end
+            return nil
+        end,
+    }
+    for _, ext in ipairs(host.extensions or {}) do
+        local fns = {}
+        for k, f in pairs(ext.functions) do fns[k] = guard(f) end
+        local chunk_name = HOST_SOURCE .. ext.name
+        free_sources[chunk_name] = true
+        local chunk = assert(loadstring(ext.source, chunk_name))
+        setfenv(chunk, host_env)
+        local spec = chunk(fns, api)
+        for name, make in pairs(spec.provides or {}) do provided_modules[name] = make end
+        for name, hook in pairs(spec.wraps or {}) do
+            local prev = module_hooks[name]
+            module_hooks[name] = prev and function(m) return hook(prev(m) or m) end or hook
+        end
+    end
 end
 
 local function finish_module(name, result)
@@ -899,7 +834,8 @@ function sandbox_require(name)
         env[name] = t
         return t
     end
-    if name == "hindsight.elasticsearch" and new_es_sender then return finish_module(name, es_module()) end
+    local provide = provided_modules[name]
+    if provide then return finish_module(name, provide()) end
     if no_path then
         error("no 'path' configuration was specified for the sandbox; external modules have been disabled", 2)
     end
@@ -1936,10 +1872,6 @@ end
 
 function control.has_timer()
     return type(rawget(env, "timer_event")) == "function"
-end
-
-function control.set_running(flag)
-    running = flag
 end
 
 function control.env()

@@ -43,13 +43,21 @@ class SandboxHost(Protocol):
     def inject_input(self, framed: bytes) -> None: ...
     def commit_processed(self) -> None: ...
     def create_matcher(self, expr: str) -> Callable[[bytes], bool] | None: ...
-    def new_es_sender(self, cfg: dict) -> tuple[Callable[..., Any], Callable[[], bool]]: ...
-    def drop_es_types(self) -> bool: ...
     def dead_letter(self, reason: str, data: bytes) -> None: ...
-    # optional: refused messages (runner._Host.refused)
+    # optional: refused messages (plugin_host.PluginHost.refused)
     # def refused(self, reason: str, message: Any, offset: Any) -> bool: ...
     # def settle_refused(self, next_offset: Any) -> None: ...
-    def bulk_takeover(self, host: str, port: int, body: bytes) -> tuple[bool, str | None]: ...
+    # optional: the Lua code of outputs (outputs/extension.py), loaded into the runtime
+    # def lua_extensions(self) -> list[LuaExtension]: ...
+
+
+class LuaExtension(Protocol):
+    """Lua code an output ships (outputs/extension.LuaExtension): a chunk env.lua runs as host code
+    with its functions, which returns the modules it provides and the modules it wraps."""
+
+    name: str
+    source: str
+    functions: dict[str, Callable[..., Any]]
 
 
 class LuaSandbox:
@@ -73,7 +81,6 @@ class LuaSandbox:
         restricted_headers: bool,
         max_message_size: int,
         async_buffer_size: int = 0,
-        disable_modules: Sequence[str] = (),
         preserve_data: bool = False,
         state_path: Path | None = None,
         refused_messages: str = "dead_letter",
@@ -90,7 +97,7 @@ class LuaSandbox:
             plugin_type=plugin_type, name=name, path=path, cpath=cpath, logger=logger, hostname=hostname,
             pid=pid, log_level=log_level, output_limit=output_limit, restricted_headers=restricted_headers,
             max_message_size=max_message_size, runtime_cfg=runtime_cfg, async_buffer_size=async_buffer_size,
-            disable_modules=tuple(disable_modules), refused_messages=refused_messages,
+            refused_messages=refused_messages,
         )
         self._build(**self._settings)
 
@@ -110,7 +117,6 @@ class LuaSandbox:
         max_message_size: int,
         runtime_cfg: str,
         async_buffer_size: int,
-        disable_modules: Sequence[str],
         refused_messages: str,
     ) -> None:
         """A fresh Lua runtime with the sandbox environment, the plugin not loaded yet."""
@@ -139,9 +145,6 @@ class LuaSandbox:
             "create_matcher": self._create_matcher,
             "erf": math.erf,
             "erfc": math.erfc,
-            # `require "hindsight.elasticsearch"`, for inputs and outputs
-            "new_es_sender": self._new_es_sender if plugin_type != "analysis" else None,
-            "drop_es_types": host.drop_es_types,
             "dead_letter": self._dead_letter_from_lua,
             # io.popen where lupa's PUC Lua 5.1 has only a stub (inputs and outputs; env.lua)
             "popen_read": _popen_read if plugin_type != "analysis" else None,
@@ -149,7 +152,6 @@ class LuaSandbox:
             # refused messages (hosts without them: the upstream test harness)
             "refused": self._refused_from_lua if hasattr(host, "refused") else None,
             "settle_refused": self._settle_from_lua,
-            "bulk_takeover": self._bulk_takeover,
             # upstream's per-call callbacks, when the host has them (the lua_sandbox test harness)
             "inject_callback": getattr(host, "inject_callback", None),
             "update_checkpoint_callback": getattr(host, "update_checkpoint_callback", None),
@@ -177,8 +179,8 @@ class LuaSandbox:
                 "runtime_cfg": runtime_cfg.encode(),
                 "async_buffer_size": async_buffer_size,
                 "instruction_limit": instruction_limit,
-                "disable_modules": lua_table([m.encode() for m in disable_modules]),
                 "refused_messages": refused_messages,
+                "extensions": lua_table([self._extension_table(x) for x in getattr(host, "lua_extensions", list)()]),
             },
         )
         env_chunk = self._rt.compile(_read("env.lua"), name="=hindsight-py:env.lua")  # env.lua: HOST_SOURCE
@@ -206,10 +208,6 @@ class LuaSandbox:
             self._checkpoint(cp)
         return self._host_running(), time.time_ns()
 
-    def _bulk_takeover(self, host_name: bytes, port: Any, body: bytes) -> tuple[bool, bytes | None]:
-        ok, err = self._host.bulk_takeover(host_name.decode(), int(port), body)
-        return ok, (err.encode() if err else None)
-
     def _dead_letter_from_lua(self, reason: bytes, data: bytes) -> None:
         self._host.dead_letter(reason.decode("utf-8", "replace"), data)
 
@@ -225,8 +223,20 @@ class LuaSandbox:
         m = self._host.create_matcher(expr.decode("utf-8", "surrogateescape"))
         return m
 
-    def _new_es_sender(self, cfg: Any) -> tuple[Callable[..., Any], Callable[[], bool]]:
-        return self._host.new_es_sender(lua_to_python(cfg))
+    def _extension_table(self, ext: LuaExtension) -> Any:
+        """An output's Lua extension as env.lua loads it: its functions get Lua tables as Python
+        values (strings stay bytes) and report what they raise, as the host's own callables."""
+
+        def taking_tables(f: Callable[..., Any]) -> Callable[..., Any]:
+            def call(*args: Any) -> Any:
+                return f(*(a if isinstance(a, (bytes, int, float, bool)) or a is None else lua_to_python(a)
+                           for a in args))
+
+            return call
+
+        functions = {k.encode(): self._reporting(taking_tables(f)) for k, f in ext.functions.items()}
+        return self._rt.table_from({b"name": ext.name.encode(), b"source": ext.source.encode(),
+                                    b"functions": self._rt.table_from(functions)})
 
     # The memory limit holds while Lua runs plugin code (env.lua turns it on and off around each
     # call) and never while Python has control: lupa's own work outside a protected call (the
@@ -389,9 +399,6 @@ class LuaSandbox:
 
     def has_timer(self) -> bool:
         return bool(self._control.has_timer())
-
-    def set_running(self, flag: bool) -> None:
-        self._control.set_running(flag)
 
     def globals_table(self) -> Any:
         return self._control.env()

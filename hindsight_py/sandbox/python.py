@@ -376,6 +376,9 @@ class PythonSandbox(Injection):
     def background_delivery(self, sender: Any, abort: bool) -> Any:
         return self._host.background_delivery(sender, abort=abort)
 
+    def track_delivery(self, delivery: Any) -> None:
+        self._host.track(delivery)
+
 
 def _failed_reason(callback: str, msg: str | None) -> str:
     return f"{callback}() returned -1: {msg}" if msg else f"{callback}() returned -1"
