@@ -49,21 +49,31 @@ def scan_records(
     been collected. Returns ``(resume, discarded)``: where to continue (the
     start of a pending partial frame, or ``end``) and the bytes skipped.
     """
+    fast = _accel.speedups
+    if fast is not None and not validate:
+        # the quick loop in C (hindsight_py/_speedups.c); it stops where the Python one would
+        pos, count, nbytes = fast.scan_quick(buf, pos, end, max_message_size, records, ends, base, max_records,
+                                             max_bytes)
+    else:
+        pos, count, nbytes = _scan_quick(buf, pos, end, max_message_size, records, ends, base, validate,
+                                         max_records, max_bytes)
+    if count >= max_records or nbytes >= max_bytes:
+        return pos, 0
+    return _scan_general(buf, pos, end, max_message_size, records, ends, base, validate, final,
+                         max_records - count, max_bytes - nbytes)
+
+
+def _scan_quick(buf: bytes, pos: int, end: int, max_message_size: int, records: list[bytes], ends: list[int],
+                base: int, validate: bool, max_records: int, max_bytes: int) -> tuple[int, int, int]:
+    """The frames every writer makes for messages of 128 B to 2 MB (0x1E, H = 3 or 4, 0x08, a 2- or
+    3-byte varint, 0x1F), read with a few comparisons each, until the first other one or one near
+    `end` (left to the general loop, which reads them exactly as before). Returns where it
+    stopped, and how many records and bytes it collected."""
     append = records.append
     append_end = ends.append
     count = 0
     nbytes = 0
-    # The frames every writer makes for messages of 128 B to 2 MB (0x1E, H = 3 or 4, 0x08, a 2- or
-    # 3-byte varint, 0x1F), read with a few comparisons each. Anything else, and every frame near
-    # `end`, goes to the general loop below, which reads them exactly as before.
     limit = end - 7
-    fast = _accel.speedups
-    if fast is not None and not validate:
-        # the same loop in C (hindsight_py/_speedups.c); it stops where this one would
-        pos, count, nbytes = fast.scan_quick(buf, pos, end, max_message_size, records, ends, base, max_records,
-                                             max_bytes)
-        if count >= max_records or nbytes >= max_bytes:
-            return pos, 0
     while pos < limit and buf[pos] == 0x1E and buf[pos + 2] == 0x08:
         h = buf[pos + 1]
         b0 = buf[pos + 3]
@@ -87,66 +97,70 @@ def scan_records(
         count += 1
         nbytes += mend - hend
         if count >= max_records or nbytes >= max_bytes:
-            return pos, 0
+            break
+    return pos, count, nbytes
 
+
+def _frame_length(buf: bytes, pos: int, hend: int) -> int:
+    """The message length in the header of the frame at `pos` (ending at `hend`), or 0 when the
+    header is not 0x08 and a varint that ends inside it followed by 0x1F."""
+    if buf[hend - 1] != 0x1F or buf[pos + 2] != 0x08:
+        return 0
+    p = pos + 3
+    stop = min(hend - 1, p + 10)
+    shift = 0
+    msglen = 0
+    while p < stop:
+        b = buf[p]
+        msglen |= (b & 0x7F) << shift
+        p += 1
+        if b < 0x80:
+            return msglen if msglen < SIGN64 else 0  # upstream reads a signed long long
+        shift += 7
+    return 0
+
+
+def _scan_general(buf: bytes, pos: int, end: int, max_message_size: int, records: list[bytes], ends: list[int],
+                  base: int, validate: bool, final: bool, max_records: int, max_bytes: int) -> tuple[int, int]:
+    """Any frame, resynchronising after garbage (scan_records' rules); `(resume, discarded)`."""
     find = buf.find
+    count = 0
+    nbytes = 0
     discarded = 0
     while pos < end:
         if buf[pos] != 0x1E:
             p = find(b"\x1e", pos, end)
             if p < 0:
-                discarded += end - pos
-                return end, discarded
+                return end, discarded + end - pos
             discarded += p - pos
             pos = p
         # a frame: 0x1E, H, header[H], 0x1F
         if pos + 2 > end:
             if final:
-                discarded += end - pos
-                return end, discarded
+                return end, discarded + end - pos
             break
         hend = pos + buf[pos + 1] + 3
         if hend > end:
-            if final:
-                pos += 1
-                discarded += 1
-                continue
-            break
-        msglen = 0
-        if buf[hend - 1] == 0x1F and buf[pos + 2] == 0x08:
-            # the length varint must end inside the header
-            p = pos + 3
-            stop = min(hend - 1, p + 10)
-            shift = 0
-            while p < stop:
-                b = buf[p]
-                msglen |= (b & 0x7F) << shift
-                p += 1
-                if b < 0x80:
-                    break
-                shift += 7
-            else:
-                msglen = 0
-            if msglen >= SIGN64:  # upstream reads a signed long long
-                msglen = 0
-        if msglen == 0 or msglen > max_message_size:
+            if not final:
+                break
             pos += 1
             discarded += 1
             continue
+        msglen = _frame_length(buf, pos, hend)
         mend = hend + msglen
+        if msglen == 0 or msglen > max_message_size or (mend > end and final):
+            pos += 1
+            discarded += 1
+            continue
         if mend > end:
-            if final:
-                pos += 1
-                discarded += 1
-                continue
             break
         raw = buf[hend:mend]
         if validate and not is_valid(raw):
             pos += 1
             discarded += 1
             continue
-        append(raw)
-        append_end(base + mend)
+        records.append(raw)
+        ends.append(base + mend)
         pos = mend
         count += 1
         nbytes += msglen
