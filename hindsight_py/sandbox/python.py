@@ -143,47 +143,54 @@ class PythonSandbox(Injection):
                 except (Exception, HostFailure) as e:
                     self._flush()
                     err = str(e) if isinstance(e, PluginError) else f"process_message() {type(e).__name__}: {e}"
-                    return BatchResult(i - 1, "terminate", err, self._commit_index, self._failures - fails_before,
-                                       self._batching)
-                if rc == 0:
-                    self._batching = False
-                    self._commit_index = i
-                elif rc in (-1, -2):
-                    if rc == -1:
-                        self._failures += 1
-                        if msg:
-                            self.log(4, f"received: {rc} msg: {msg}")
-                        if is_output and not self._dead_lettered:  # not delivered: the host keeps it
-                            self._refuse(raw, _failed_reason("process_message", msg))
-                    if not self._batching and not self.plugin.async_buffer_size:
-                        self._commit_index = i
-                elif rc == -3:
-                    self._flush()
-                    return BatchResult(i - 1, "retry", msg, self._commit_index, self._failures - fails_before,
-                                       self._batching)
-                elif rc == -4:
-                    self._batching = True
-                elif rc == -5:
-                    if not self.plugin.async_buffer_size:
-                        return BatchResult(i - 1, "terminate",
-                                           "cannot use async checkpointing without a configured buffer",
-                                           self._commit_index, self._failures - fails_before, self._batching)
-                elif rc > 0:
-                    self._flush()
-                    return BatchResult(i - 1, "terminate", "process_message() received a termination status code",
-                                       self._commit_index, self._failures - fails_before, self._batching)
+                    return self._batch_result(i - 1, "terminate", err, fails_before)
+                stop = self._settle_return(i, raw, rc, msg, is_output)
+                if stop is not None:
+                    return self._batch_result(i - 1, *stop, fails_before)
                 if self._ticker:
                     err = self._data_timer(raw, i)
                     if err:
-                        return BatchResult(i, "terminate", err, self._commit_index, self._failures - fails_before,
-                                           self._batching)
+                        return self._batch_result(i, "terminate", err, fails_before)
         finally:
             api.leave(token)
             self._current = None
             self._current_msg = None
             self._cur_index = 0
         self._flush()
-        return BatchResult(len(raws), "ok", None, self._commit_index, self._failures - fails_before, self._batching)
+        return self._batch_result(len(raws), "ok", None, fails_before)
+
+    def _settle_return(self, i: int, raw: bytes, rc: int, msg: str | None,
+                       is_output: bool) -> tuple[str, str | None] | None:
+        """What process_message's return code for message `i` of the batch means: None to go on
+        with the next message, else the batch's status and error (it ends before message `i`)."""
+        if rc == 0:
+            self._batching = False
+            self._commit_index = i
+        elif rc in (-1, -2):
+            if rc == -1:
+                self._failures += 1
+                if msg:
+                    self.log(4, f"received: {rc} msg: {msg}")
+                if is_output and not self._dead_lettered:  # not delivered: the host keeps it
+                    self._refuse(raw, _failed_reason("process_message", msg))
+            if not self._batching and not self.plugin.async_buffer_size:
+                self._commit_index = i
+        elif rc == -3:
+            self._flush()
+            return "retry", msg
+        elif rc == -4:
+            self._batching = True
+        elif rc == -5:
+            if not self.plugin.async_buffer_size:
+                return "terminate", "cannot use async checkpointing without a configured buffer"
+        elif rc > 0:
+            self._flush()
+            return "terminate", "process_message() received a termination status code"
+        return None
+
+    def _batch_result(self, processed: int, status: str, error: str | None, fails_before: int) -> BatchResult:
+        return BatchResult(processed, status, error, self._commit_index, self._failures - fails_before,
+                           self._batching)
 
     def _run_whole_batch(self, raws: Sequence[bytes], inject_limit: int) -> BatchResult:
         """`process_messages(raws)`: a plugin that takes the whole batch in one call (the fast path).
