@@ -129,59 +129,77 @@ def _record(b: bytes, p: int, end: int, names: list[bytes], stamp_key: bytes) ->
             p, escaped = _string(b, p, end)
             if p < 0:
                 return None
-            if len(kinds) == 1 and top_key is not None:
-                for k, name in enumerate(names):
-                    if top_key == name:
-                        if escaped:
-                            return None
-                        r.fields[k] = (vstart + 1, p - vstart - 2)
-                if top_key == b"eventTime":
-                    ts = _time(b[vstart + 1:p - 1]) if p - vstart == 22 else None
-                    if ts is None:
-                        return None
-                    r.ts, r.time_at = ts, vstart + 1
-        elif c == 0x2D or c in _DIGITS:
-            if c == 0x2D:
-                p += 1
-            if p >= end or b[p] not in _DIGITS:
+            if len(kinds) == 1 and top_key is not None and not _top_level_string(r, b, vstart, p, escaped,
+                                                                                  top_key, names):
                 return None
-            if b[p] == 0x30:
-                p += 1
-                if c == 0x2D:
-                    return None
-            else:
-                while p < end and b[p] in _DIGITS:
-                    p += 1
-            if p < end and (b[p] in b".eE" or b[p] in _DIGITS):
-                return None
-        elif b.startswith(b"true", p):
-            p += 4
-        elif b.startswith(b"false", p):
-            p += 5
-        elif b.startswith(b"null", p):
-            p += 4
         else:
-            return None
-        if len(kinds) == 1 and top_key is not None and b[vstart] != 0x22 and top_key == b"eventTime":
-            return None
+            p = _scalar(b, p, end)
+            if p < 0 or (len(kinds) == 1 and top_key == b"eventTime"):
+                return None
         # after a value
-        while True:
-            if not kinds:
-                r.end = p
-                return r if r.time_at >= 0 else None
-            if p >= end:
-                return None
-            if b[p] == 0x2C:
-                p += 1
-                state = "key" if kinds[-1] == 0x7B else "value"
-                break
-            if b[p] != (0x7D if kinds[-1] == 0x7B else 0x5D):
-                return None
+        p, state = _after_value(b, p, end, kinds, keys)
+        if p < 0:
+            return None
+        if state == "end":
+            r.end = p
+            return r if r.time_at >= 0 else None
+
+
+def _top_level_string(r: _Record, b: bytes, vstart: int, p: int, escaped: bool, key: bytes,
+                      names: list[bytes]) -> bool:
+    """A string value of the top-level object (b[vstart:p], quotes included) noted in `r` when
+    `key` is one of `names` or eventTime; False when it cannot be used as it is."""
+    for k, name in enumerate(names):
+        if key == name:
+            if escaped:
+                return False
+            r.fields[k] = (vstart + 1, p - vstart - 2)
+    if key == b"eventTime":
+        ts = _time(b[vstart + 1:p - 1]) if p - vstart == 22 else None
+        if ts is None:
+            return False
+        r.ts, r.time_at = ts, vstart + 1
+    return True
+
+
+def _scalar(b: bytes, p: int, end: int) -> int:
+    """The end of the integer, true, false or null at p, or -1 (a fraction or exponent too)."""
+    c = b[p]
+    if c == 0x2D or c in _DIGITS:
+        if c == 0x2D:
             p += 1
-            kinds.pop()
-            keys.pop()
-        if state == "value":
-            continue
+        if p >= end or b[p] not in _DIGITS:
+            return -1
+        if b[p] == 0x30:
+            p += 1
+            if c == 0x2D:
+                return -1
+        else:
+            while p < end and b[p] in _DIGITS:
+                p += 1
+        if p < end and (b[p] in b".eE" or b[p] in _DIGITS):
+            return -1
+        return p
+    for literal in (b"true", b"false", b"null"):
+        if b.startswith(literal, p):
+            return p + len(literal)
+    return -1
+
+
+def _after_value(b: bytes, p: int, end: int, kinds: list[int], keys: list[set[bytes]]) -> tuple[int, str]:
+    """Past the closing brackets after a value: where the next key or value starts and which
+    ("key", "value"), or the record's end ("end"); -1 when the bytes there are not JSON."""
+    while kinds:
+        if p >= end:
+            return -1, ""
+        if b[p] == 0x2C:
+            return p + 1, "key" if kinds[-1] == 0x7B else "value"
+        if b[p] != (0x7D if kinds[-1] == 0x7B else 0x5D):
+            return -1, ""
+        p += 1
+        kinds.pop()
+        keys.pop()
+    return p, "end"
 
 
 def _skip(b: bytes, p: int, end: int) -> int:
