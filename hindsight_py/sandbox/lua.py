@@ -120,7 +120,8 @@ class LuaSandbox:
         self._bind_control()
 
     def _new_runtime(self) -> LuaRuntime:
-        # no Python builtins, no attribute access from Lua; with a memory limit lupa counts the state
+        # no Python builtins, no attribute access from Lua; max_memory=0 makes lupa count the state's
+        # memory without a cap (the cap is set around plugin calls: _set_memory_limit)
         return LuaRuntime(
             encoding=None,
             unpack_returned_tuples=True,
@@ -175,7 +176,7 @@ class LuaSandbox:
         )
 
     def _run_environment(self, host_table: Any) -> Any:
-        """Run env.lua, which empties the runtime's globals into the plugin's; its control table."""
+        """Run env.lua, which makes the runtime's globals the plugin's; its control table."""
         env_chunk = self._rt.compile(_read("env.lua"), name="=hindsight-py:env.lua")  # env.lua: HOST_SOURCE
         try:
             return env_chunk(host_table, _read("heka_pb.lua").encode(), _read("cjson_shim.lua").encode())
@@ -183,7 +184,7 @@ class LuaSandbox:
             raise PluginError(f"loading the runtime configuration failed: {_text(e)}") from None
 
     def _bind_control(self) -> None:
-        # the calls of every batch, bound once
+        # what every batch calls, looked up once
         control, host = self._control, self._host
         self._run_batch = control.run_batch
         self._run_input = control.run_input
