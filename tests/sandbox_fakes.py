@@ -2,8 +2,9 @@
 
 FakeHost implements the SandboxHost protocol of hindsight_py/sandbox/lua.py and records what a
 plugin did: the framed messages it injected, its checkpoints, its log lines, what it injected
-into the input queue (outputs), its dead letters. `lua_sandbox(...)` builds a LuaSandbox the way
-sandbox/__init__.py does, from a plugin file and a few cfg values.
+into the input queue (outputs), its dead letters. `lua_sandbox(...)` builds a Lua sandbox the way
+sandbox/__init__.py does, from a plugin file and a few cfg values: a HarnessSandbox
+(tests/lua_harness.py), which adds upstream's test API to the production LuaSandbox.
 """
 
 from __future__ import annotations
@@ -14,11 +15,12 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+from lua_harness import HarnessSandbox
+
 from hindsight_py import message as hmsg
 from hindsight_py.matcher import compile_raw_matcher
 from hindsight_py.outputs.elasticsearch_lua import ElasticsearchLua
 from hindsight_py.outputs.extension import LuaExtension
-from hindsight_py.sandbox.lua import LuaSandbox
 
 
 def _not_here(*args: Any) -> Any:
@@ -152,13 +154,13 @@ def lua_sandbox(
     preserve_data: bool = False,
     state_path: Path | None = None,
     load: bool = True,
-) -> tuple[LuaSandbox, FakeHost]:
+) -> tuple[HarnessSandbox, FakeHost]:
     host = host or FakeHost()
     if isinstance(getattr(host, "plugin", None), SimpleNamespace):
         host.plugin.type = plugin_type
     if restricted_headers is None:
         restricted_headers = plugin_type == "analysis"
-    sb = LuaSandbox(
+    sb = HarnessSandbox(
         name=logger or "test.plugin",
         plugin_type=plugin_type,
         source_path=source,

@@ -131,7 +131,7 @@ local function typeerror(narg, tname, depth, ...)
 end
 
 -- Optional host hooks with upstream's callback semantics (the lua_sandbox test harness drives
--- the sandbox through them; hindsight-py's runner leaves them unset):
+-- the sandbox through them, tests/lua_harness.py; hindsight-py's runner leaves them unset):
 --   inject_callback(pb | nil, checkpoint) -> rv, update_checkpoint_callback(seq | nil) -> rv
 local inject_cb = host.inject_callback
 local ucp_cb = host.update_checkpoint_callback
@@ -1691,24 +1691,6 @@ local function check_rc(what, ok, rc, msg)
     return true, rc, msg
 end
 
--- The upstream harness's lsb_heka_pm_*: one process_message call with the given message and
--- arguments (outputs get no sequence id when none is passed). Returns check_rc's values.
-function control.pm_direct(raw, ...)
-    if type(rawget(env, "process_message")) ~= "function" then return false, PM_NOT_FOUND end
-    current = raw
-    reset_instructions()
-    local ok, rc, msg = pcall(env.process_message, ...)
-    current = nil
-    flush()
-    return check_rc("process_message", ok, rc, msg)
-end
-
--- what lua_sandbox's test function read_message_zc does with a zero-copy reference
-function control.zero_copy_value(ud)
-    if type(ud) ~= "userdata" or not zc_refs[ud] then error("bad argument #1 to '?' (no zero copy support)", 0) end
-    return zc_value(ud)
-end
-
 function control.load_plugin(source_path)
     local chunk, err = loadfile51(source_path)
     if not chunk then return false, err end
@@ -1870,14 +1852,6 @@ function control.seq_counter()
     return seq_counter
 end
 
-function control.has_timer()
-    return type(rawget(env, "timer_event")) == "function"
-end
-
-function control.env()
-    return env
-end
-
 ----------------------------------------------------------------------------------------------------
 -- preserve_data: lua_sandbox's .data format (Lua source that rebuilds the globals)
 ----------------------------------------------------------------------------------------------------
@@ -1958,9 +1932,39 @@ function control.restore_state(path)
     return true, nil
 end
 
--- For test harnesses only (Python calls it; plugins cannot reach `control`): run Lua with the
--- unrestricted standard library, e.g. to give a plugin the loadfile lua_sandbox's generic test
--- sandbox has. What it hands the plugin is its own choice.
+----------------------------------------------------------------------------------------------------
+-- Control for test harnesses: upstream's C test API, as tests/lua_harness.py drives it. The runner
+-- calls none of these; plugins reach none of them (only Python holds `control`).
+----------------------------------------------------------------------------------------------------
+-- lsb_heka_pm_*: one process_message call with the given message and arguments (outputs get no
+-- sequence id when none is passed). Returns check_rc's values.
+function control.pm_direct(raw, ...)
+    if type(rawget(env, "process_message")) ~= "function" then return false, PM_NOT_FOUND end
+    current = raw
+    reset_instructions()
+    local ok, rc, msg = pcall(env.process_message, ...)
+    current = nil
+    flush()
+    return check_rc("process_message", ok, rc, msg)
+end
+
+-- what lua_sandbox's test function read_message_zc does with a zero-copy reference
+function control.zero_copy_value(ud)
+    if type(ud) ~= "userdata" or not zc_refs[ud] then error("bad argument #1 to '?' (no zero copy support)", 0) end
+    return zc_value(ud)
+end
+
+function control.has_timer()
+    return type(rawget(env, "timer_event")) == "function"
+end
+
+-- the plugin's globals, as lsb_get_lua gives them: to read values, and to add functions as lsb_add_function does
+function control.env()
+    return env
+end
+
+-- Lua run with the unrestricted standard library, e.g. to give a plugin the loadfile
+-- lua_sandbox's generic test sandbox has. What it hands the plugin is its own choice.
 function control.execute_privileged(source, ...)
     local chunk = assert(loadstring(source, HOST_SOURCE .. "privileged"))
     setfenv(chunk, setmetatable({}, { __index = std }))

@@ -61,6 +61,16 @@ class LuaExtension(Protocol):
 
 
 class LuaSandbox:
+    """One plugin's runtime, driven by the runner through the Sandbox interface (sandbox/__init__.py).
+
+    A test harness that needs more than the runner does (tests/lua_harness.py: upstream's C test
+    API) extends it by subclassing, through three members only: `_callables()`, to hand env.lua host
+    hooks that hindsight-py's hosts leave unset (upstream's inject_callback and
+    update_checkpoint_callback); `_control`, env.lua's control table, whose functions under "for
+    test harnesses" the runner never calls; and `_lift_memory_limit()`, due after any such call.
+    Plugin code reaches none of them.
+    """
+
     def __init__(
         self,
         *,
@@ -99,43 +109,36 @@ class LuaSandbox:
             max_message_size=max_message_size, runtime_cfg=runtime_cfg, async_buffer_size=async_buffer_size,
             refused_messages=refused_messages,
         )
-        self._build(**self._settings)
+        self._build()
 
-    def _build(
-        self,
-        *,
-        plugin_type: str,
-        name: str,
-        path: str,
-        cpath: str,
-        logger: str | None,
-        hostname: str,
-        pid: int,
-        log_level: int,
-        output_limit: int,
-        restricted_headers: bool,
-        max_message_size: int,
-        runtime_cfg: str,
-        async_buffer_size: int,
-        refused_messages: str,
-    ) -> None:
+    # -- the runtime, in named steps ----------------------------------------------------------
+    def _build(self) -> None:
         """A fresh Lua runtime with the sandbox environment, the plugin not loaded yet."""
-        host = self._host
-        memory_limit = self._memory_limit
-        instruction_limit = self._instruction_limit
-        self._rt = LuaRuntime(
+        self._rt = self._new_runtime()
+        self._host_exception: BaseException | None = None
+        self._control = self._run_environment(self._host_table())
+        self._bind_control()
+
+    def _new_runtime(self) -> LuaRuntime:
+        # no Python builtins, no attribute access from Lua; max_memory=0 makes lupa count the state's
+        # memory without a cap (the cap is set around plugin calls: _set_memory_limit)
+        return LuaRuntime(
             encoding=None,
             unpack_returned_tuples=True,
             register_eval=False,
             register_builtins=False,
             attribute_handlers=(_no_attribute, _no_attribute),
-            max_memory=0 if memory_limit else None,
+            max_memory=0 if self._memory_limit else None,
         )
-        lua_table = self._rt.table_from
-        self._host_exception: BaseException | None = None
-        callables = {
+
+    def _callables(self) -> dict[str, Callable[..., Any] | None]:
+        """The Python functions env.lua gets (None: not for this plugin); Lua reaches each one only
+        behind env.lua's guard."""
+        host = self._host
+        plugin_type = self._settings["plugin_type"]
+        return {
             "log": self._log_from_lua,
-            "memory_limit": self._set_memory_limit if memory_limit else None,
+            "memory_limit": self._set_memory_limit if self._memory_limit else None,
             "now_ns": time.time_ns,
             "random_uuids": lambda n: random_uuids(int(n)),
             "flush": self._flush_from_lua,
@@ -149,50 +152,45 @@ class LuaSandbox:
             # io.popen where lupa's PUC Lua 5.1 has only a stub (inputs and outputs; env.lua)
             "popen_read": _popen_read if plugin_type != "analysis" else None,
             "popen_write": _popen_write if plugin_type != "analysis" else None,
-            # refused messages (hosts without them: the upstream test harness)
+            # refused messages, when the host keeps them (SandboxHost)
             "refused": self._refused_from_lua if hasattr(host, "refused") else None,
             "settle_refused": self._settle_from_lua,
-            # upstream's per-call callbacks, when the host has them (the lua_sandbox test harness)
-            "inject_callback": getattr(host, "inject_callback", None),
-            "update_checkpoint_callback": getattr(host, "update_checkpoint_callback", None),
             # the Python halves of C module stand-ins (sandbox/python_standins.py)
             "libinjection": libinjection_check(),
         }
-        host_table = _bytes_table(
+
+    def _host_table(self) -> Any:
+        """env.lua's `host`: the callables, each reporting what it raises, and the settings."""
+        extensions = getattr(self._host, "lua_extensions", list)()
+        return _bytes_table(
             self._rt,
             {
-                **{k: self._reporting(f) for k, f in callables.items()},
-                "plugin_type": plugin_type,
-                "name": name,
-                "log_level": log_level,
-                "output_limit": output_limit,
-                "max_message_size": max_message_size,
-                "restricted_headers": restricted_headers,
-                "logger": logger.encode() if logger is not None else None,
-                "hostname": hostname.encode(),
-                "pid": pid,
-                "path": path.encode(),
-                "cpath": cpath.encode(),
-                "bundled_path": BUNDLED_LUA_PATH.encode(),
-                "system_path": SYSTEM_LUA_PATH.encode(),
-                "system_cpath": SYSTEM_LUA_CPATH.encode(),
-                "runtime_cfg": runtime_cfg.encode(),
-                "async_buffer_size": async_buffer_size,
-                "instruction_limit": instruction_limit,
-                "refused_messages": refused_messages,
-                "extensions": lua_table([self._extension_table(x) for x in getattr(host, "lua_extensions", list)()]),
+                **{k: self._reporting(f) for k, f in self._callables().items()},
+                **self._settings,
+                "bundled_path": BUNDLED_LUA_PATH,
+                "system_path": SYSTEM_LUA_PATH,
+                "system_cpath": SYSTEM_LUA_CPATH,
+                "instruction_limit": self._instruction_limit,
+                "extensions": self._rt.table_from([self._extension_table(x) for x in extensions]),
             },
         )
+
+    def _run_environment(self, host_table: Any) -> Any:
+        """Run env.lua, which makes the runtime's globals the plugin's; its control table."""
         env_chunk = self._rt.compile(_read("env.lua"), name="=hindsight-py:env.lua")  # env.lua: HOST_SOURCE
         try:
-            self._control = env_chunk(host_table, _read("heka_pb.lua").encode(), _read("cjson_shim.lua").encode())
+            return env_chunk(host_table, _read("heka_pb.lua").encode(), _read("cjson_shim.lua").encode())
         except LuaError as e:
             raise PluginError(f"loading the runtime configuration failed: {_text(e)}") from None
-        self._run_batch = self._control.run_batch
-        self._run_input = self._control.run_input
-        self._run_timer = self._control.run_timer
+
+    def _bind_control(self) -> None:
+        # what every batch calls, looked up once
+        control, host = self._control, self._host
+        self._run_batch = control.run_batch
+        self._run_input = control.run_input
+        self._run_timer = control.run_timer
         # outputs: the files the plugin writes, flushed before each commit (env.lua)
-        self._flush_files = self._control.flush_files if plugin_type == "output" else _nothing
+        self._flush_files = control.flush_files if self._settings["plugin_type"] == "output" else _nothing
         self._write = host.write_messages
         self._checkpoint = host.checkpoint
         self._host_running = host.is_running
@@ -281,7 +279,7 @@ class LuaSandbox:
                 # upstream: the state that cannot be restored is removed and the plugin created once more
                 self._host.log(3, f"{_text(err)}; {self._state_path.name} removed, starting without it")
                 self._state_path.unlink(missing_ok=True)
-                self._build(**self._settings)
+                self._build()
                 self._load_chunk()
 
     def _load_chunk(self) -> None:
@@ -371,20 +369,6 @@ class LuaSandbox:
         tmp.write_bytes(text)
         os.replace(tmp, self._state_path)
 
-    # -- the upstream test harness (tests/test_upstream_suites.py) ----------------------------
-    def process_message_direct(self, raw: bytes | None, *args: Any) -> tuple[bool, Any, Any]:
-        """One process_message call with `raw` as the current message, as lsb_heka_pm_* make it."""
-        try:
-            good, a, b = (*self._control.pm_direct(raw, *args), None)[:3]
-        except LuaError as e:
-            return False, f"process_message() {_text(e)}", None
-        finally:
-            self._lift_memory_limit()
-        return bool(good), (_text(a) if isinstance(a, bytes) else a), (_text(b) if isinstance(b, bytes) else b)
-
-    def zero_copy_value(self, ud: Any) -> bytes | None:
-        return self._control.zero_copy_value(ud)
-
     def take_acks(self) -> list[int]:
         acks = self._control.take_acks()
         return [] if acks is None else [int(v) for v in acks.values()]
@@ -396,21 +380,6 @@ class LuaSandbox:
     def data_now(self) -> int:
         """The newest message time seen by the data-time timer, in whole seconds (0: none yet)."""
         return int(self._control.data_now())
-
-    def has_timer(self) -> bool:
-        return bool(self._control.has_timer())
-
-    def globals_table(self) -> Any:
-        return self._control.env()
-
-    def execute_privileged(self, source: str, *args: Any) -> Any:
-        """Test harnesses only: run Lua with the unrestricted standard library in this runtime
-        (lua_sandbox's generic test sandbox gives its scripts loadfile, for one)."""
-        return self._control.execute_privileged(source.encode(), *args)
-
-    @property
-    def runtime(self) -> LuaRuntime:
-        return self._rt
 
 
 def _popen_read(cmd: bytes) -> tuple[bool, bytes]:
