@@ -112,17 +112,24 @@ end
 
 function M.version() return "1.0.2" end
 
-function CB.add(...)
+-- add and set: their arguments checked (upstream's messages), and the value's slot in self.v
+-- (nil when ns falls outside the buffer)
+local function cell_args(name, ...)
     local self, ns, column, value = ...
     local n = select("#", ...)
-    check(self, 4, n, "add")
-    ns = checknumber(ns, 2, n, "add")
+    check(self, 4, n, name)
+    ns = checknumber(ns, 2, n, name)
     local row = check_row(self, ns, true)
-    column = check_column(self, column, 3, n, "add")
-    value = checknumber(value, 4, n, "add")
+    column = check_column(self, column, 3, n, name)
+    value = checknumber(value, 4, n, name)
     if row == -1 then return nil end
-    local v = self.v
-    local i = row * self.cols * 2 + column * 2 + 1
+    return self.v, row * self.cols * 2 + column * 2 + 1, column, value
+end
+
+function CB.add(...)
+    local self = ...
+    local v, i, column, value = cell_args("add", ...)
+    if v == nil then return nil end
     local old = v[i]
     if old ~= old then
         v[i] = value
@@ -144,16 +151,9 @@ function CB.add(...)
 end
 
 function CB.set(...)
-    local self, ns, column, value = ...
-    local n = select("#", ...)
-    check(self, 4, n, "set")
-    ns = checknumber(ns, 2, n, "set")
-    local row = check_row(self, ns, true)
-    column = check_column(self, column, 3, n, "set")
-    value = checknumber(value, 4, n, "set")
-    if row == -1 then return nil end
-    local v = self.v
-    local i = row * self.cols * 2 + column * 2 + 1
+    local self = ...
+    local v, i, column, value = cell_args("set", ...)
+    if v == nil then return nil end
     local old = v[i]
     if value ~= value and old == old then error("cannot uninitialize a value", 0) end
     local agg = self.headers[column + 1].agg
