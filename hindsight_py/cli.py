@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None, *, daemon: bool = False) -> int:
     if daemon:
         from hindsight_py.daemon import run
     else:
-        from hindsight_py.supervisor import run
+        from hindsight_py.daemon import run_once as run
 
     return run(args[0], _log_level(args[1]) if len(args) == 2 else 6)
 

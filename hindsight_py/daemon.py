@@ -62,25 +62,35 @@ class Daemon(Supervisor):
     def tick(self) -> None:
         if self.stopping:
             return
-        now = time.monotonic()
-        if self.load_dir is not None and now >= self._next_scan:
-            self._next_scan = now + SCAN_INTERVAL
-            ready, ignored = self.load_dir.scan()
-            for path in ignored:
-                self.log(7, f"{self._shown(path)} ignored (not a .cfg, .off, .lua or .py file)")
-            for dropped in ready:
-                self._handle(dropped)
+        self._scan_load_dir()
         if self._restarts:
             self._restart_pending()
 
     def run(self) -> Summary:
-        summary = super().run()
+        try:
+            summary = super().run()
+        finally:
+            if self.load_dir is not None:
+                self.load_dir.close()
         for name, retired in self._retired.items():
             current = summary.stats.get(name, {})
             summary.stats[name] = {k: current.get(k, 0) + retired.get(k, 0) for k in {*current, *retired}}
         return summary
 
     # -- load/ --------------------------------------------------------------------------------
+    def _scan_load_dir(self, now_or_never: bool = False) -> int:
+        """Handle what is ready in load/ (once per SCAN_INTERVAL, or now); how many files that was."""
+        now = time.monotonic()
+        if self.load_dir is None or (now < self._next_scan and not now_or_never):
+            return 0
+        self._next_scan = now + SCAN_INTERVAL
+        ready, ignored = self.load_dir.scan()
+        for path in ignored:
+            self.log(7, f"{self._shown(path)} ignored (not a .cfg, .off, .lua or .py file)")
+        for dropped in ready:
+            self._handle(dropped)
+        return len(ready)
+
     def _handle(self, dropped: Dropped) -> None:
         try:
             if dropped.kind == "source":
@@ -233,6 +243,55 @@ class Daemon(Supervisor):
             return str(path)
 
 
+class RunOnce(Daemon):
+    """`hindsight_cli` with a `sandbox_load_path`: the run-once command, except that load/ is
+    handled as the daemon handles it while the run lasts (upstream's hindsight_cli does too).
+
+    The run ends as upstream's: once no input plugin runs (the ones started from load/ included),
+    the staged drain begins and load/ is no longer looked at. Before that decision load/ is looked
+    at once more, so a plugin whose cfg an input wrote (and closed) before it ended is started,
+    however soon it ended after writing it; a stop (`.off`) handled then can end the run at once.
+    """
+
+    def __init__(self, hs: HindsightConfig, plugins: list[PluginConfig], log_level: int,
+                 shutdown_timeout: float = 60.0) -> None:
+        super().__init__(hs, plugins, log_level, shutdown_timeout)
+        self._inputs_ended = False
+        #: final looks put off for files that may still be written (without inotify only)
+        self._put_off = 0
+
+    def finished(self) -> bool:
+        return not self._restarts
+
+    def stages_may_drain(self) -> bool:
+        return self._inputs_ended or self.stopping
+
+    def exit_status(self) -> int:
+        return Supervisor.exit_status(self)
+
+    def tick(self) -> None:
+        if self.stopping or self._inputs_ended:
+            return
+        ended = self._no_input_runs()
+        handled = self._scan_load_dir(now_or_never=ended)
+        if self._restarts:
+            self._restart_pending()
+        if not ended or handled or self._restarts:
+            return
+        if self.load_dir is not None and self.load_dir.settling and self._put_off < 2:
+            # without inotify a file seen once is not known to be complete: one more look
+            self._put_off += 1
+            self._next_scan = time.monotonic() + SCAN_INTERVAL
+            return
+        self._inputs_ended = True
+        self.log(6, "input plugins have exited; cascading shutdown initiated")
+
+    def _no_input_runs(self) -> bool:
+        inputs = {p.name for p in self.plugins if p.type == "input"}
+        running = any(not c.done for c in self.children if c.spec.kind == "input")
+        return not running and not inputs.intersection(self._restarts)
+
+
 def _is_thread_label(label: str) -> bool:
     return label.startswith("analysis") and label[len("analysis"):].isdigit()
 
@@ -241,4 +300,9 @@ def run(cfg_path: str, log_level: int = 6) -> int:
     return run_supervisor(cfg_path, log_level, supervisor=Daemon)
 
 
-__all__ = ["Daemon", "run"]
+def run_once(cfg_path: str, log_level: int = 6) -> int:
+    """hindsight_cli: the run-once supervisor, which also handles load/ while it runs."""
+    return run_supervisor(cfg_path, log_level, supervisor=RunOnce)
+
+
+__all__ = ["Daemon", "RunOnce", "run", "run_once"]

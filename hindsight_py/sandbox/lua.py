@@ -203,7 +203,8 @@ class LuaSandbox:
         if count:
             self._write(data, int(count))
         if has_cp:
-            self._checkpoint(cp)
+            # a string checkpoint (tail.lua's "inode:offset") is kept as text, as hindsight.cp holds it
+            self._checkpoint(cp.decode("utf-8", "surrogateescape") if isinstance(cp, bytes) else cp)
         return self._host_running(), time.time_ns()
 
     def _dead_letter_from_lua(self, reason: bytes, data: bytes) -> None:
@@ -300,6 +301,8 @@ class LuaSandbox:
     def run_input(self, checkpoint: Any) -> tuple[int, str | None]:
         self._host_exception = None
         try:
+            if isinstance(checkpoint, str):  # the runtime has no encoding: Lua strings are bytes
+                checkpoint = checkpoint.encode("utf-8", "surrogateescape")
             good, rc, msg = (*self._run_input(checkpoint), None)[:3]
         except LuaError as e:
             self._raise_host_exception()
