@@ -13,6 +13,9 @@
 A cfg that does not load is refused before anything changes: the running plugin (if any) goes on,
 the cfg stays in load/, and `run/<type>/<name>.err` says why (upstream stops the running plugin
 first, and then cannot start the new one).
+
+`RunOnce` is hindsight_cli's supervisor: the run-once command with the same handling of load/,
+until no input runs (as upstream's hindsight_cli).
 """
 
 from __future__ import annotations
@@ -43,6 +46,9 @@ class Daemon(Supervisor):
                  shutdown_timeout: float = 60.0) -> None:
         super().__init__(hs, plugins, log_level, shutdown_timeout)
         self.load_dir = LoadDir(hs.resolve(hs.sandbox_load_path)) if hs.sandbox_load_path else None
+        if self.load_dir is not None and not self.load_dir.watched:
+            self.log(4, f"inotify is not available: a file in {hs.sandbox_load_path} is taken once it stays "
+                        "unchanged for about a second (write it elsewhere and mv it in)")
         self._next_scan = 0.0
         #: process labels to stop (if running) and start again with the plugins configured then
         self._restarts: list[str] = []

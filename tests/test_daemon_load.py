@@ -4,9 +4,11 @@ refused with an .err, and nothing is lost."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
-from daemon_helpers import DaemonDir, cfg_text, es_output
+from daemon_helpers import WAIT, DaemonDir, cfg_text, es_output
 from native_pipeline import count, documents
 
 TOTAL = 6000
@@ -103,3 +105,45 @@ def test_plugins_come_and_go_through_load_with_nothing_lost(tmp_path: Path, es8_
     cps = d.checkpoints()
     assert cps["input->output.es"] == cps["input"]
     assert "Traceback" not in d.log()
+
+
+# hindsight_cli: `first` writes a cfg for `second` into load/ and ends at once (so no input runs
+# then); `second`, which would run forever (ticker_interval), injects two messages and turns itself
+# off, rewriting its .off at every call
+FIRST = """
+from hindsight_py.plugin import inject_payloads
+
+def process_message(checkpoint):
+    inject_payloads([b'{"from": "first"}'])
+    with open("load/input/second.cfg", "w") as fh:
+        fh.write('filename = "second.py"\\nticker_interval = 1\\n')
+    return 0
+"""
+SECOND = """
+from hindsight_py.plugin import inject_payloads
+
+def process_message(checkpoint):
+    if checkpoint is None:
+        inject_payloads([b'{"from": "second"}', b'{"from": "second"}'], checkpoint=1)
+    open("load/input/second.off", "w").close()
+    return 0
+"""
+
+
+def test_hindsight_cli_starts_what_load_gets_while_it_runs_and_ends_once_no_input_runs(tmp_path: Path) -> None:
+    d = DaemonDir(tmp_path)
+    run, load = tmp_path / "run", tmp_path / "load"
+    d.put("run", "input", "first.py", FIRST)
+    d.put("run", "input", "first.cfg", cfg_text({"filename": "first.py"}))
+    d.put("run", "input", "second.py", SECOND)  # its code only: started by the cfg `first` writes
+    cli = Path(sys.executable).parent / "hindsight_cli"
+    result = subprocess.run([str(cli), "hindsight.cfg", "7"], cwd=tmp_path, capture_output=True, text=True,
+                            timeout=WAIT, stdin=subprocess.DEVNULL)
+    log = result.stderr
+    assert result.returncode == 0, log[-4000:]  # a plugin stopped by its .off is no failure
+    # `first` ended right after writing the cfg: the look at load/ before the drain started `second`
+    assert "input.second loaded" in log and "input.second stopping (load/input/second.off)" in log
+    assert "input plugins have exited; cascading shutdown initiated" in log
+    assert "summary: read 3 messages" in log
+    assert (run / "input/second.off").exists() and not (run / "input/second.cfg").exists()
+    assert not (load / "input/second.cfg").exists()
