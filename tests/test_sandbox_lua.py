@@ -245,6 +245,23 @@ def test_is_running_and_shutdown_sync_point(tmp_path: Path) -> None:
     assert host.checkpoints == [1]
 
 
+def test_a_string_checkpoint_is_text_for_hindsight_cp_and_a_string_again_in_lua(tmp_path: Path) -> None:
+    # tail.lua's "inode:offset": hindsight.cp holds text; the plugin gets a Lua string back
+    host = FakeHost()
+    sb, _ = plugin(tmp_path, """
+        require "string"
+        function process_message(cp)
+            assert(cp == nil or type(cp) == "string", type(cp))
+            local inode, offset = string.match(cp or "7:0", "^(%d+):(%d+)$")
+            inject_message(nil, string.format("%s:%d", inode, offset + 10))
+            return 0
+        end
+    """, "input", host)
+    assert sb.run_input(None) == (0, None)
+    assert sb.run_input(host.checkpoints[-1]) == (0, None)
+    assert host.checkpoints == ["7:10", "7:20"]
+
+
 # ------------------------------------------------------------------------------------------------
 # analysis: payloads, print, injection limits
 # ------------------------------------------------------------------------------------------------
