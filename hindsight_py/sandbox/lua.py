@@ -11,6 +11,7 @@ guard), and no Lua code may read or write an attribute of a Python object.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import subprocess
@@ -31,6 +32,13 @@ BUNDLED_LUA_PATH = str(_HERE.parent / "lua" / "?.lua") + ";" + str(_HERE.parent 
 
 def _read(name: str) -> str:
     return resources.files("hindsight_py.sandbox").joinpath(name).read_text()
+
+
+@functools.cache
+def _host_sources() -> dict[bytes, bytes]:
+    """The text of the sandbox's Lua files by name: env.lua loads the parts it names from these."""
+    files = resources.files("hindsight_py.sandbox").iterdir()
+    return {f.name.encode(): f.read_bytes() for f in files if f.name.endswith(".lua")}
 
 
 class SandboxHost(Protocol):
@@ -179,7 +187,7 @@ class LuaSandbox:
         """Run env.lua, which makes the runtime's globals the plugin's; its control table."""
         env_chunk = self._rt.compile(_read("env.lua"), name="=hindsight-py:env.lua")  # env.lua: HOST_SOURCE
         try:
-            return env_chunk(host_table, _read("heka_pb.lua").encode(), _read("cjson_shim.lua").encode())
+            return env_chunk(host_table, self._rt.table_from(_host_sources()))
         except LuaError as e:
             raise PluginError(f"loading the runtime configuration failed: {_text(e)}") from None
 
