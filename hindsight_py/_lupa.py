@@ -7,7 +7,7 @@ loaded with RTLD_GLOBAL, so every import of lupa must come through here.
 The flavour is LuaJIT 2.1 (the Lua 5.1 language lua_sandbox speaks, several
 times faster). Its count hook does not fire inside compiled traces, so under an
 instruction limit a plugin's own code is kept out of the compiler and runs in
-LuaJIT's interpreter, where the limit holds (sandbox/env.lua).
+LuaJIT's interpreter, where the limit holds (sandbox/limits.lua).
 HINDSIGHT_PY_LUA=lua51 selects PUC Lua 5.1 instead. Mixing flavours in one process crashes, so the
 choice is made once, here, for the whole process.
 """

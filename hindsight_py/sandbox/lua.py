@@ -1,8 +1,8 @@
 """A Lua plugin in its own lupa runtime, inside lua_sandbox's environment.
 
 The environment itself, the message codec and the per-message loops are Lua
-(env.lua, heka_pb.lua): Python hands over whole batches and collects whole
-batches, so a message never costs a Python<->Lua crossing of its own.
+(env.lua and the parts it loads, heka_pb.lua): Python hands over whole batches and
+collects whole batches, so a message never costs a Python<->Lua crossing of its own.
 
 The runtime is the boundary (docs/security.md): its real globals become the plugin's
 globals, the Python callables below reach Lua only behind Lua functions (env.lua's
@@ -60,7 +60,7 @@ class SandboxHost(Protocol):
 
 
 class LuaExtension(Protocol):
-    """Lua code an output ships (outputs/extension.LuaExtension): a chunk env.lua runs as host code
+    """Lua code an output ships (outputs/extension.LuaExtension): a chunk modules.lua runs as host code
     with its functions, which returns the modules it provides and the modules it wraps."""
 
     name: str
@@ -231,7 +231,7 @@ class LuaSandbox:
         return m
 
     def _extension_table(self, ext: LuaExtension) -> Any:
-        """An output's Lua extension as env.lua loads it: its functions get Lua tables as Python
+        """An output's Lua extension as modules.lua loads it: its functions get Lua tables as Python
         values (strings stay bytes) and report what they raise, as the host's own callables."""
 
         def taking_tables(f: Callable[..., Any]) -> Callable[..., Any]:

@@ -7,7 +7,7 @@
 -- refuse, start_message, set_inject_budget, set_input_checkpoint, dead_lettered, format_number.
 
 local S = ...
-local host, env, pb, guard, builtin_libs = S.host, S.env, S.pb, S.guard, S.builtin_libs
+local host, env, pb, builtin_libs = S.host, S.env, S.pb, S.builtin_libs
 local plugin_type, log, log_level, output_limit, max_message_size = S.plugin_type, S.log, S.log_level,
     S.output_limit, S.max_message_size
 local inject_cb = S.inject_cb
