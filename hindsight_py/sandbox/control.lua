@@ -158,6 +158,13 @@ local function data_timer(raw, i)
     return true, nil
 end
 
+-- How a batch ends: run_batch's values, the current message cleared (and the injected flushed).
+local function batch_end(processed, status, err, fails_before, flushing)
+    set_current(nil)
+    if flushing then flush() end
+    return processed, status, err, commit_index, failures - fails_before, batching
+end
+
 function control.run_batch(msgs, n, inject_limit)
     local pm = rawget(env, "process_message")
     if type(pm) ~= "function" then return 0, "terminate", PM_NOT_FOUND, 0, 0, batching end
@@ -171,11 +178,7 @@ function control.run_batch(msgs, n, inject_limit)
         seq_counter = seq_counter + 1
         local ok, rc, msg = pcall(pm, seq_counter)
         local good, a, b = check_rc("process_message", ok, rc, msg)
-        if not good then
-            set_current(nil)
-            flush()
-            return i - 1, "terminate", a, commit_index, failures - fails_before, batching
-        end
+        if not good then return batch_end(i - 1, "terminate", a, fails_before, true) end
         rc = a
         if rc == 0 then
             batching = false
@@ -193,36 +196,26 @@ function control.run_batch(msgs, n, inject_limit)
             end
             if not batching and async_size == 0 then commit_index = i end
         elseif rc == -3 then
-            set_current(nil)
-            flush()
-            return i - 1, "retry", b, commit_index, failures - fails_before, batching
+            return batch_end(i - 1, "retry", b, fails_before, true)
         elseif rc == -4 then
             batching = true
         elseif rc == -5 then
             if async_size == 0 then
-                set_current(nil)
-                return i - 1, "terminate", "cannot use async checkpointing without a configured buffer",
-                    commit_index, failures - fails_before, batching
+                return batch_end(i - 1, "terminate", "cannot use async checkpointing without a configured buffer",
+                    fails_before, false)
             end
         elseif rc > 0 then
-            set_current(nil)
-            flush()
-            return i - 1, "terminate", "process_message() received a termination status code", commit_index,
-                failures - fails_before, batching
+            return batch_end(i - 1, "terminate", "process_message() received a termination status code",
+                fails_before, true)
         else
             if b then log(4, sformat("received: %d msg: %s", rc, b)) end
         end
         if ticker > 0 then
             local tok, terr = data_timer(msgs[i], i)
-            if not tok then
-                set_current(nil)
-                return i, "terminate", terr, commit_index, failures - fails_before, batching
-            end
+            if not tok then return batch_end(i, "terminate", terr, fails_before, false) end
         end
     end
-    set_current(nil)
-    flush()
-    return n, "ok", nil, commit_index, failures - fails_before, batching
+    return batch_end(n, "ok", nil, fails_before, true)
 end
 
 function control.take_acks()

@@ -44,6 +44,80 @@ remove_entries("string", string_lib)
 -- string metatable it shares with it.
 getmetatable("").__index = string_lib
 
+-- io.popen where the Lua has none (lupa's PUC Lua 5.1 is built without it: its stub raises):
+-- the host runs the command through /bin/sh; "r" reads its whole output, "w" hands it what
+-- was written at close. The pipe is a table with the file methods plugins use (read, lines,
+-- write, close).
+local function host_popen(cmd, mode)
+    if type(cmd) ~= "string" and type(cmd) ~= "number" then typeerror(1, "string", 0, cmd) end
+    mode = mode or "r"
+    if mode ~= "r" and mode ~= "w" then argerror(2, "invalid mode", 0) end
+    local out, pos, closed, written = nil, 1, false, {}
+    if mode == "r" then
+        local ok, data = host.popen_read(tostring(cmd))
+        if not ok then return nil, data end
+        out = data
+    end
+    local p = {}
+    local function read1(fmt)
+        if fmt == nil or fmt == "*l" or fmt == "*L" then
+            if pos > #out then return nil end
+            local e = sfind(out, "\n", pos, true)
+            local line = ssub(out, pos, e and (fmt == "*L" and e or e - 1) or -1)
+            pos = e and e + 1 or #out + 1
+            return line
+        elseif fmt == "*a" then
+            local r = ssub(out, pos)
+            pos = #out + 1
+            return r
+        elseif fmt == "*n" then
+            local num, e = smatch(out, "^%s*([-+]?[%d%.eExX]+)()", pos)
+            if not num or not tonumber(num) then return nil end
+            pos = e
+            return tonumber(num)
+        elseif type(fmt) == "number" then
+            if pos > #out and fmt > 0 then return nil end
+            local r = ssub(out, pos, pos + fmt - 1)
+            pos = pos + fmt
+            return r
+        end
+        error("bad argument #1 to 'read' (invalid format)", 3)
+    end
+    function p:read(...)
+        if closed then error("attempt to use a closed file", 2) end
+        if not out then return nil, "Bad file descriptor", 9 end
+        local n = select("#", ...)
+        if n == 0 then return read1(nil) end
+        local r = {}
+        for i = 1, n do
+            r[i] = read1((select(i, ...)))
+            if r[i] == nil then return unpack(r, 1, i) end
+        end
+        return unpack(r, 1, n)
+    end
+    function p:lines()
+        return function() return p:read("*l") end
+    end
+    function p:write(...)
+        if closed then error("attempt to use a closed file", 2) end
+        if mode ~= "w" then return nil, "Bad file descriptor", 9 end
+        for i = 1, select("#", ...) do written[#written + 1] = tostring((select(i, ...))) end
+        return p
+    end
+    function p:flush() return p end
+    function p:setvbuf() return true end
+    function p:close()
+        if closed then error("attempt to use a closed file", 2) end
+        closed = true
+        if mode == "w" then
+            local ok, err = host.popen_write(tostring(cmd), tconcat(written))
+            if not ok then return nil, err end
+        end
+        return true
+    end
+    return p
+end
+
 local builtin_libs = {
     string = function() return string_lib end,
     table = function() return copy_table(std.table) end,
@@ -57,79 +131,6 @@ local builtin_libs = {
     end,
     os = function() return copy_table(std.os) end,
     io = function()
-        -- io.popen where the Lua has none (lupa's PUC Lua 5.1 is built without it: its stub raises):
-        -- the host runs the command through /bin/sh; "r" reads its whole output, "w" hands it what
-        -- was written at close. The pipe is a table with the file methods plugins use (read, lines,
-        -- write, close).
-        local function host_popen(cmd, mode)
-            if type(cmd) ~= "string" and type(cmd) ~= "number" then typeerror(1, "string", 0, cmd) end
-            mode = mode or "r"
-            if mode ~= "r" and mode ~= "w" then argerror(2, "invalid mode", 0) end
-            local out, pos, closed, written = nil, 1, false, {}
-            if mode == "r" then
-                local ok, data = host.popen_read(tostring(cmd))
-                if not ok then return nil, data end
-                out = data
-            end
-            local p = {}
-            local function read1(fmt)
-                if fmt == nil or fmt == "*l" or fmt == "*L" then
-                    if pos > #out then return nil end
-                    local e = sfind(out, "\n", pos, true)
-                    local line = ssub(out, pos, e and (fmt == "*L" and e or e - 1) or -1)
-                    pos = e and e + 1 or #out + 1
-                    return line
-                elseif fmt == "*a" then
-                    local r = ssub(out, pos)
-                    pos = #out + 1
-                    return r
-                elseif fmt == "*n" then
-                    local num, e = smatch(out, "^%s*([-+]?[%d%.eExX]+)()", pos)
-                    if not num or not tonumber(num) then return nil end
-                    pos = e
-                    return tonumber(num)
-                elseif type(fmt) == "number" then
-                    if pos > #out and fmt > 0 then return nil end
-                    local r = ssub(out, pos, pos + fmt - 1)
-                    pos = pos + fmt
-                    return r
-                end
-                error("bad argument #1 to 'read' (invalid format)", 3)
-            end
-            function p:read(...)
-                if closed then error("attempt to use a closed file", 2) end
-                if not out then return nil, "Bad file descriptor", 9 end
-                local n = select("#", ...)
-                if n == 0 then return read1(nil) end
-                local r = {}
-                for i = 1, n do
-                    r[i] = read1((select(i, ...)))
-                    if r[i] == nil then return unpack(r, 1, i) end
-                end
-                return unpack(r, 1, n)
-            end
-            function p:lines()
-                return function() return p:read("*l") end
-            end
-            function p:write(...)
-                if closed then error("attempt to use a closed file", 2) end
-                if mode ~= "w" then return nil, "Bad file descriptor", 9 end
-                for i = 1, select("#", ...) do written[#written + 1] = tostring((select(i, ...))) end
-                return p
-            end
-            function p:flush() return p end
-            function p:setvbuf() return true end
-            function p:close()
-                if closed then error("attempt to use a closed file", 2) end
-                closed = true
-                if mode == "w" then
-                    local ok, err = host.popen_write(tostring(cmd), tconcat(written))
-                    if not ok then return nil, err end
-                end
-                return true
-            end
-            return p
-        end
         local t = copy_table(std.io)
         if plugin_type == "input" then
             -- lupa's PUC Lua: "'popen' not supported"; message_inject.lua has inputs flush first
