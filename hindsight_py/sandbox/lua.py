@@ -74,8 +74,9 @@ class LuaSandbox:
     A test harness that needs more than the runner does (tests/lua_harness.py: upstream's C test
     API) extends it by subclassing, through three members only: `_callables()`, to hand env.lua host
     hooks that hindsight-py's hosts leave unset (upstream's inject_callback and
-    update_checkpoint_callback); `_control`, env.lua's control table, whose functions under "for
-    test harnesses" the runner never calls; and `_lift_memory_limit()`, due after any such call.
+    update_checkpoint_callback); `_control`, env.lua's control table (control.lua), whose functions
+    under "for test harnesses" the runner never calls; and `_lift_memory_limit()`, due after any
+    such call.
     Plugin code reaches none of them.
     """
 
@@ -157,7 +158,7 @@ class LuaSandbox:
             "erf": math.erf,
             "erfc": math.erfc,
             "dead_letter": self._dead_letter_from_lua,
-            # io.popen where lupa's PUC Lua 5.1 has only a stub (inputs and outputs; env.lua)
+            # io.popen where lupa's PUC Lua 5.1 has only a stub (inputs and outputs; modules.lua)
             "popen_read": _popen_read if plugin_type != "analysis" else None,
             "popen_write": _popen_write if plugin_type != "analysis" else None,
             # refused messages, when the host keeps them (SandboxHost)
@@ -197,7 +198,7 @@ class LuaSandbox:
         self._run_batch = control.run_batch
         self._run_input = control.run_input
         self._run_timer = control.run_timer
-        # outputs: the files the plugin writes, flushed before each commit (env.lua)
+        # outputs: the files the plugin writes, flushed before each commit (message_read.lua)
         self._flush_files = control.flush_files if self._settings["plugin_type"] == "output" else _nothing
         self._write = host.write_messages
         self._checkpoint = host.checkpoint
