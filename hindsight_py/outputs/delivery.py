@@ -1,10 +1,11 @@
 """From a plugin's cfg to a bulk sender, and delivery in the background.
 
 Both outputs (the Lua `require "hindsight.elasticsearch"` binding and plugins/elasticsearch_bulk.py)
-build their sender here, and both hand their bulk bodies to a :class:`PipelinedSender`: the
-request goes out in a thread while the plugin prepares the next one. A PipelinedSender is a
-settle/commit ticket counter (outputs/extension.py): the read loop holds back every checkpoint that
-depends on a body until that body is delivered.
+build their sender here, and both hand their bulk bodies to a :class:`PipelinedSender`: up to
+`max_in_flight` requests go out from background threads while the plugin prepares the next ones.
+A PipelinedSender is a settle/commit ticket counter (outputs/extension.py): the read loop holds
+back every checkpoint that depends on a body until that body, and every body before it, is
+delivered.
 """
 
 from __future__ import annotations
@@ -158,7 +159,11 @@ class PipelinedSender:
         with self._changed:
             count_result(self._stats, result)
         if on_delivered is not None:
-            on_delivered()
+            try:
+                on_delivered()
+            except Exception as e:  # (the thread lives on for the next body)
+                self._failed(f"after a delivery: {type(e).__name__}: {e}", None)
+                return False
         return True
 
     def _failed(self, error: str, result: SendResult | None, *, interrupted: bool = False) -> None:

@@ -144,7 +144,10 @@ class ElasticsearchLua:
         tmp.write_bytes(f"{address} {port}\n".encode() + body)
         os.replace(tmp, spool)
         err = pipe.submit(body, bulk_body_count(body), on_delivered=lambda: spool.unlink(missing_ok=True))
-        return (False, err) if err else (True, None)
+        if err:  # not handed over: the plugin hears of it and keeps its batch file
+            spool.unlink(missing_ok=True)
+            return False, err
+        return True, None
 
     def recover(self) -> None:
         """Deliver the bulk bodies a previous run left in spools (before the plugin reads anything),
