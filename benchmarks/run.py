@@ -318,12 +318,15 @@ PIPELINES = {"lua": setup_lua, "upstream": setup_upstream, "native": setup_nativ
 PIPELINE_ENV = {"native_pure": {"HINDSIGHT_PY_PURE": "1"}, "s3tree_pure": {"HINDSIGHT_PY_PURE": "1"}}
 
 
-def run_pipeline(name: str, data: Path, lines: int, ep: Endpoint) -> dict:
+def run_pipeline(name: str, data: Path, lines: int, ep: Endpoint, max_in_flight: int | None = None) -> dict:
     work = WORK / f"run-{name}"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     index = f"bench-{name}"
     PIPELINES[name](work, data, ep, index)
+    if max_in_flight is not None:  # bulk requests on their way at once (docs/outputs.md)
+        for cfg in (work / "run" / "output").glob("*.cfg"):
+            cfg.write_text(cfg.read_text() + f"\nmax_in_flight = {max_in_flight}\n")
     ep.reset(index)
     docs_before = ep.docs(index)
     # This checkout's hindsight_py, whatever (if anything) pip has installed, with its bytecode
@@ -557,6 +560,8 @@ def main() -> int:
     ap.add_argument("--es", help="a real Elasticsearch/OpenSearch URL instead of the fake endpoint")
     ap.add_argument("--only", nargs="+", choices=list(PIPELINES), help="pipelines to run (default: all)")
     ap.add_argument("--no-baselines", action="store_true")
+    ap.add_argument("--max-in-flight", type=int, metavar="N",
+                    help="the outputs' max_in_flight (bulk requests on their way at once; default: theirs)")
     ap.add_argument("--hindsight", type=Path, metavar="PATH",
                     help="add the real Hindsight: a prefix built by benchmarks/build_hindsight.py, or its bin/hindsight_cli")
     args = ap.parse_args()
@@ -591,7 +596,7 @@ def main() -> int:
                 if name == "upstream" and isinstance(why := upstream_sources(), str):
                     print(f"upstream: skipped ({why})")
                     continue
-                results.append(run_pipeline(name, data, lines, ep))
+                results.append(run_pipeline(name, data, lines, ep, args.max_in_flight))
             report(results, lines, baselines)
     finally:
         ep.close()

@@ -245,8 +245,8 @@ def count_delivery(indexed: int = 0, dead_lettered: int = 0, set_aside: int = 0,
 def deliver_in_background(sender: BulkSender, *, abort_on_error: bool = False) -> PipelinedSender:
     """Outputs: a handle that delivers bulk bodies through `sender` in a background thread.
 
-    ``handle.submit(body, count)`` returns at once (after the previous body is delivered) with
-    None, or the error of an earlier delivery. The plugin may then report its messages done:
+    ``handle.submit(body, count)`` returns at once (once fewer than the sender's ``connections``
+    bodies are on their way) with None, or the error of an earlier delivery. The plugin may then report its messages done:
     the host holds their checkpoint back until the body is delivered, and counts the outcome.
     With ``abort_on_error`` a delivery that dead-lettered documents is an error.
     """

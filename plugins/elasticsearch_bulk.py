@@ -98,6 +98,7 @@ _SENDER_KEYS = (
     "password", "api_key", "ca_certs", "verify_certs", "client_cert", "client_key", "gzip", "aws_sigv4",
     "aws_region", "aws_service", "aws_profile",
     "type_conflicts", "index_template",  # outputs/type_conflicts.py: renames on mapping conflicts, index template
+    "max_in_flight",  # outputs/delivery.py: bulk requests on their way at once
 )
 _sender_cfg = {key: read_config(key) for key in _SENDER_KEYS}
 _urls = urls_from_config(_sender_cfg)
@@ -464,8 +465,9 @@ def _body(start: int, end: int) -> bytes:
 def _flush() -> bool:
     """Hand every pending document over for delivery; True once they all are.
 
-    The requests go out in the background (deliver_in_background), one at a time, while the next
-    batch is read: the host commits nothing past a request until it is delivered. False if an
+    The requests go out in the background (deliver_in_background), up to max_in_flight at once,
+    while the next batch is read: the host commits nothing past a request until it and every
+    request before it are delivered. False if an
     earlier delivery was cut short by a stop request (the runner logs it when the run ends):
     nothing more is sent in this run, and the undelivered messages stay in the queue for the next."""
     if not S.payloads or S.stopped:

@@ -58,6 +58,9 @@ KILLS = 6
 # would reach hindsight.cp before the body reaches the index.
 HOLD_S = 1.0
 FLUSH_COUNT = 3000
+# Bulk requests each output keeps on their way at once: several, so that bodies finish out of order
+# and a kill finds more than one in the proxy.
+MAX_IN_FLIGHT = 4
 
 
 @pytest.fixture
@@ -122,7 +125,7 @@ def native_workdir(path: Path, data: Path, port: str, index: str) -> Workdir:
         f'filename = "flat_file.py"\ninput_filename = {lua_string(str(data))}\n')
     (path / "run" / "output" / "elasticsearch_bulk.cfg").write_text(
         'filename = "elasticsearch_bulk.py"\nmessage_matcher = "TRUE"\naddress = "127.0.0.1"\n'
-        f"port = {port}\nflush_count = {FLUSH_COUNT}\nticker_interval = 1\n"
+        f"port = {port}\nflush_count = {FLUSH_COUNT}\nticker_interval = 1\nmax_in_flight = {MAX_IN_FLIGHT}\n"
         f"encoders_elasticsearch_common = {{ index = {lua_string(index)}, type_name = \"doc\" }}\n")
     return Workdir(path)
 
@@ -133,7 +136,7 @@ def upstream_workdir(path: Path, data: Path, port: str, index: str) -> Workdir:
     run = cloudtracker_run(path, input_filename=data, port=int(port), index=index)
     es_cfg = run / "output" / "elasticsearch_bulk_api.cfg"
     es_cfg.write_text(replace_once(es_cfg.read_text(), r"^(?P<keep>flush_count\s*=\s*)\d+", str(FLUSH_COUNT),
-                                   "flush_count"))
+                                   "flush_count") + f"\nmax_in_flight = {MAX_IN_FLIGHT}\n")
     modules, io_modules = extension_modules(path / "luasandbox")
     text = (PROJECT_RUN / "hindsight.cfg").read_text()
     text = replace_once(text, r"^analysis_lua_path\s*=.*$", f"analysis_lua_path = {lua_string(f'{modules}/?.lua')}",
@@ -194,7 +197,7 @@ def test_a_bulk_request_left_in_the_spool_is_delivered_before_anything_else(line
     empty = tmp_path / "empty.json"
     empty.write_bytes(b"")
     wd = native_workdir(tmp_path / "w", empty, port, index.name)
-    spool = wd.output / "output.elasticsearch_bulk.bulk"
+    spool = wd.output / "output.elasticsearch_bulk.bulk"  # as a run before there were several
     spool.parent.mkdir(parents=True)
     action = json.dumps({"index": {"_index": index.name}}).encode()
     body = b"".join(action + b"\n" + json.dumps({"eventID": f"spooled-{i}"}).encode() + b"\n" for i in range(3))

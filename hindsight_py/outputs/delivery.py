@@ -1,14 +1,16 @@
 """From a plugin's cfg to a bulk sender, and delivery in the background.
 
 Both outputs (the Lua `require "hindsight.elasticsearch"` binding and plugins/elasticsearch_bulk.py)
-build their sender here, and both hand their bulk bodies to a :class:`PipelinedSender`: the
-request goes out in a thread while the plugin prepares the next one. A PipelinedSender is a
-settle/commit ticket counter (outputs/extension.py): the read loop holds back every checkpoint that
-depends on a body until that body is delivered.
+build their sender here, and both hand their bulk bodies to a :class:`PipelinedSender`: up to
+`max_in_flight` requests go out from background threads while the plugin prepares the next ones.
+A PipelinedSender is a settle/commit ticket counter (outputs/extension.py): the read loop holds
+back every checkpoint that depends on a body until that body, and every body before it, is
+delivered.
 """
 
 from __future__ import annotations
 
+import queue
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -17,7 +19,23 @@ from hindsight_py.outputs import type_conflicts
 from hindsight_py.outputs.elasticsearch import BulkSender, SendInterrupted, SendResult
 from hindsight_py.outputs.extension import OutputHost
 
-__all__ = ["PipelinedSender", "background_delivery", "count_result", "sender_from_config", "urls_from_config"]
+__all__ = ["DEFAULT_MAX_IN_FLIGHT", "PipelinedSender", "background_delivery", "count_result", "max_in_flight",
+           "sender_from_config", "urls_from_config"]
+
+
+#: Bulk requests an output keeps in flight unless its cfg says otherwise (`max_in_flight`): see
+#: docs/performance.md for the measurements behind it.
+DEFAULT_MAX_IN_FLIGHT = 2
+
+
+def max_in_flight(cfg: dict[str, Any]) -> int:
+    """`max_in_flight`: how many bulk requests may be on their way at once (1: one at a time)."""
+    value = cfg.get("max_in_flight")
+    if value is None:
+        return DEFAULT_MAX_IN_FLIGHT
+    if isinstance(value, bool) or not isinstance(value, int | float) or value != int(value) or value < 1:
+        raise ValueError(f"max_in_flight must be a whole number of requests, 1 or more, not {value!r}")
+    return int(value)
 
 
 def urls_from_config(cfg: dict[str, Any]) -> list[str]:
@@ -56,6 +74,7 @@ def sender_from_config(cfg: dict[str, Any], *, dead_letter_path: Any, log: Calla
         max_retries=int(cfg.get("max_retry") or 0) if gives_up else None,
         log=log,
         stop_event=stop_event,
+        connections=max_in_flight(cfg),
     )
     # type_conflicts (default: rename mistyped fields and send again) and index_template
     type_conflicts.configure(sender, cfg, log)
@@ -72,85 +91,126 @@ def count_result(stats: Any, result: SendResult) -> None:
 
 
 class PipelinedSender:
-    """Delivers one bulk body in a background thread while the plugin prepares the next.
+    """Delivers bulk bodies in background threads, up to the sender's ``connections`` at once,
+    while the plugin prepares the next ones.
 
     The plugin may report its messages done as soon as `submit` returns; the read loop holds such
-    commits back until the delivery they depend on has finished (`ticket` / `done`), so a crash
-    still re-sends instead of losing. At most one body is in flight: the next `submit` waits for
-    it. A failed delivery is reported by the next `submit` or `wait`, and stays reported: its
-    documents are not confirmed, so nothing after them may be committed in this run.
+    commits back until the deliveries they depend on have finished (`ticket` / `done`), so a
+    crash still re-sends instead of losing. Bodies may finish in any order: `done` is the last
+    ticket such that it and every ticket before it are settled, so a commit never passes a body
+    still on its way. When the window is full, `submit` waits for a body to finish. A failed
+    delivery is reported by the next `submit` or `wait`, and stays reported: its documents are not
+    confirmed, so `done` never passes it, and nothing after it may be committed in this run.
     """
 
     def __init__(self, sender: BulkSender, stats: Any, *, abort: bool, is_running: Callable[[], Any]) -> None:
         self.sender = sender
+        self.window = sender.connections  # bodies in flight at most: a connection each
         self._stats = stats
         self._abort = abort
         self._is_running = is_running  # called while waiting: reads the supervisor pipe, so a stop reaches us
-        # One long-lived delivery thread (started with the first body): a thread per request
+        # Long-lived delivery threads, started as the window first fills: a thread per request
         # costs more than a small request's own Python time.
-        self._thread: threading.Thread | None = None
-        self._job: tuple[Any, ...] | None = None
-        self._job_ready = threading.Event()
-        self._idle = threading.Event()
-        self._idle.set()
+        self._threads: list[threading.Thread] = []
+        self._jobs: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
+        self._changed = threading.Condition()  # guards what follows, and the stats; notified as bodies finish
+        self._in_flight = 0
+        self._settled: set[int] = set()  # tickets settled past `done` (finished out of order)
         self.error: str | None = None
         self.interrupted = False  # the error is a stop request, not a failure
         self.ticket = 0  # the last body handed over
-        self.done = 0  # the last body delivered (indexed or dead-lettered)
+        self.done = 0  # the last body such that it and every body before it are delivered (indexed or dead-lettered)
 
     def _work(self) -> None:
         while True:
-            self._job_ready.wait()
-            self._job_ready.clear()
-            job, self._job = self._job, None
+            body, count, ticket, kwargs, on_delivered = self._jobs.get()
+            delivered = False
             try:
-                if job is not None:
-                    self._deliver(*job)
+                delivered = self._deliver(body, count, kwargs, on_delivered)
             finally:
-                self._idle.set()
+                with self._changed:
+                    self._in_flight -= 1
+                    if delivered:
+                        self._settle(ticket)
+                    self._changed.notify_all()
 
-    def _deliver(self, body: bytes, count: int, ticket: int, kwargs: dict[str, Any],
-                 on_delivered: Callable[[], None] | None) -> None:
+    def _settle(self, ticket: int) -> None:
+        self._settled.add(ticket)
+        while self.done + 1 in self._settled:
+            self._settled.remove(self.done + 1)
+            self.done += 1
+
+    def _deliver(self, body: bytes, count: int, kwargs: dict[str, Any],
+                 on_delivered: Callable[[], None] | None) -> bool:
+        """Send one body; True once its documents are all settled (and `on_delivered` has run)."""
         try:
             result = self.sender.send(body, count, **kwargs)
         except SendInterrupted as e:
-            count_result(self._stats, e.result)
-            self.interrupted = True
-            self.error = "stopped before the batch was delivered; it stays queued for the next run"
-            return
+            self._failed("stopped before the batch was delivered; it stays queued for the next run", e.result,
+                         interrupted=True)
+            return False
         except Exception as e:  # reported to the plugin at its next send: never lost silently
-            self.error = f"bulk delivery failed: {type(e).__name__}: {e}"
-            return
-        count_result(self._stats, result)
+            self._failed(f"bulk delivery failed: {type(e).__name__}: {e}", None)
+            return False
         if self._abort and result.dead_lettered > result.set_aside:
-            self.error = (f"abort_on_error: {result.dead_lettered - result.set_aside} documents were rejected "
-                          f"(see {self.sender.dead_letter_path})")
-            return
+            self._failed(f"abort_on_error: {result.dead_lettered - result.set_aside} documents were rejected "
+                         f"(see {self.sender.dead_letter_path})", result)
+            return False
+        with self._changed:
+            count_result(self._stats, result)
         if on_delivered is not None:
-            on_delivered()
-        self.done = ticket
+            try:
+                on_delivered()
+            except Exception as e:  # (the thread lives on for the next body)
+                self._failed(f"after a delivery: {type(e).__name__}: {e}", None)
+                return False
+        return True
+
+    def _failed(self, error: str, result: SendResult | None, *, interrupted: bool = False) -> None:
+        with self._changed:
+            if result is not None:
+                count_result(self._stats, result)
+            if self.error is None or (self.interrupted and not interrupted):  # a failure outranks a stop
+                self.error = error
+                self.interrupted = interrupted
+
+    def _wait_below(self, limit: int) -> str | None:
+        """Wait until fewer than `limit` bodies are in flight or one failed (watching for a stop
+        meanwhile); the error, if any."""
+        while True:
+            with self._changed:
+                if self.error is not None or self._in_flight < limit:
+                    return self.error
+                self._changed.wait(0.05)
+            self._is_running()
 
     def wait(self) -> str | None:
-        """Wait for the body in flight (watching for a stop meanwhile); the error, if any."""
-        while not self._idle.wait(0.05):
+        """Wait for every body in flight (watching for a stop meanwhile); the error, if any."""
+        while True:
+            with self._changed:
+                if self._in_flight == 0:
+                    return self.error
+                self._changed.wait(0.05)
             self._is_running()
-        return self.error
 
     def submit(self, body: bytes, count: int, *, on_delivered: Callable[[], None] | None = None,
                **kwargs: Any) -> str | None:
-        """Hand over a body of `count` documents (after the previous one is delivered); the error
-        of an earlier delivery, if any, instead. `on_delivered` runs in the delivery thread once
-        every document is settled; `kwargs` go to BulkSender.send."""
-        err = self.wait()
+        """Hand over a body of `count` documents (once there is room in the window); the error of
+        an earlier delivery, if any, instead. `on_delivered` runs in a delivery thread once every
+        document of this body is settled, in whatever order the bodies finish; `kwargs` go to
+        BulkSender.send."""
+        err = self._wait_below(self.window)
         if err:
             return err
-        self.ticket += 1
-        self._idle.clear()
-        self._job = (body, count, self.ticket, kwargs, on_delivered)
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._work, name="bulk-delivery", daemon=True)
-            self._thread.start()
-        self._job_ready.set()
+        with self._changed:
+            self.ticket += 1
+            self._in_flight += 1
+            job = (body, count, self.ticket, kwargs, on_delivered)
+        if len(self._threads) < min(self.window, self._in_flight):
+            thread = threading.Thread(target=self._work, name=f"bulk-delivery-{len(self._threads) + 1}", daemon=True)
+            self._threads.append(thread)
+            thread.start()
+        self._jobs.put(job)
         return None
 
     @property

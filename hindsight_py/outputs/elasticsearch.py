@@ -194,8 +194,11 @@ class _Batch:
 class BulkSender:
     """POSTs NDJSON bulk bodies to ``/_bulk`` and settles every document in them.
 
-    One request at a time over a keep-alive connection; with several URLs, a transport
-    failure moves to the next one.
+    Safe to call from several threads at once: each :meth:`send` is one request at a time, over
+    keep-alive connections (``connections`` per URL, one for each request that may be in flight);
+    the state they share (the server detected, the index template, the retry log, the URL in use,
+    the dead-letter file, the conflict resolver's record) is kept under locks. With several URLs,
+    a transport failure moves to the next one.
     """
 
     def __init__(
@@ -220,6 +223,7 @@ class BulkSender:
         conflict_resolver: Callable[[bytes, dict[str, Any]], bytes | None] | None = None,
         prepare: Callable[[BulkSender], str | None] | None = None,
         signer: RequestSigner | None = None,
+        connections: int = 1,
     ) -> None:
         if isinstance(urls, str):
             urls = [urls]
@@ -244,7 +248,11 @@ class BulkSender:
         self._log = log if log is not None else _python_logging
         # Tests replace this to make the jitter deterministic.
         self._jitter: Callable[[], float] = random.random
-        self._lock = threading.Lock()
+        #: requests this sender may have in flight at once (outputs/delivery.py sends that many)
+        self.connections = max(1, connections)
+        self._lock = threading.Lock()  # the retry log's throttle, the URL in use
+        self._detect_lock = threading.Lock()  # one GET / at a time: the first answer is kept
+        self._prepare_lock = threading.Lock()  # every request waits for `prepare` (the template first)
         self._server_info: ServerInfo | None = None
         self._last_retry_log = float("-inf")
         self._suppressed_retry_logs = 0
@@ -255,7 +263,7 @@ class BulkSender:
             if parts.username and username is None:
                 username, password = unquote(parts.username), unquote(parts.password or "")
             pool = connection_pool(parts, timeout=timeout, verify=verify, ca_certs=ca_certs,
-                                    client_cert=client_cert, client_key=client_key)
+                                    client_cert=client_cert, client_key=client_key, connections=self.connections)
             self._targets.append((pool, parts.path.rstrip("/")))
         self._current = 0
         self._headers = request_headers(api_key=api_key, username=username, password=password, gzip=gzip)
@@ -266,6 +274,10 @@ class BulkSender:
         """``GET /`` on the first URL that answers; cached once it succeeds."""
         if self._server_info is not None:
             return self._server_info
+        with self._detect_lock:
+            return self._server_info or self._detect()
+
+    def _detect(self) -> ServerInfo | None:
         headers = {k: v for k, v in self._headers.items() if k not in ("Content-Type", "Content-Encoding")}
         problems = []
         self.detect_failure_status = None
@@ -302,25 +314,25 @@ class BulkSender:
         result = SendResult()
         if count <= 0 and not body.strip():
             return result
-        with self._lock:
-            batch = _Batch(body, count)
-            # sources_checked: the caller already set aside every source that is not a JSON object
-            if not sources_checked and not every_line_is_an_object(body):
-                docs = batch.documents()
-                good = [d for d in docs if d.source is None or d.source.lstrip().startswith(b"{")]
-                if len(good) != len(docs):
-                    bad = [d for d in docs if d.source is not None and not d.source.lstrip().startswith(b"{")]
-                    self._dead_letter(bad, None, "not a JSON object, so it cannot be a document", {}, result)
-                    result.set_aside += len(bad)
-                    batch = _Batch.of(good)
-            if batch.count:
-                self._deliver(batch, result)
+        batch = _Batch(body, count)
+        # sources_checked: the caller already set aside every source that is not a JSON object
+        if not sources_checked and not every_line_is_an_object(body):
+            docs = batch.documents()
+            good = [d for d in docs if d.source is None or d.source.lstrip().startswith(b"{")]
+            if len(good) != len(docs):
+                bad = [d for d in docs if d.source is not None and not d.source.lstrip().startswith(b"{")]
+                self._dead_letter(bad, None, "not a JSON object, so it cannot be a document", {}, result)
+                result.set_aside += len(bad)
+                batch = _Batch.of(good)
+        if batch.count:
+            self._deliver(batch, result)
         return result
 
     def _deliver(self, batch: _Batch, result: SendResult) -> None:
         attempt = 0
         while True:
-            outcome = self._prepared() or self._post(batch.payload(self.gzip))
+            target = self._current
+            outcome = self._prepared() or self._post(target, batch.payload(self.gzip))
             if isinstance(outcome, _Failure):
                 failure = outcome
             else:
@@ -362,18 +374,25 @@ class BulkSender:
                 reason = f"gave up after {self.max_retries} retries: {failure.reason}"
                 self._dead_letter(batch.documents(), failure.status, reason, failure.error, result)
                 return
-            # A 5xx from one node (or the proxy in front of it) may not be the cluster's.
-            self._current = (self._current + 1) % len(self._targets)
+            # A 5xx from one node (or the proxy in front of it) may not be the cluster's. Moved on
+            # once per failed URL: the other requests in flight that failed there find it done.
+            with self._lock:
+                if self._current == target:
+                    self._current = (target + 1) % len(self._targets)
             self._wait_before_retry(attempt, failure.reason, result)
             result.retried += 1
 
     def _prepared(self) -> _Failure | None:
         if self.prepare is None:
             return None
-        reason = self.prepare(self)
-        if reason is None:
-            self.prepare = None
-            return None
+        with self._prepare_lock:
+            prepare = self.prepare
+            if prepare is None:  # another request did it meanwhile
+                return None
+            reason = prepare(self)
+            if reason is None:
+                self.prepare = None
+                return None
         return _Failure(reason)
 
     def request(self, method: str, path: str, body: Any = None) -> tuple[int, bytes] | str:
@@ -390,8 +409,8 @@ class BulkSender:
             return f"{pool.scheme}://{pool.host}:{pool.port}: {transport_problem(exc)}"
         return response.status, response.data
 
-    def _post(self, payload: bytes) -> tuple[int, bytes] | _Failure:
-        pool, prefix = self._targets[self._current]
+    def _post(self, target: int, payload: bytes) -> tuple[int, bytes] | _Failure:
+        pool, prefix = self._targets[target]
         path = prefix + "/_bulk" + _BULK_QUERY
         try:
             response = pool.urlopen(
@@ -519,14 +538,16 @@ class BulkSender:
         cap = min(self.backoff_max, self.backoff_initial * 2.0 ** min(attempt - 1, 60))
         delay = cap * self._jitter()
         now = time.monotonic()
-        if now - self._last_retry_log >= _RETRY_LOG_INTERVAL:
-            suppressed = self._suppressed_retry_logs
+        with self._lock:  # one report per interval, whichever request failed
+            report = now - self._last_retry_log >= _RETRY_LOG_INTERVAL
+            if report:
+                suppressed, self._suppressed_retry_logs = self._suppressed_retry_logs, 0
+                self._last_retry_log = now
+            else:
+                self._suppressed_retry_logs += 1
+        if report:
             note = f" ({suppressed} more failures since the last report)" if suppressed else ""
             self._log(LOG_WARNING, f"bulk request failed: {reason}; retry {attempt} in {delay:.2f}s{note}")
-            self._last_retry_log = now
-            self._suppressed_retry_logs = 0
-        else:
-            self._suppressed_retry_logs += 1
         self._pause(delay, result)
 
     def _pause(self, seconds: float, result: SendResult) -> None:

@@ -9,6 +9,7 @@ so the Lua plugin and the native Python output share one path to the server.
 
 from __future__ import annotations
 
+import glob
 import os
 import time
 from collections.abc import Callable
@@ -63,7 +64,8 @@ class ElasticsearchLua:
         self._accepts_types: bool | None = None  # None: the server has not answered yet
         self._next_probe = 0.0
         self._takeover_pipes: dict[tuple[str, int], PipelinedSender] = {}
-        self._spool_recovered = True  # False: a stop cut the delivery of the last run's spool short
+        self._spool_recovered = True  # False: a stop cut the delivery of the last run's spools short
+        self._spools = 0  # spool files written in this run (each body on its way has one)
 
     def lua_extension(self) -> LuaExtension:
         functions: dict[str, Callable[..., Any]] = {"types_dropped": self.types_dropped, "takeover": self.takeover}
@@ -82,7 +84,7 @@ class ElasticsearchLua:
 
         host = self.host
         # The Lua plugin forwards the keys it knows; these come from its cfg all the same.
-        cfg = {**{k: host.plugin.values.get(k) for k in type_conflicts.CONFIG_KEYS}, **cfg}
+        cfg = {**{k: host.plugin.values.get(k) for k in (*type_conflicts.CONFIG_KEYS, "max_in_flight")}, **cfg}
         sender = sender_from_config(cfg, dead_letter_path=self._dead_letter_path(), log=host.log_fn)
         pipe = background_delivery(host, sender, abort=bool(cfg.get("abort_on_error")))
 
@@ -118,10 +120,11 @@ class ElasticsearchLua:
         """A bulk body an upstream Lua plugin posted through LuaSocket, handed to the bulk sender.
 
         Upstream's plugin reports each message done once it is in its batch file, and empties that
-        file when the request returns. So the body is first written to a spool file (the plugin's
-        `.bulk` beside the checkpoints), then delivered in the background while the plugin goes on;
-        the spool is removed once every document is settled. A spool left by a crash or a stop is
-        delivered before the plugin's next run reads anything (recover)."""
+        file when the request returns. So the body is first written to a spool file of its own
+        (the plugin's `.bulk.<n>` beside the checkpoints: up to max_in_flight of them are on their
+        way), then delivered in the background while the plugin goes on; each spool is removed once
+        every document of its body is settled. Spools left by a crash or a stop are delivered
+        before the plugin's next run reads anything (recover)."""
         ok, err = self._takeover(address.decode(), int(port), body)
         return ok, (err.encode() if err else None)
 
@@ -135,30 +138,33 @@ class ElasticsearchLua:
         if pipe is None:
             pipe = background_delivery(self.host, self._takeover_sender(address, port))
             self._takeover_pipes[(address, port)] = pipe
-        err = pipe.wait()  # one body on its way at a time: the spool holds one
-        if err:
-            return False, err
-        spool = takeover_spool(self.host)
+        self._spools += 1  # a file per body: they may be delivered in any order
+        spool = takeover_spool(self.host, self._spools)
         tmp = spool.with_name(spool.name + ".tmp")
         tmp.write_bytes(f"{address} {port}\n".encode() + body)
         os.replace(tmp, spool)
         err = pipe.submit(body, bulk_body_count(body), on_delivered=lambda: spool.unlink(missing_ok=True))
-        return (False, err) if err else (True, None)
+        if err:  # not handed over: the plugin hears of it and keeps its batch file
+            spool.unlink(missing_ok=True)
+            return False, err
+        return True, None
 
     def recover(self) -> None:
-        """Deliver the bulk body a previous run left in the spool (before the plugin reads anything).
+        """Deliver the bulk bodies a previous run left in spools (before the plugin reads anything),
+        in the order they were handed over.
 
-        If a stop cuts the delivery short, the spool stays for the next run, and takeover refuses
-        new bodies meanwhile (one would replace it)."""
+        If a stop cuts the delivery short, the rest stay for the next run, and takeover refuses
+        new bodies meanwhile (they would take the names of the old spools)."""
+        for spool in left_spools(self.host):
+            if not self._recover(spool):
+                self._spool_recovered = False
+                return
+
+    def _recover(self, spool: Path) -> bool:
         from hindsight_py.outputs.delivery import count_result
         from hindsight_py.outputs.elasticsearch import SendInterrupted, bulk_body_count
 
-        spool = takeover_spool(self.host)
-        try:
-            data = spool.read_bytes()
-        except FileNotFoundError:
-            return
-        address, port, body = parse_spool(spool, data)
+        address, port, body = parse_spool(spool, spool.read_bytes())
         sender = self._takeover_sender(address, port)
         sender.stop_event = self.host.stop_event()
         self.host.log_fn(6, f"delivering the bulk request the last run left in {spool.name}")
@@ -166,12 +172,12 @@ class ElasticsearchLua:
             result = sender.send(body, bulk_body_count(body))
         except SendInterrupted as e:
             count_result(self.host.stats, e.result)
-            self._spool_recovered = False
-            return
+            return False
         finally:
             sender.close()
         count_result(self.host.stats, result)
         spool.unlink()
+        return True
 
     def _takeover_sender(self, address: str, port: int) -> BulkSender:
         from hindsight_py.outputs.delivery import sender_from_config
@@ -186,9 +192,22 @@ class ElasticsearchLua:
         return Path(self.host.output_path) / "dead_letter" / f"{self.host.plugin.name}.jsonl"
 
 
-def takeover_spool(host: Any) -> Path:
-    """Where the bulk body on its way is kept: output_path/<plugin>.bulk."""
-    return Path(host.output_path) / f"{host.plugin.name}.bulk"
+def takeover_spool(host: Any, number: int) -> Path:
+    """Where the `number`th bulk body of a run is kept on its way: output_path/<plugin>.bulk.<number>."""
+    return Path(host.output_path) / f"{host.plugin.name}.bulk.{number}"
+
+
+def left_spools(host: Any) -> list[Path]:
+    """The spools a previous run left, oldest first (`<plugin>.bulk` is one from before there
+    were several)."""
+    directory, name = Path(host.output_path), f"{host.plugin.name}.bulk"
+    numbered = []
+    for path in directory.glob(glob.escape(name) + ".*"):
+        number = path.name[len(name) + 1:]
+        if number.isdigit():
+            numbered.append((int(number), path))
+    single = directory / name
+    return ([single] if single.exists() else []) + [path for _, path in sorted(numbered)]
 
 
 def parse_spool(spool: Path, data: bytes) -> tuple[str, int, bytes]:
@@ -201,4 +220,4 @@ def parse_spool(spool: Path, data: bytes) -> tuple[str, int, bytes]:
     return address, int(port), body
 
 
-__all__ = ["ElasticsearchLua", "parse_spool", "server_accepts_types", "takeover_spool"]
+__all__ = ["ElasticsearchLua", "left_spools", "parse_spool", "server_accepts_types", "takeover_spool"]

@@ -56,10 +56,12 @@ def error_from_body(status: int, data: bytes) -> tuple[str, dict[str, Any]]:
 
 
 def connection_pool(parts: SplitResult, *, timeout: float, verify: bool, ca_certs: str | None,
-                    client_cert: str | None, client_key: str | None) -> urllib3.HTTPConnectionPool:
-    """One keep-alive connection to a URL's origin, TLS settings included for https."""
+                    client_cert: str | None, client_key: str | None,
+                    connections: int = 1) -> urllib3.HTTPConnectionPool:
+    """Keep-alive connections to a URL's origin (as many as requests may be in flight at once),
+    TLS settings included for https."""
     pool_kwargs: dict[str, Any] = {
-        "maxsize": 1,
+        "maxsize": connections,
         "timeout": urllib3.Timeout(connect=timeout, read=timeout),
         "retries": False,
     }

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -234,11 +235,13 @@ class ConflictResolver:
     """Called by the bulk sender with a rejected document's source and the server's error.
 
     Returns the document with the offending value moved aside, or None when the error is not a
-    type conflict this can mend (the sender then dead-letters the document).
+    type conflict this can mend (the sender then dead-letters the document). Called from each
+    request in flight: the counts and the record of what was logged are kept under a lock.
     """
 
     def __init__(self, log: Callable[[int, str], None] | None = None) -> None:
         self._log = log
+        self._lock = threading.Lock()
         self._logged: set[tuple[str, str]] = set()
         #: documents given back for another try, and fields moved, over the resolver's life
         self.documents = 0
@@ -267,19 +270,28 @@ class ConflictResolver:
             if move not in renamed:
                 renamed.append(move)
         doc[RENAMED_KEY] = renamed
-        self.documents += 1
-        self.moves += len(moves)
-        self._report(conflict, moves)
+        with self._lock:
+            self.documents += 1
+            self.moves += len(moves)
+            first = self._first_seen(moves)
+        self._report(conflict, first)
         return _encode(doc)
 
-    def _report(self, conflict: _Conflict, moves: list[dict[str, str]]) -> None:
-        if self._log is None:
-            return
+    def _first_seen(self, moves: list[dict[str, str]]) -> list[dict[str, str]]:
+        """The moves not logged yet (up to the cap), now recorded as logged."""
+        new = []
         for move in moves:
             key = (move["from"], move["to"])
             if key in self._logged or len(self._logged) >= _LOGGED_PATHS_CAP:
                 continue
             self._logged.add(key)
+            new.append(move)
+        return new
+
+    def _report(self, conflict: _Conflict, moves: list[dict[str, str]]) -> None:
+        if self._log is None:
+            return
+        for move in moves:
             self._log(_LOG_INFO, f"type conflict at {move['from']}: {_describe(conflict.mapped)}; such values go to "
                                  f"{move['to']} (listed in {RENAMED_KEY} of each document)")
 
