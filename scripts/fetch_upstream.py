@@ -50,7 +50,7 @@ class Pin:
     sha256: str  # of the archive named `archive`
     licence: str
     used_for: str
-    # Not among the archives an offline machine is given (../shared/upstream's set): a failed fetch
+    # Not among the pinned archives an offline machine is given (the --from DIR set): a failed fetch
     # is a note, not a failure, and the tests that use it skip, saying so.
     optional: bool = False
 

@@ -9,7 +9,8 @@ local _, host_api = ...
 local string = require "string"
 local math = require "math"
 local standin = require "hindsight_py.standin"
-local sqrt, huge = math.sqrt, math.huge
+local welford = require "hindsight_py.welford"
+local huge = math.huge
 local sformat = string.format
 local select, setmetatable = select, setmetatable
 
@@ -21,7 +22,7 @@ local preserve -- serialize_rs, below
 
 local function check(self, nargs, given, fname) standin.check(self, MT_NAME, nargs, given, fname) end
 
-local function init(self) self.n, self.mean, self.sum = 0, 0, 0 end
+local init = welford.init
 
 function M.new(...)
     if select("#", ...) ~= 0 then standin.argerror(0, "new", "this function takes no arguments") end
@@ -30,22 +31,13 @@ function M.new(...)
     return standin.track(host_api, rs, preserve)
 end
 
--- sa_add_running_stats
+-- sa_add_running_stats: a value that is not finite is left out
 function M.add(self, d)
     if d ~= d or d == huge or d == -huge then return end
-    local old_mean = self.mean
-    self.n = self.n + 1
-    if self.n == 1 then
-        self.mean = d
-    else
-        self.mean = old_mean + (d - old_mean) / self.n
-        self.sum = self.sum + (d - old_mean) * (d - self.mean)
-    end
+    welford.add(self, d)
 end
 
-function M.sd(self) return self.n < 2 and 0 or sqrt(self.sum / (self.n - 1)) end
-
-function M.usd(self) return self.n < 2 and 0 or sqrt(self.sum / self.n) end
+M.sd, M.usd = welford.sd, welford.usd
 
 function RS.add(...)
     local self, d = ...

@@ -16,6 +16,7 @@ local string = require "string"
 local math = require "math"
 local table = require "table"
 local standin = require "hindsight_py.standin"
+local welford = require "hindsight_py.welford"
 local p2 = require "streaming_algorithms.p2"
 local glibc_rand = require("hindsight_py.xxh64").glibc_rand
 local fmod, floor, sqrt, abs, huge = math.fmod, math.floor, math.sqrt, math.abs, math.huge
@@ -201,20 +202,8 @@ function TS.merge(...)
 end
 
 -- Welford's running statistics (sa_running_stats)
-local function new_stats() return { count = 0, mean = 0, sum = 0 } end
-
-local function add_stat(rs, d)
-    local old_mean = rs.mean
-    rs.count = rs.count + 1
-    if rs.count == 1 then
-        rs.mean = d
-    else
-        rs.mean = old_mean + (d - old_mean) / rs.count
-        rs.sum = rs.sum + (d - old_mean) * (d - rs.mean)
-    end
-end
-
-local function usd(rs) return rs.count < 2 and 0 or sqrt(rs.sum / rs.count) end
+local function new_stats() return welford.init({}) end
+local add_stat, sd, usd = welford.add, welford.sd, welford.usd
 
 local STATS = { sum = "sum", min = "min", max = "max", avg = "avg", sd = "sd", usd = "usd" }
 
@@ -249,7 +238,7 @@ function TS.stats(...)
     elseif stat == "min" then result = min
     elseif stat == "max" then result = max
     elseif stat == "avg" then result = count ~= 0 and sum / count or 0
-    elseif stat == "sd" then result = rs.count < 2 and 0 or sqrt(rs.sum / (rs.count - 1))
+    elseif stat == "sd" then result = sd(rs)
     else result = usd(rs) end
     return result, count
 end
@@ -279,7 +268,7 @@ local function matrix_profile(self, sidx, n, m, percent)
             local fi = idx - m
             if fi < 0 then fi = fi + rows end
             local pm = rs.mean
-            rs.mean = rs.mean + (v[idx] - v[fi]) / rs.count
+            rs.mean = rs.mean + (v[idx] - v[fi]) / rs.n
             rs.sum = rs.sum + (v[idx] - pm) * (v[idx] - rs.mean) - (v[fi] - pm) * (v[fi] - rs.mean)
         else
             add_stat(rs, v[idx])
