@@ -190,16 +190,22 @@ local function flush()
     set_internal(false)
 end
 
+-- After a message is queued: flush when the buffer is full, or when the second has changed (the
+-- clock read every 64th `tick`), which keeps checkpoints and the queue at most about a second behind.
+local function flush_if_due(tick)
+    if out_msgs >= FLUSH_COUNT or out_bytes >= FLUSH_BYTES then
+        flush()
+    elseif tick % 64 == 0 and os_time() ~= last_flush_sec then
+        flush()
+    end
+end
+
 local function queue_framed(framed)
     out_n = out_n + 1
     out[out_n] = framed
     out_msgs = out_msgs + 1
     out_bytes = out_bytes + #framed
-    if out_msgs >= FLUSH_COUNT or out_bytes >= FLUSH_BYTES then
-        flush()
-    elseif out_n % 64 == 0 and os_time() ~= last_flush_sec then
-        flush() -- keeps checkpoints and the queue at most about a second behind
-    end
+    flush_if_due(out_n)
 end
 
 local encode, encode_into = pb.encode, pb.encode_into
@@ -239,11 +245,7 @@ local function queue_table(t, what, depth)
         refuse(t, e .. detail)
         error(e, 3 + (depth or 0))
     end
-    if out_msgs >= FLUSH_COUNT or out_bytes >= FLUSH_BYTES then
-        flush()
-    elseif out_msgs % 64 == 0 and os_time() ~= last_flush_sec then
-        flush() -- keeps checkpoints and the queue at most about a second behind
-    end
+    flush_if_due(out_msgs)
 end
 
 -- The protobuf of message table t, or an error worded for `what` at the caller of the API function
