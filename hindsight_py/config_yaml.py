@@ -12,9 +12,13 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import yaml
+if TYPE_CHECKING:
+    import yaml
+
+# pyyaml is imported where a YAML file is read or written: every plugin process imports config,
+# and most setups have no YAML, so its import (about 10 ms) would only slow each start.
 
 YAML_SUFFIXES = (".yaml", ".yml")
 _LUA_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -34,6 +38,8 @@ def is_yaml(path: str) -> bool:
 
 def yaml_to_lua(text: str, shown: str) -> str:
     """The Lua cfg text that assigns the YAML mapping's keys."""
+    import yaml
+
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
@@ -106,6 +112,8 @@ def lua_string(text: str) -> str:
 
 def values_to_yaml(values: dict[str, Any], order: list[str]) -> str:
     """A configuration's values (as the Lua cfg evaluates) as YAML, keys in `order` first."""
+    import yaml
+
     ranked = {k: i for i, k in enumerate(order)}
     ordered = dict(sorted(values.items(), key=lambda kv: (ranked.get(kv[0], len(ranked)), kv[0])))
     return yaml.safe_dump(_plain(ordered), sort_keys=False, allow_unicode=True, default_flow_style=False)
