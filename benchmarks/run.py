@@ -5,6 +5,8 @@
     python benchmarks/run.py --lines 200000 1000000 2000000 --only native   # scaling
     python benchmarks/run.py --es http://127.0.0.1:39200      # a real Elasticsearch instead
     python benchmarks/run.py --hindsight ~/.cache/hindsight-py/hindsight-0.16   # + the real Hindsight
+    python benchmarks/run.py --targets --hindsight ~/.cache/hindsight-py/hindsight-0.16 --es URL
+                                                  # issue 17's targets, each with its figure
 
 Pipelines (hindsight_cli, one process per plugin):
   lua       the project's run/ (file.lua -> counter.lua -> elasticsearch_bulk_api.lua)
@@ -554,50 +556,154 @@ def report(results: list[dict], lines: int, baselines: list[str]) -> None:
         print()
 
 
+def run_pass(ep: Endpoint, lines: int, names: list[str], *, baselines: bool, hs_prefix: Path | None,
+             max_in_flight: int | None, warm_up: bool = False) -> tuple[list[dict], list[str]]:
+    """Every row of one table: the baselines, the real Hindsight and the pipelines on `lines` lines."""
+    data = data_file(lines)
+    results: list[dict] = []
+    columns = ["server_limit", "streaming_bulk", "parallel_bulk"] if baselines else []
+    if ep.real and warm_up:
+        # A server that has just started indexes far slower for its first minute (JIT,
+        # caches): one untimed pass of the server-limit bodies, so that it does not
+        # flatter whatever runs after the first timed run.
+        print("warming the server up (untimed) ...", flush=True)
+        run_server_limit(data, ep)
+    if baselines:
+        results.append(run_server_limit(data, ep))
+        for kind in ("streaming_bulk", "parallel_bulk"):
+            results.append(run_helper(kind, data, ep))
+    if hs_prefix:
+        results.append(run_hindsight(hs_prefix, data, lines, ep))
+        columns.append(HINDSIGHT_ROW)
+    for name in names:
+        if name == "upstream" and isinstance(why := upstream_sources(), str):
+            print(f"upstream: skipped ({why})")
+            continue
+        results.append(run_pipeline(name, data, lines, ep, max_in_flight))
+    report(results, lines, columns)
+    return results, columns
+
+
+# -- issue 17's targets (--targets) ------------------------------------------------------------------
+TARGET_LINES = 200_000
+MEMORY_LINES = 2_000_000
+MEMORY_LIMIT_MB = 150
+ES_TARGET_LINES = 100_000
+TARGET_PIPELINES = ["lua", "upstream", "native", "s3tree"]
+
+
+def _rate(r: dict) -> float:
+    return r["docs"] / r["wall"] if r["wall"] else 0.0
+
+
+def _per_100k(r: dict) -> float:
+    return r["cpu"] / r["docs"] * 100_000 if r["docs"] else float("inf")
+
+
+def check_targets(fake: list[dict], real: list[dict], memory: list[dict]) -> bool:
+    """Print each target of issue 17 beside what this invocation measured; True if all are met."""
+    rows: list[tuple[str, str, bool]] = []
+    by = {r["name"]: r for r in fake}
+    hs = by[HINDSIGHT_ROW]
+    complete = all(r["rc"] == 0 and r["docs"] == TARGET_LINES for r in fake if r["name"] != HINDSIGHT_ROW)
+    rows.append(("every pipeline delivers every line, exit status 0", "yes" if complete else "NO", complete))
+
+    def times_hindsight(name: str, need: float) -> None:
+        x = _rate(by[name]) / _rate(hs)
+        rows.append((f"{name} >= {need:g}x hindsight (C)", f"{x:.2f}x", x >= need))
+
+    times_hindsight("upstream", 4)
+    cpu_up, cpu_hs = _per_100k(by["upstream"]), _per_100k(hs)
+    rows.append(("upstream: less CPU per document than hindsight (C)",
+                 f"{cpu_up:.2f} vs {cpu_hs:.2f} CPU s/100k", cpu_up < cpu_hs))
+    times_hindsight("lua", 6)
+    times_hindsight("native", 12)
+    s3 = _rate(by["s3tree"])
+    rows.append(("s3tree >= 150,000 docs/s", f"{s3:,.0f} docs/s", s3 >= 150_000))
+    ratio = _per_100k(by["s3tree"]) / _per_100k(by["native"])
+    rows.append(("s3tree CPU per document <= 1.5x native's",
+                 f"{_per_100k(by['s3tree']):.2f} vs {_per_100k(by['native']):.2f} CPU s/100k ({ratio:.2f}x)", ratio <= 1.5))
+    if real:
+        es = {r["name"]: r for r in real}
+        pb = _rate(es["parallel_bulk"])
+        for name, need in (("native", 1.0), ("lua", 0.9), ("upstream", 0.9)):
+            x = _rate(es[name]) / pb
+            rows.append((f"real server: {name} >= {need:g}x parallel_bulk", f"{x:.2f}x", x >= need))
+    else:
+        rows.append(("real server (--es URL)", "not run", False))
+    before = {r["name"]: r["rss"] for r in fake}
+    for r in memory:
+        flat = r["rss"] <= MEMORY_LIMIT_MB and r["rss"] <= 1.25 * before.get(r["name"], r["rss"])
+        rows.append((f"{r['name']}: peak PSS flat and <= {MEMORY_LIMIT_MB} MB at {MEMORY_LINES:,} lines",
+                     f"{before.get(r['name'], float('nan')):.0f} MB at {TARGET_LINES:,}, {r['rss']:.0f} MB at {MEMORY_LINES:,}",
+                     flat and r["rc"] == 0))
+    print("\nissue 17 targets")
+    width = max(len(t) for t, _, _ in rows)
+    for target, measured, met in rows:
+        print(f"  {target:<{width}}  {measured:<44}{'met' if met else 'NOT MET'}")
+    met_all = all(met for _, _, met in rows)
+    print(f"  {'all targets':<{width}}  {'':<44}{'met' if met_all else 'NOT MET'}")
+    return met_all
+
+
+def run_targets(hs_prefix: Path, es_url: str | None, max_in_flight: int | None) -> int:
+    """Everything issue 17 asks for, in one invocation: the fake endpoint with the real Hindsight,
+    a real server against parallel_bulk (with --es), and the memory of each pipeline at 2M lines."""
+    ep = Endpoint(None)
+    try:
+        fake, _ = run_pass(ep, TARGET_LINES, TARGET_PIPELINES + ["native_pure", "s3tree_pure"], baselines=True,
+                           hs_prefix=hs_prefix, max_in_flight=max_in_flight)
+        memory, _ = run_pass(ep, MEMORY_LINES, TARGET_PIPELINES, baselines=False, hs_prefix=None,
+                             max_in_flight=max_in_flight)
+    finally:
+        ep.close()
+    real: list[dict] = []
+    if es_url:
+        server = Endpoint(es_url)
+        try:
+            real, _ = run_pass(server, ES_TARGET_LINES, ["native", "lua", "upstream"], baselines=True,
+                               hs_prefix=None, max_in_flight=max_in_flight, warm_up=True)
+        finally:
+            server.close()
+    return 0 if check_targets(fake, real, memory) else 1
+
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--lines", type=int, nargs="+", default=[200_000])
-    ap.add_argument("--es", help="a real Elasticsearch/OpenSearch URL instead of the fake endpoint")
+    ap.add_argument("--lines", type=int, nargs="+", default=[TARGET_LINES])
+    ap.add_argument("--es", help="a real Elasticsearch/OpenSearch URL instead of the fake endpoint "
+                                 "(with --targets: as well as the fake endpoint)")
     ap.add_argument("--only", nargs="+", choices=list(PIPELINES), help="pipelines to run (default: all)")
     ap.add_argument("--no-baselines", action="store_true")
     ap.add_argument("--max-in-flight", type=int, metavar="N",
                     help="the outputs' max_in_flight (bulk requests on their way at once; default: theirs)")
     ap.add_argument("--hindsight", type=Path, metavar="PATH",
                     help="add the real Hindsight: a prefix built by benchmarks/build_hindsight.py, or its bin/hindsight_cli")
+    ap.add_argument("--targets", action="store_true",
+                    help=f"issue 17's check (needs --hindsight; --es adds the real server): {TARGET_LINES:,} lines on the "
+                         f"fake endpoint with every row, {MEMORY_LINES:,} lines for memory, {ES_TARGET_LINES:,} on the "
+                         "server; prints each target with its figure and exits 1 if one is not met")
     args = ap.parse_args()
     if not args.no_baselines and importlib.util.find_spec("elasticsearch") is None:
         ap.error("the elasticsearch-py baselines need the bench extra: pip install -e '.[bench]' "
                  "(or --no-baselines)")
+    if args.targets and not args.hindsight:
+        ap.error("--targets compares with the real Hindsight: give --hindsight PATH "
+                 "(python3 benchmarks/build_hindsight.py builds it)")
     hs_prefix = hindsight_prefix(args.hindsight) if args.hindsight else None
     # Each start would otherwise compile every module from source (tens of ms per process)
     # wherever PYTHONDONTWRITEBYTECODE is set, as in some CI shells; pip compiles them at install.
     for folder in ("hindsight_py", "plugins"):
         compileall.compile_dir(REPO / folder, quiet=1)
+    if args.targets:
+        assert hs_prefix is not None
+        return run_targets(hs_prefix, args.es, args.max_in_flight)
     ep = Endpoint(args.es)
     try:
-        for lines in args.lines:
-            data = data_file(lines)
-            results = []
-            baselines = [] if args.no_baselines else ["server_limit", "streaming_bulk", "parallel_bulk"]
-            if ep.real and lines == args.lines[0]:
-                # A server that has just started indexes far slower for its first minute (JIT,
-                # caches): one untimed pass of the server-limit bodies, so that it does not
-                # flatter whatever runs after the first timed run.
-                print("warming the server up (untimed) ...", flush=True)
-                run_server_limit(data, ep)
-            if not args.no_baselines:
-                results.append(run_server_limit(data, ep))
-                for kind in ("streaming_bulk", "parallel_bulk"):
-                    results.append(run_helper(kind, data, ep))
-            if hs_prefix:
-                results.append(run_hindsight(hs_prefix, data, lines, ep))
-                baselines.append(HINDSIGHT_ROW)
-            for name in args.only or list(PIPELINES):
-                if name == "upstream" and isinstance(why := upstream_sources(), str):
-                    print(f"upstream: skipped ({why})")
-                    continue
-                results.append(run_pipeline(name, data, lines, ep, args.max_in_flight))
-            report(results, lines, baselines)
+        for i, lines in enumerate(args.lines):
+            run_pass(ep, lines, args.only or list(PIPELINES), baselines=not args.no_baselines,
+                     hs_prefix=hs_prefix, max_in_flight=args.max_in_flight, warm_up=i == 0)
     finally:
         ep.close()
     return 0
