@@ -20,7 +20,7 @@ Sources:
 
 The project never carries upstream code or text: tests copy what they run out of this cache.
 Exit status 1 when some pin could not be fetched (each failure is named on stderr), unless the
-pin is optional: those (streaming_algorithms, whose tests are extra) are fetched where they can be.
+pin is optional: those (streaming_algorithms and symtseries, whose tests are extra) are fetched where they can be.
 Standard library only: this runs before the project is installed.
 """
 
@@ -91,6 +91,11 @@ PINS = {pin.name: pin for pin in [
         "https://github.com/trink/streaming_algorithms.git",
         "2d29e197cdab25fa87f01a8049053c80d6f0482822dd7a753c13774db67b8261", "MPL-2.0",
         "the streaming_algorithms modules' own tests (lua_binding/tests)", optional=True),
+    # lua_sandbox_extensions' sax package is built from this separate repository (sax/CMakeLists.txt)
+    Pin("symtseries", "62fbe4df396e68de637aca0cdb597e3593bab754",
+        "https://github.com/trink/symtseries.git",
+        "11c14476f6fd43b39cf5acaff3dd068395de4923fc035380f2b25ce8cf8fbd38", "MPL-2.0",
+        "the sax module's own test (lua/test.lua)", optional=True),
     # What lua_sandbox_extensions' CMake files download when building the real Hindsight
     # (lpeg/, cjson/, socket/ and rjson/CMakeLists.txt), for building it offline.
     Pin("lpeg", "1.0.2", "http://www.inf.puc-rio.br/~roberto/lpeg/lpeg-1.0.2.tar.gz",

@@ -330,3 +330,56 @@ def test_a_circular_buffer_goes_into_payloads_as_upstreams_output(tmp_path: Path
     assert len(host.written) == 1
     assert (b'{"time":0,"rows":2,"columns":1,"seconds_per_row":60,"column_info":[{"name":"Requests",'
             b'"unit":"count","aggregation":"sum"}],"annotations":[]}\nnan\n5\n') in host.written[0]
+
+
+def test_sax_words_and_windows_as_the_c_library_makes_them(tmp_path: Path) -> None:
+    # symtseries' C unit tests (src/symtseries.c) and its README's mindist example, which the Lua
+    # test (tests/test_upstream_module_sandboxes.py) does not carry
+    sb = run(tmp_path, "analysis", """
+        require "sax"
+        sample = tostring(sax.word.new({5, 6, 7, -5, -6, -7, 0.25, 0.17, 0.04, -0.04, -0.17, -0.25}, 4, 8))
+        nan_inf = tostring(sax.word.new({0/0, 0/0, 1/0, -1/0, 1/0, 1, -1/0, -1, 0/0, -5, 5, 0/0}, 6, 8))
+        local a = sax.word.new({10.3, 7, 1, -5, -5, 7.2}, 2, 8)
+        local b = sax.window.new(6, 2, 8)
+        for _, v in ipairs({-9, -8, -7, -5, -5, 7.2}) do b:add(v) end
+        d, above, below = sax.mindist(a, b)
+        bad_self = select(2, pcall(function() b:add({1, "a"}) end))
+        mismatch = sax.mindist(a, sax.word.new("ABC", 8))
+        function process_message() return 0 end
+    """)
+    g = sb.globals_table()
+    assert (g[b"sample"], g[b"nan_inf"]) == (b"HAED", b"##HAAH")
+    assert [round(g[k], 6) for k in (b"d", b"above", b"below")] == [1.560325, 1.103316, 1.103316]
+    # luaL_argerror names argument 1 of a method: Lua reports it as its self
+    assert g[b"bad_self"].endswith(b"calling 'add' on bad self (expected array of numbers as input)")
+    assert g[b"mismatch"] is None
+
+
+def test_sax_objects_are_preserved_as_upstream_writes_them(tmp_path: Path) -> None:
+    code = """
+        require "sax"
+        win = sax.window.new(4, 2, 4)
+        empty = sax.window.new(4, 2, 4)
+        function process_message()
+            win:add({1, 2, 0/0, 1/0, 10.5})
+            word = win:get_word()
+            return 0
+        end
+        function timer_event() end
+    """
+    state = tmp_path / "state.data"
+    sb = run(tmp_path, "analysis", code, preserve_data=True, state_path=state)
+    sb.process_message_direct(None)
+    text, err = sb._control.serialize_state()
+    assert err is None
+    state.write_bytes(text)
+    lines = text.decode().splitlines()
+    at = lines.index('if _G["win"] == nil then _G["win"] = sax.window.new(4, 2, 4) end')
+    assert lines[at + 1:at + 3] == ['_G["win"]:clear()', '_G["win"]:add({2,0/0,1/0,10.5})']
+    assert 'if _G["empty"] == nil then _G["empty"] = sax.window.new(4, 2, 4) end' in lines
+    assert '_G["empty"]:clear()' not in lines  # a window of NaNs only: nothing to add
+    assert 'if _G["word"] == nil then _G["word"] = sax.word.new("AD", 4) end' in lines
+
+    sb2 = run(tmp_path, "analysis", code, preserve_data=True, state_path=state)
+    text2, err = sb2._control.serialize_state()
+    assert err is None and sorted(text2.decode().splitlines()) == sorted(lines)  # restored as it was

@@ -15,7 +15,14 @@ from typing import Any
 import pytest
 from sandbox_fakes import FakeHost, lua_sandbox
 from test_upstream_suites import _STR, INSTALL, c_string
-from upstream_files import LUA_SANDBOX_EXTENSIONS, STREAMING_ALGORITHMS, available, copy_tree, read_bytes
+from upstream_files import (
+    LUA_SANDBOX_EXTENSIONS,
+    STREAMING_ALGORITHMS,
+    SYMTSERIES,
+    available,
+    copy_tree,
+    read_bytes,
+)
 
 pytestmark = [
     pytest.mark.upstream,
@@ -204,3 +211,16 @@ def test_streaming_algorithms_preservation(module: str, script: str, expected: b
     s.destroy()
     s = Script(script, sa_tests, preserve)
     assert s.report(0) == expected
+
+
+# ------------------------------------------------------------------------------------------------
+# trink/symtseries (lua_sandbox_extensions' sax package): its CMake test runs lua/test.lua, the
+# module's API, error cases, NaN and infinity handling and mindist values
+# ------------------------------------------------------------------------------------------------
+def test_symtseries_test_lua(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    if not available(SYMTSERIES):
+        pytest.skip("symtseries (an optional pin: not among the offline archives) is not fetched: "
+                    "run `python3 scripts/fetch_upstream.py symtseries` where GitHub is reachable")
+    copy_tree(SYMTSERIES, "lua", tmp_path)
+    monkeypatch.chdir(tmp_path)
+    lua_sandbox(Path("test.lua"), "input", FakeHost(), path=str(tmp_path / "none" / "?.lua"))

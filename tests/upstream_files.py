@@ -29,6 +29,7 @@ LUA_SANDBOX = "lua_sandbox"
 LUA_SANDBOX_EXTENSIONS = "lua_sandbox_extensions"
 CLOUDTRACKER = "cloudtracker"
 STREAMING_ALGORITHMS = "streaming_algorithms"
+SYMTSERIES = "symtseries"
 # The extensions CloudTracker's pipeline requires from (docs/upstream-formats.md §9).
 CLOUDTRACKER_EXTENSIONS = ("heka", "lpeg", "elasticsearch")
 

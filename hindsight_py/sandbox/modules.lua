@@ -184,7 +184,7 @@ local c_standins = { maxminddb = true, cuckoo_filter = true, cuckoo_filter_expir
     xxhash = true, hyperloglog = true, gzfile = true, date = true, circular_buffer = true,
     ["streaming_algorithms.cm_sketch"] = true, ["streaming_algorithms.p2"] = true,
     ["streaming_algorithms.running_stats"] = true, ["streaming_algorithms.time_series"] = true,
-    ["streaming_algorithms.matrix"] = true, libinjection = true,
+    ["streaming_algorithms.matrix"] = true, libinjection = true, sax = true,
     ["hindsight_py.xxh64"] = true, ["hindsight_py.standin"] = true }
 -- gzfile reads any file: lua_sandbox_extensions installs it among its io_modules, so analysis plugins
 -- get it only from a path of their own
