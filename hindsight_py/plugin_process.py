@@ -6,9 +6,13 @@ themselves):
   child -> supervisor: ("cp", {key: value}) checkpoints, coalesced (about every CP_SEND_INTERVAL);
                        ("stats", name, dict) a plugin's counters, every STATS_SEND_INTERVAL;
                        ("exit", name, status bits, error or None, final stats dict) a plugin ended;
+                       ("drained",) an output read its queues to their end after a drain, and waits
+                       for ("finish",) before its shutdown timer_event;
                        ("done", label) the process is finished (after its last "cp" and "exit"s)
   supervisor -> child: ("drain",) every writer upstream of this process has finished: read the
                        queues to their end, run the shutdown timer_event, exit;
+                       ("finish",) every output has read its queues to their end (or ended): an
+                       output may run its shutdown timer_event;
                        ("stop",) stop as soon as possible (inputs: is_running() turns false).
 """
 
@@ -61,6 +65,7 @@ class Channel:
         self.stats_source: Callable[[], list[tuple[str, dict[str, int]]]] | None = None
         self.drain = False
         self.stop = False
+        self.finish = False
 
     def checkpoint(self, key: str, value: Any, *, now: bool = False) -> None:
         self._pending[key] = value
@@ -92,6 +97,18 @@ class Channel:
                 self.drain = True
             elif msg[0] == "stop":
                 self.stop = True
+            elif msg[0] == "finish":
+                self.finish = True
+
+    def outputs_drained(self) -> None:
+        """The shutdown barrier of outputs: say this one has read its queues to their end, and wait
+        until every output has (or a stop). No output's shutdown timer_event then runs while another
+        output still processes messages: one may read what another writes (a dashboard file)."""
+        self._conn.send(("drained",))
+        while not (self.finish or self.stop):
+            self.poll()
+            if not (self.finish or self.stop):
+                self._conn.poll(CP_SEND_INTERVAL)  # returns as soon as the supervisor answers
 
     def send(self, *msg: Any) -> None:
         self._conn.send(msg)

@@ -39,6 +39,7 @@ class Control(Protocol):
     stop: bool  # stop as soon as possible
 
     def poll(self) -> None: ...
+    def outputs_drained(self) -> None: ...  # an output after its drain: wait for the others (or a stop)
     def checkpoint(self, key: str, value: Any) -> None: ...
     def send_checkpoints(self) -> None: ...
 
@@ -172,6 +173,8 @@ class ReadLoop:
             if batch is None:
                 self.commits.settle()
                 if self.control.drain and all(c.reader.at_end() for c in self.cursors):
+                    if self.is_output:
+                        self.control.outputs_drained()
                     break
                 self.fire_timers(False)
                 time.sleep(self._idle_sleep)

@@ -63,6 +63,8 @@ class _Child:
     conn: Connection
     done: bool = False
     drain_sent: bool = False
+    drained: bool = False  # an output that read its queues to their end, waiting for ("finish",)
+    finish_sent: bool = False
     stop_sent: bool = False
     exited: set[str] = field(default_factory=set)  # its plugins that reported their end
 
@@ -304,6 +306,8 @@ class Supervisor:
                         for k in (f"input->{name}", f"analysis->{name}"):
                             self.checkpoints.pop(k, None)
                         self.cp_dirty = True
+            elif kind == "drained":
+                child.drained = True
             elif kind == "done":
                 child.done = True
                 child.process.join(timeout=10)
@@ -348,6 +352,10 @@ class Supervisor:
         self._send("analysis", "drain")
         if self._kind_done("analysis"):
             self._send("output", "drain")
+            # the outputs' shutdown barrier: their shutdown timer_events run once every output has
+            # read its queues to their end (or ended)
+            if all(c.done or c.drained for c in self.children if c.spec.kind == "output"):
+                self._send("output", "finish")
 
     def _send(self, kind: str | None, what: str) -> None:
         for c in self.children:
@@ -361,6 +369,10 @@ class Supervisor:
                 if c.stop_sent:
                     continue
                 c.stop_sent = True
+            elif what == "finish":
+                if c.finish_sent:
+                    continue
+                c.finish_sent = True
             try:
                 c.conn.send((what,))
             except OSError:

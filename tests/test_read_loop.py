@@ -29,6 +29,9 @@ class Control:
             if self._polls_left < 0:
                 self.stop = True  # the kill point
 
+    def outputs_drained(self) -> None:
+        pass  # the only output: nothing to wait for
+
     def checkpoint(self, key: str, value: Any) -> None:
         self.sent.append((key, value))
 

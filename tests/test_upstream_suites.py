@@ -430,10 +430,6 @@ BLOCKED = {
     "path>`, which this machine's curl (7.88) refuses (exit 3)",
     "moz_telemetry/doctype_monitor": "its sax is provided now; its analysis plugin's four 11,521-row circular buffers "
     "take more than the default 8 MiB memory_limit as Lua tables",
-    "moz_ingest/doctype_monitor": "a race between two outputs: the alert output's final timer_event reads "
-    "dashboard/*.captures.json, which the dashboard output rewrites from the analysis plugin's injections; the two "
-    "stop at the same time (as upstream's output threads do), so the file is often not yet written (8 of 10 runs "
-    "failed here under PUC Lua 5.1)",
 }
 
 
@@ -469,8 +465,9 @@ def expected_status(run_sh: str, refused: list[str]) -> int:
 # They compare output whose order is a table's iteration order: Lua 5.1's (LuaJIT's even varies
 # from run to run, its string hashes being seeded at random).
 # analysis_error_rate, analysis_hh and analysis_webinj: iprepd's violation objects {ip = ...,
-# violation = ...} as cjson writes them, keys in table order.
-LUA51_ORDER = {"moz_security/analysis_duo", "moz_security/analysis_pathsetfreq", "moz_security/analysis_simuse",
+# violation = ...} as cjson writes them, keys in table order. moz_ingest's doctype_monitor: its
+# alerts, sent from a pairs() walk over the channels, are checked in the order they arrive.
+LUA51_ORDER = {"moz_ingest/doctype_monitor", "moz_security/analysis_duo", "moz_security/analysis_pathsetfreq", "moz_security/analysis_simuse",
                "moz_security/analysis_error_rate", "moz_security/analysis_hh", "moz_security/analysis_webinj",
                "heka/test.lua",
                "taskcluster/worker_metrics"}
