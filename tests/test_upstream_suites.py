@@ -428,7 +428,7 @@ BLOCKED = {
     "which this machine's curl (7.88) refuses (exit 3: a file URL names a host)",
     "taskcluster/taskcluster_backfill": "its decoder fetches the case's fixtures with `curl file://<relative "
     "path>`, which this machine's curl (7.88) refuses (exit 3)",
-    # Run with both memory limits raised and that timer added, its six alerts match (about 60 s, 3 GB of queues).
+    # With the analysis memory_limit raised and that timer added, its six alerts match (about 60 s, 3 GB of queues).
     "moz_telemetry/doctype_monitor": "sax is provided; three differences remain: the analysis plugin's four "
     "11,521-row circular buffers take 9 MB as Lua tables (17 MB under PUC Lua; 4.4 MB in C), over its 8 MiB "
     "memory_limit; the dashboard output, handed 4 MiB batches of ~700 KB cbuf payloads, passes its 8 MiB too; and "
