@@ -20,6 +20,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from daemon_helpers import DaemonDir, cfg_text
 from delivery_helpers import (
     Background,
     Index,
@@ -172,3 +173,58 @@ def test_a_terminal_shows_a_live_status_line(lines: LineFile, es8_url: str, scra
     assert re.search(r"\r\x1b\[K\d+ \[notice\] hindsight summary: read 60000 messages, delivered 60000 documents",
                      text), text[-3000:]
     assert index.refreshed_count() == lines.count
+
+
+WRITER = """
+require "io"
+require "os"
+function process_message()
+    local n = tonumber(read_message("Payload"))
+    if n == 200 then -- the last one takes a while: the other output has long drained its queues
+        local t = os.clock()
+        while os.clock() - t < 0.5 do end
+    end
+    local fh = assert(io.open("written.txt", "w")) -- rewritten at each message, as dashboard files are
+    fh:write(n, "\\n")
+    fh:close()
+    return 0
+end
+function timer_event() end
+"""
+
+READER = """
+require "io"
+function process_message() return 0 end
+function timer_event(ns, shutdown)
+    if not shutdown then return end
+    local fh = assert(io.open("written.txt"))
+    local last = fh:read("*a")
+    fh:close()
+    assert(last == "200\\n", "read " .. last)
+end
+"""
+
+SOURCE = """
+function process_message()
+    for i = 1, 200 do inject_message({Payload = tostring(i)}) end
+    return 0
+end
+"""
+
+
+def test_outputs_run_their_shutdown_timer_event_once_every_output_has_drained(tmp_path: Path) -> None:
+    # the reader matches nothing and drains at once; its shutdown timer_event reads the file the
+    # writer is still writing: it runs only after the writer has processed its last message
+    d = DaemonDir(tmp_path)
+    d.put("run", "input", "source.lua", SOURCE)
+    d.put("run", "input", "source.cfg", cfg_text({"filename": "source.lua"}))
+    d.put("run", "output", "writer.lua", WRITER)
+    d.put("run", "output", "writer.cfg", cfg_text({"filename": "writer.lua", "message_matcher": "TRUE",
+                                                  "instruction_limit": 0}))
+    d.put("run", "output", "reader.lua", READER)
+    d.put("run", "output", "reader.cfg", cfg_text({"filename": "reader.lua", "message_matcher": "FALSE",
+                                                  "ticker_interval": 60}))
+    result = subprocess.run([hindsight_cli(), "hindsight.cfg", "7"], cwd=tmp_path, capture_output=True, text=True,
+                            timeout=120, stdin=subprocess.DEVNULL)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert (tmp_path / "written.txt").read_text() == "200\n"
