@@ -44,6 +44,30 @@ def test_standins_cost_the_plugin_no_instructions(tmp_path: Path) -> None:
     assert sb.process_message_direct(None)[:2] == (True, 0)
 
 
+def test_what_standins_write_into_a_payload_costs_no_instructions(tmp_path: Path) -> None:
+    # a circular buffer's cbuf text (6,000 cells formatted in Lua), a hyperloglog's bytes and a sax
+    # word, through inject_payload and tostring: upstream's C output functions count nothing
+    sb = run(tmp_path, "analysis", """
+        require "circular_buffer"
+        require "hyperloglog"
+        require "sax"
+        cb = circular_buffer.new(1000, 6, 60)
+        hll = hyperloglog.new()
+        win = sax.window.new(1440, 24, 6)
+        function process_message()
+            for i = 0, 999 do cb:set(i * 60e9, 1, i) end
+            for i = 1, 1000 do hll:add(i) end
+            for i = 1, 1440 do win:add(i % 7) end
+            inject_payload("cbuf", "volume", cb)
+            inject_payload("txt", "hll", hll)
+            inject_payload("txt", "sax", win, tostring(win), tostring(hll))
+            return 0
+        end
+        function timer_event() end
+    """, instruction_limit=100_000)
+    assert sb.process_message_direct(None)[:2] == (True, 0)
+
+
 def test_the_plugins_own_loop_is_still_counted(tmp_path: Path) -> None:
     sb = run(tmp_path, "analysis", """
         require "bloom_filter"

@@ -439,7 +439,7 @@ local function output(self)
     end
     return tconcat(out)
 end
-mt.__lsb_output = output
+mt.__lsb_output = standin.uncounted(host_api, output) -- add_to_payload: as the C output function, uncounted
 
 -- cb_serialize: what preserve_data writes for a buffer under `key`
 function preserve(self, key)

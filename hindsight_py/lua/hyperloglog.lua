@@ -288,8 +288,8 @@ function H.fromstring(...)
     end
 end
 
-mt.__tostring = function(self) return tostring_hll(self) end
-mt.__lsb_output = tostring_hll -- add_to_payload / a Fields value: the C module's bytes
+mt.__tostring = standin.uncounted(host_api, function(self) return tostring_hll(self) end)
+mt.__lsb_output = standin.uncounted(host_api, tostring_hll) -- add_to_payload / a Fields value: the C module's bytes
 -- what preserve_data writes (upstream: hll:fromstring("<bytes>"), without a count)
 function preserve(self, key)
     return standin.restore_text(key, "hyperloglog.new()", tostring_hll(self))

@@ -433,8 +433,7 @@ local function text(...)
     return word_text(check_word_or_window((...), 1, "__tostring"))
 end
 
-local wrap = host_api and host_api.uncounted or function(f) return f end
-equal, text = wrap(equal), wrap(text)
+equal, text = standin.uncounted(host_api, equal), standin.uncounted(host_api, text)
 window_mt.__eq, word_mt.__eq = equal, equal
 window_mt.__tostring, word_mt.__tostring = text, text
 -- add_to_payload / a Fields value: the word's text, as the C module's output function writes it

@@ -217,6 +217,11 @@ function M.track(host_api, object, preserve)
     return object
 end
 
+-- In the sandbox: f runs uncounted, as upstream's C (for metamethods: __tostring, __lsb_output, __eq)
+function M.uncounted(host_api, f)
+    return host_api and host_api.uncounted(f) or f
+end
+
 -- In the sandbox: the module's functions and methods run uncounted, as upstream's C
 function M.finish(host_api, ...)
     if not host_api then return end
