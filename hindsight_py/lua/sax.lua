@@ -326,10 +326,7 @@ local function preserve_word(word, key)
     return sformat('if %s == nil then %s = sax.word.new("%s", %d) end', key, key, word_text(word), word.c)
 end
 
-local function track(object, preserve)
-    if host_api then host_api.preserve(object, preserve) end
-    return object
-end
+local function track(object, preserve) return standin.track(host_api, object, preserve) end
 
 function words.new(...)
     local given = select("#", ...)
