@@ -277,7 +277,7 @@ def setup_upstream(work: Path, data: Path, ep: Endpoint, index: str) -> None:
         shutil.copyfile(cloudtracker / "hindsight" / "run" / name, dest)
     (work / "hindsight.cfg").write_text(HINDSIGHT_CFG.format(modules=work / "lib/modules",
                                                              io_modules=work / "lib/io_modules"))
-    _sub(work / "run/input/file.cfg", {"input_filename": json.dumps(str(data)), "instruction_limit": "0"})
+    _sub(work / "run/input/file.cfg", {"input_filename": json.dumps(str(data))})
     _es_cfg(work / "run/output/elasticsearch_bulk_api.cfg", ep, index)
 
 

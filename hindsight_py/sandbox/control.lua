@@ -18,7 +18,7 @@ local flush_written_files = S.flush_written_files
 local flush, refuse, start_message, set_inject_budget = S.flush, S.refuse, S.start_message, S.set_inject_budget
 local set_input_checkpoint, dead_lettered, format_number = S.set_input_checkpoint, S.dead_lettered,
     S.format_number
-local pb_read = S.pb.read
+local pb_timestamp = S.pb.timestamp
 
 local type, next, error, assert, pcall, tostring, select, setmetatable, getmetatable, rawget, setfenv,
     loadstring = type, next, error, assert, pcall, tostring, select, setmetatable, getmetatable, rawget, setfenv,
@@ -145,17 +145,10 @@ function control.data_now()
     return data_now
 end
 
-local function data_timer(raw, i)
-    local ts = pb_read(raw, "Timestamp", 0, 0)
-    if ts then
-        local secs = floor(ts / 1e9)
-        if secs > data_now then data_now = secs end
-    end
-    if next_due == nil or data_now >= next_due then
-        next_due = data_now + ticker
-        return fire_timer(data_now * 1e9, false, timer_inject_limit, i)
-    end
-    return true, nil
+-- The timer is due (data_now has reached next_due): fire it after message i.
+local function data_timer(i)
+    next_due = data_now + ticker
+    return fire_timer(data_now * 1e9, false, timer_inject_limit, i)
 end
 
 -- How a batch ends: run_batch's values, the current message cleared (and the injected flushed).
@@ -165,54 +158,75 @@ local function batch_end(processed, status, err, fails_before, flushing)
     return processed, status, err, commit_index, failures - fails_before, batching
 end
 
+-- A message whose process_message did not end the usual way (status 0, no error text): what its
+-- status asks for. Returns nil to go on with the batch, or how the batch ends there (run_batch's
+-- status and error, and whether the injected are flushed).
+local function unusual_end(msgs, i, ok, rc, msg)
+    local good, a, b = check_rc("process_message", ok, rc, msg)
+    if not good then return "terminate", a, true end
+    rc = a
+    if rc == 0 then
+        batching = false
+        commit_index = i
+    elseif rc == -1 or rc == -2 then
+        if rc == -1 then
+            failures = failures + 1
+            if b then log(4, sformat("received: %d msg: %s", rc, b)) end
+            -- an output that failed a message has not delivered it: the host keeps it, unless the
+            -- plugin dead-lettered it itself (hindsight-py's elasticsearch_bulk_api.lua does)
+            if plugin_type == "output" and not dead_lettered() then
+                refuse(msgs[i], b and "process_message() returned -1: " .. tostring(b)
+                    or "process_message() returned -1")
+            end
+        end
+        if not batching and async_size == 0 then commit_index = i end
+    elseif rc == -3 then
+        return "retry", b, true
+    elseif rc == -4 then
+        batching = true
+    elseif rc == -5 then
+        if async_size == 0 then
+            return "terminate", "cannot use async checkpointing without a configured buffer", false
+        end
+    elseif rc > 0 then
+        return "terminate", "process_message() received a termination status code", true
+    else
+        if b then log(4, sformat("received: %d msg: %s", rc, b)) end
+    end
+    return nil
+end
+
+-- The loop runs in LuaJIT's interpreter whenever an instruction limit is set (it calls the plugin,
+-- whose code is never compiled then), where every bytecode passes the count hook's dispatcher: the
+-- usual message (status 0, no error text, the limit not hit) takes the shortest way through.
 function control.run_batch(msgs, n, inject_limit)
     local pm = rawget(env, "process_message")
     if type(pm) ~= "function" then return 0, "terminate", PM_NOT_FOUND, 0, 0, batching end
     commit_index = 0
     local fails_before = failures
     for i = 1, n do
-        set_current(msgs[i])
+        local raw = msgs[i]
+        set_current(raw)
         cur_index = i
         reset_instructions()
         start_message(inject_limit)
         seq_counter = seq_counter + 1
         local ok, rc, msg = pcall(pm, seq_counter)
-        local good, a, b = check_rc("process_message", ok, rc, msg)
-        if not good then return batch_end(i - 1, "terminate", a, fails_before, true) end
-        rc = a
-        if rc == 0 then
+        if ok and rc == 0 and msg == nil and not tripped() then
             batching = false
             commit_index = i
-        elseif rc == -1 or rc == -2 then
-            if rc == -1 then
-                failures = failures + 1
-                if b then log(4, sformat("received: %d msg: %s", rc, b)) end
-                -- an output that failed a message has not delivered it: the host keeps it, unless the
-                -- plugin dead-lettered it itself (hindsight-py's elasticsearch_bulk_api.lua does)
-                if plugin_type == "output" and not dead_lettered() then
-                    refuse(msgs[i], b and "process_message() returned -1: " .. tostring(b)
-                        or "process_message() returned -1")
-                end
-            end
-            if not batching and async_size == 0 then commit_index = i end
-        elseif rc == -3 then
-            return batch_end(i - 1, "retry", b, fails_before, true)
-        elseif rc == -4 then
-            batching = true
-        elseif rc == -5 then
-            if async_size == 0 then
-                return batch_end(i - 1, "terminate", "cannot use async checkpointing without a configured buffer",
-                    fails_before, false)
-            end
-        elseif rc > 0 then
-            return batch_end(i - 1, "terminate", "process_message() received a termination status code",
-                fails_before, true)
         else
-            if b then log(4, sformat("received: %d msg: %s", rc, b)) end
+            local status, err, flushing = unusual_end(msgs, i, ok, rc, msg)
+            if status then return batch_end(i - 1, status, err, fails_before, flushing) end
         end
         if ticker > 0 then
-            local tok, terr = data_timer(msgs[i], i)
-            if not tok then return batch_end(i, "terminate", terr, fails_before, false) end
+            -- hindsight_cli's data time: the newest Timestamp seen, in whole seconds
+            local secs = floor(pb_timestamp(raw) / 1e9)
+            if secs > data_now then data_now = secs end
+            if next_due == nil or data_now >= next_due then
+                local tok, terr = data_timer(i)
+                if not tok then return batch_end(i, "terminate", terr, fails_before, false) end
+            end
         end
     end
     return batch_end(n, "ok", nil, fails_before, true)
