@@ -68,6 +68,30 @@ def test_what_standins_write_into_a_payload_costs_no_instructions(tmp_path: Path
     assert sb.process_message_direct(None)[:2] == (True, 0)
 
 
+def test_streaming_algorithms_tostring_costs_no_instructions(tmp_path: Path) -> None:
+    # tostring() of each streaming_algorithms object writes its C struct's bytes from Lua here,
+    # thousands of cells each: upstream's C __tostring counts nothing against the limit
+    sb = run(tmp_path, "analysis", """
+        require "streaming_algorithms.cm_sketch"
+        require "streaming_algorithms.matrix"
+        require "streaming_algorithms.p2"
+        require "streaming_algorithms.running_stats"
+        require "streaming_algorithms.time_series"
+        local sa = streaming_algorithms
+        local objects = {sa.cm_sketch.new(0.0005, 0.01), sa.matrix.new(60, 60), sa.matrix.new(60, 60, "float"),
+                         sa.p2.quantile(0.5), sa.p2.histogram(8), sa.running_stats.new(),
+                         sa.time_series.new(4000, 60e9)}
+        function process_message()
+            local bytes = 0
+            for _, o in ipairs(objects) do bytes = bytes + #tostring(o) end
+            inject_payload("txt", "sizes", tostring(bytes))
+            return 0
+        end
+        function timer_event() end
+    """, instruction_limit=20_000)
+    assert sb.process_message_direct(None)[:2] == (True, 0)
+
+
 def test_the_plugins_own_loop_is_still_counted(tmp_path: Path) -> None:
     sb = run(tmp_path, "analysis", """
         require "bloom_filter"

@@ -161,7 +161,7 @@ function CMS.fromstring(...)
     self.counts = counts
 end
 
-mt.__tostring = function(self) return tostring_cms(self) end
+mt.__tostring = standin.uncounted(host_api, function(self) return tostring_cms(self) end) -- as the C one, uncounted
 
 -- serialize_cms: upstream writes the constructor call as `streaming_algorithms.cm_sketch(e, d)`
 -- (without `.new`), kept so that state files read the same in both

@@ -224,6 +224,7 @@ local function tostring_matrix(self)
 end
 
 method("__tostring", 1, function(_, self) return tostring_matrix(self) end)
+tostring_matrix = standin.uncounted(host_api, tostring_matrix) -- the metamethods below: as the C ones, uncounted
 int_mt.__tostring = tostring_matrix
 flt_mt.__tostring = tostring_matrix
 

@@ -249,8 +249,8 @@ end
 
 shared(Q, check_q, function() return MARKERS - 1 end, init_quantile, tostring_quantile, fromstring_quantile)
 shared(H, check_h, function(self) return self.b end, init_histogram, tostring_histogram, fromstring_histogram)
-q_mt.__tostring = function(self) return tostring_quantile(self) end
-h_mt.__tostring = function(self) return tostring_histogram(self) end
+q_mt.__tostring = standin.uncounted(host_api, function(self) return tostring_quantile(self) end) -- as the C ones, uncounted
+h_mt.__tostring = standin.uncounted(host_api, function(self) return tostring_histogram(self) end)
 
 function preserve_quantile(self, key)
     return standin.restore_text(key, sformat("streaming_algorithms.p2.quantile(%s)", sformat("%g", self.p)),

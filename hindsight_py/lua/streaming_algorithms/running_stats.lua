@@ -65,7 +65,7 @@ local function tostring_rs(self)
     return standin.le_double(self.n) .. standin.le_double(self.mean) .. standin.le_double(self.sum)
 end
 RS.__tostring = getter("__tostring", tostring_rs)
-mt.__tostring = function(self) return tostring_rs(self) end
+mt.__tostring = standin.uncounted(host_api, function(self) return tostring_rs(self) end) -- as the C one, uncounted
 
 function RS.fromstring(...)
     local self, s = ...

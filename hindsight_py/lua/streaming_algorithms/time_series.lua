@@ -352,7 +352,7 @@ function TS.__tostring(...)
     check(self, 1, select("#", ...), "__tostring")
     return tostring_ts(self)
 end
-mt.__tostring = function(self) return tostring_ts(self) end
+mt.__tostring = standin.uncounted(host_api, function(self) return tostring_ts(self) end) -- as the C one, uncounted
 
 function TS.fromstring(...)
     local self, s = ...
