@@ -630,6 +630,100 @@ fail:
     return NULL;
 }
 
+/* -- bulk bodies straight from messages ------------------------------------------------------ */
+
+/* The Payload of a message when it can go into a bulk body as it is: the message walks, its
+ * (last) Payload starts with "{" and holds no line feed (one_line_objects' test). */
+static int
+document_of(PyObject *item, const char **doc, Py_ssize_t *len)
+{
+    if (!PyBytes_Check(item))
+        return 0;
+    const unsigned char *r = (const unsigned char *)PyBytes_AS_STRING(item);
+    Py_ssize_t start, n;
+    unsigned long long stamp;
+    int has_stamp;
+    if (!walk_message(r, PyBytes_GET_SIZE(item), 6, &start, &n, &stamp, &has_stamp) || start < 0 || n == 0 ||
+        r[start] != '{' || memchr(r + start, '\n', n) != NULL)
+        return 0;
+    *doc = (const char *)r + start;
+    *len = n;
+    return 1;
+}
+
+/* message_documents_size(raws) -> int
+ *
+ * The bytes of the messages' Payloads when each one can go into a bulk body as it is; -1
+ * when one cannot (the caller takes those the long way). bulk_body.message_documents_size is
+ * the twin. */
+static PyObject *
+message_documents_size(PyObject *self, PyObject *arg)
+{
+    if (!PyList_Check(arg)) {
+        PyErr_SetString(PyExc_TypeError, "message_documents_size: a list is needed");
+        return NULL;
+    }
+    Py_ssize_t total = 0;
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(arg); i++) {
+        const char *doc;
+        Py_ssize_t len;
+        if (!document_of(PyList_GET_ITEM(arg, i), &doc, &len))
+            return PyLong_FromLong(-1);
+        total += len;
+    }
+    return PyLong_FromSsize_t(total);
+}
+
+/* bulk_body_of_messages(raws, start, max_docs, max_bytes, action) -> (body, count)
+ *
+ * action "\n" payload "\n" for the messages from `start` on: at most max_docs of them and at
+ * most max_bytes bytes, but at least one. Every message must have passed
+ * message_documents_size (ValueError otherwise). bulk_body.bulk_body_of_messages is the twin. */
+static PyObject *
+bulk_body_of_messages(PyObject *self, PyObject *args)
+{
+    PyObject *raws, *body = NULL;
+    Py_ssize_t start, max_docs, max_bytes;
+    Py_buffer action;
+    if (!PyArg_ParseTuple(args, "O!nnny*", &PyList_Type, &raws, &start, &max_docs, &max_bytes, &action))
+        return NULL;
+    Py_ssize_t n = PyList_GET_SIZE(raws), end = start, size = 0;
+    if (start < 0 || start >= n || max_docs < 1) {
+        PyErr_SetString(PyExc_ValueError, "bulk_body_of_messages: no message to take");
+        goto done;
+    }
+    for (; end < n && end - start < max_docs; end++) {
+        const char *doc;
+        Py_ssize_t len;
+        if (!document_of(PyList_GET_ITEM(raws, end), &doc, &len)) {
+            PyErr_SetString(PyExc_ValueError, "bulk_body_of_messages: a message whose Payload is no document");
+            goto done;
+        }
+        Py_ssize_t more = action.len + len + 2;
+        if (end > start && size + more > max_bytes)
+            break;
+        size += more;
+    }
+    body = PyBytes_FromStringAndSize(NULL, size);
+    if (!body)
+        goto done;
+    char *o = PyBytes_AS_STRING(body);
+    for (Py_ssize_t i = start; i < end; i++) {
+        const char *doc;
+        Py_ssize_t len;
+        document_of(PyList_GET_ITEM(raws, i), &doc, &len);
+        memcpy(o, action.buf, action.len);
+        o += action.len;
+        *o++ = '\n';
+        memcpy(o, doc, len);
+        o += len;
+        *o++ = '\n';
+    }
+done:
+    PyBuffer_Release(&action);
+    return body ? Py_BuildValue("Nn", body, end - start) : NULL;
+}
+
 /* -- bulk action lines ---------------------------------------------------------------------- */
 
 /* id_action_lines(payloads, key, heads, tail) -> list of bytes or None
@@ -1111,6 +1205,8 @@ static PyMethodDef methods[] = {
     {"header_selection", header_selection, METH_VARARGS, "Which messages have a header equal to a value."},
     {"payloads_and_stamps", payloads_and_stamps, METH_O, "Payload and Timestamp of each message (see the C source)."},
     {"id_action_lines", id_action_lines, METH_VARARGS, "Bulk action lines with an _id from the payload."},
+    {"message_documents_size", message_documents_size, METH_O, "Bytes of the Payloads that are documents as they are."},
+    {"bulk_body_of_messages", bulk_body_of_messages, METH_VARARGS, "A bulk body from messages' Payloads (see the C source)."},
     {"frame_json_records", frame_json_records, METH_VARARGS, "CloudTrail-style records of a JSON array, framed."},
     {NULL, NULL, 0, NULL},
 };

@@ -7,8 +7,9 @@ indexed them, or they are in the dead-letter file with the reason. docs/outputs.
 key; the sample cfg is run/output/elasticsearch_bulk.cfg.off.
 
 The hot path (constant action line, the usual case) handles a whole batch of messages with a
-few C-level calls: payload extraction, two scans, one join per request. Nothing is parsed as
-JSON unless a payload needs repair or `id_field` cannot be found by a plain search.
+few C-level calls: one walk of the messages to check that each Payload is a document as it is,
+and, per request, one more that copies the Payloads from the messages into the body. Nothing is
+parsed as JSON unless a payload needs repair or `id_field` cannot be found by a plain search.
 """
 
 from __future__ import annotations
@@ -17,11 +18,17 @@ import json
 import math
 import re
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from hindsight_py import message as hmsg
 from hindsight_py import peek
+from hindsight_py.outputs.bulk_body import (
+    bodies_from_messages_in_c,
+    bulk_body_of_messages,
+    message_documents_size,
+)
 from hindsight_py.outputs.bulk_lines import id_action_lines
 from hindsight_py.outputs.delivery import sender_from_config, urls_from_config
 from hindsight_py.outputs.elasticsearch import BulkSender, one_line_objects
@@ -115,6 +122,9 @@ class _State:
         self.accepts_types: bool | None = None  # None until the server said (or could not say)
         self.constant_action: bytes | None = None  # the action line, when nothing in it depends on the message
         self.payloads: list[bytes] = []  # pending sources, one line each, without their newline
+        # or, with a constant action line, the pending messages themselves, each one's Payload a
+        # source as it is: their bodies are made straight from them (bulk_body_of_messages)
+        self.messages: list[bytes] = []
         self.actions: list[bytes] = []  # their action lines, when they differ per message
         self.size = 0  # bytes the pending documents take in a bulk body
         self.checked = True  # every pending source starts with "{" (else the sender sets the others aside)
@@ -363,12 +373,27 @@ def _take(raws: list[bytes]) -> None:
     if S.constant_action is None and _time_keyed:
         _take_keyed(raws)
         return
+    if S.constant_action is not None and not S.payloads and bodies_from_messages_in_c():
+        size = message_documents_size(raws)
+        if size is not None:
+            S.messages += raws
+            S.size += size + len(raws) * (len(S.constant_action) + 2)
+            return
+    _payloads_of_messages()  # the pending messages before these, in their place
     payloads = peek.payloads_of(raws)
     if S.constant_action is not None and None not in payloads and one_line_objects(payloads):  # type: ignore[arg-type]
         S.payloads += payloads  # type: ignore[arg-type]
         S.size += sum(map(len, payloads)) + len(payloads) * (len(S.constant_action) + 2)  # type: ignore[arg-type]
         return
     _take_slowly(raws, payloads)
+
+
+def _payloads_of_messages() -> None:
+    """The pending messages as pending payloads, which the other ways of taking messages add to
+    (only messages are pending then)."""
+    if S.messages:
+        messages, S.messages, S.size = S.messages, [], 0
+        _take_slowly(messages, peek.payloads_of(messages))
 
 
 def _heads(secs: float) -> tuple[bytes, bytes]:
@@ -462,6 +487,21 @@ def _body(start: int, end: int) -> bytes:
     return _NL.join(lines)
 
 
+def _requests() -> Iterator[tuple[bytes, int]]:
+    """(body, documents) of each request the pending documents make, in order."""
+    start = 0
+    while start < len(S.messages):
+        body, count = bulk_body_of_messages(S.messages, start, flush_count, flush_bytes,
+                                            S.constant_action)  # type: ignore[arg-type]
+        yield body, count
+        start += count
+    start = 0  # (pending payloads and pending messages are never both there)
+    while start < len(S.payloads):
+        end = _cut(start)
+        yield _body(start, end), end - start
+        start = end
+
+
 def _flush() -> bool:
     """Hand every pending document over for delivery; True once they all are.
 
@@ -470,19 +510,17 @@ def _flush() -> bool:
     request before it are delivered. False if an
     earlier delivery was cut short by a stop request (the runner logs it when the run ends):
     nothing more is sent in this run, and the undelivered messages stay in the queue for the next."""
-    if not S.payloads or S.stopped:
-        return not S.payloads
-    start = 0
-    while start < len(S.payloads):
-        end = _cut(start)
-        err = S.pipe.submit(_body(start, end), end - start, sources_checked=S.checked)
+    if not (S.payloads or S.messages) or S.stopped:
+        return not (S.payloads or S.messages)
+    for body, count in _requests():
+        err = S.pipe.submit(body, count, sources_checked=S.checked)
         if err:
             S.stopped = True
             if not S.pipe.interrupted:
                 raise RuntimeError(err)  # abort_on_error, or a failure the sender could not handle
             return False
-        start = end
     S.payloads = []
+    S.messages = []
     S.actions = []
     S.size = 0
     S.checked = True
@@ -501,9 +539,10 @@ def process_messages(raws: list[bytes]) -> int:
     if S.constant_action is None and _action_is_constant:
         S.constant_action = _action_line(b"", b"")
     _take(raws)
-    if len(S.payloads) >= flush_count or S.size >= flush_bytes:
+    pending = len(S.payloads) + len(S.messages)
+    if pending >= flush_count or S.size >= flush_bytes:
         return 0 if _flush() else -4
-    return -4 if S.payloads else 0
+    return -4 if pending else 0
 
 
 def process_message(sequence_id: int) -> int:

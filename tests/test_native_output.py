@@ -156,6 +156,35 @@ def test_payloads_are_repaired_or_dead_lettered_never_lost(tmp_path, fake):
     assert "12 messages analysed" in texts and "not json\\nacross lines" in texts
 
 
+# Full read batches of documents (kept as messages until their request is made), then odd messages
+# in the next batch, before the request is due: every one in its place.
+DOCUMENTS_THEN_ODD_ONES = '''
+from hindsight_py.plugin import inject_message
+
+def process_message(checkpoint):
+    for i in range(2000):
+        inject_message({"Payload": '{"i": %d}' % i})
+    inject_message({"Payload": '{\\n  "i": 2000\\n}'})
+    inject_message({"Payload": "not a document"})
+    for i in range(2001, 2500):
+        inject_message({"Payload": '{"i": %d}' % i})
+    return 0
+'''
+
+
+def test_documents_keep_their_order_around_odd_messages(tmp_path, fake):
+    pipeline = NativePipeline(tmp_path, [], {"url": fake.url, "ticker_interval": 600, **encoder()},
+                              input_plugin=DOCUMENTS_THEN_ODD_ONES)
+    assert pipeline.run().returncode == 0, pipeline.stderr  # (a payload set aside is no failure)
+
+    requests = [[json.loads(source)["i"] for _, source in r.pairs()] for r in fake.bulks()]
+    assert all(numbers == sorted(numbers) for numbers in requests)
+    assert sorted(sum(requests, [])) == list(range(2500))
+    [letter] = pipeline.dead_letters()
+    assert "not a JSON object" in letter["reason"]
+    assert pipeline.summary() == {"read": 2501, "delivered": 2500, "dead": 0}
+
+
 # Messages whose headers change from one to the next: the payload must be found in each.
 MIXED_SHAPES = '''
 from hindsight_py.plugin import inject_message

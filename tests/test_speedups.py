@@ -414,3 +414,56 @@ def test_frame_json_records_gives_the_same_in_c(monkeypatch):
                                                      b"\x1a\x01t\x32", b"\x4a\x01h", names, kw["stamp_key"],
                                                      kw["max_size"]))
         assert c == py, (case, kw)
+
+
+def _document_cases(rng: random.Random):
+    """Batches of messages whose Payloads are documents, or nearly (other payloads, damage)."""
+    pieces = list(PAYLOAD_PIECES)
+    for raws in _walk_cases(rng):
+        docs = [hmsg.encode(message_dict.from_dict({"Payload": rng.choice(pieces), "Type": rng.choice(["t", "uu"])},
+                                                   restricted=False, logger="in", hostname="h", pid=1, now_ns=0))
+                for _ in range(rng.randrange(0, 8))]
+        yield docs
+        yield docs + raws[:2]
+
+
+@needs_c
+def test_bodies_from_messages_are_the_same_in_c(monkeypatch):
+    from hindsight_py.outputs.bulk_body import bulk_body_of_messages, message_documents_size
+
+    rng = random.Random(37)
+    action = b'{"index":{"_index":"x"}}'
+    for case, raws in enumerate(_document_cases(rng)):
+        c, py = _both(monkeypatch, functools.partial(message_documents_size, raws))
+        assert c == py, case
+        good = [raw for raw in raws if message_documents_size([raw]) is not None]
+        for start, max_docs, max_bytes in ((0, 1000, 1 << 30), (1, 2, 1 << 30), (0, 1000, 3000), (2, 5, 1)):
+            if start < len(good):
+                c, py = _both(monkeypatch, functools.partial(bulk_body_of_messages, good, start, max_docs, max_bytes,
+                                                             action))
+                assert c == py, (case, start)
+
+
+def test_a_body_from_messages_is_the_body_of_their_payloads(impl):
+    from hindsight_py.outputs.bulk_body import bulk_body_of_messages, message_documents_size
+
+    rng = random.Random(41)
+    action = b'{"create":{}}'
+    for raws in _document_cases(rng):
+        good = [raw for raw in raws if message_documents_size([raw]) is not None]
+        if message_documents_size(raws) is not None:
+            assert message_documents_size(raws) == sum(len(p) for p in peek.payloads_of(raws))
+        start, bodies = 0, []
+        while start < len(good):
+            body, count = bulk_body_of_messages(good, start, 3, 1 << 20, action)
+            assert 1 <= count <= 3
+            bodies.append(body)
+            start += count
+        assert b"".join(bodies) == b"".join(action + b"\n" + p + b"\n" for p in peek.payloads_of(good))
+        for bad in (len(good), -1):
+            with pytest.raises(ValueError):
+                bulk_body_of_messages(good, bad, 3, 1 << 20, action)
+        others = [raw for raw in raws if message_documents_size([raw]) is None]
+        if others:
+            with pytest.raises(ValueError):
+                bulk_body_of_messages(others, 0, 3, 1 << 20, action)

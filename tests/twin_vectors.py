@@ -16,7 +16,12 @@ from typing import Any
 from hindsight_py import framing, message_dict, peek
 from hindsight_py import message as hmsg
 from hindsight_py.json_records import frame_json_records
-from hindsight_py.outputs.bulk_body import every_line_is_an_object, one_line_objects
+from hindsight_py.outputs.bulk_body import (
+    bulk_body_of_messages,
+    every_line_is_an_object,
+    message_documents_size,
+    one_line_objects,
+)
 from hindsight_py.outputs.bulk_lines import id_action_lines
 
 UUID = bytes(range(16))
@@ -139,6 +144,26 @@ def _vectors() -> list[Vector]:
         ([b"p", None, None], [STAMP, -7, None])))
     add(Vector("payloads_and_stamps", "the last Payload counts", lambda: peek.payloads_and_stamps(
         [message(payload="a", extra=b"\x32\x01b")]), ([b"b"], [STAMP])))
+
+    docs = [message(payload=p) for p in ("{}", '{"a":1}', "{" + "x" * 200, "{" + "y" * 20000)]
+    add(Vector("message_documents_size", "every Payload a document", lambda: message_documents_size(docs),
+               2 + 7 + 201 + 20001))
+    for name, raw in (("no Payload", message()), ("not an object", message(payload="[1]")),
+                      ("a line feed", message(payload='{"a":\n1}')), ("an empty Payload", message(payload="")),
+                      ("broken", message(payload="{}") + b"\x32\x09"), ("not bytes", "{}")):
+        add(Vector("message_documents_size", name, lambda r=raw: message_documents_size([docs[0], r]), None))
+    add(Vector("message_documents_size", "the last Payload counts", lambda: message_documents_size(
+        [message(payload="x", extra=b"\x32\x02{}")]), 2))
+    action = b'{"index":{}}'
+    add(Vector("bulk_body_of_messages", "all of them", lambda: bulk_body_of_messages(docs, 0, 10, 1 << 20, action),
+               (b"".join(action + b"\n" + d + b"\n" for d in (b"{}", b'{"a":1}', b"{" + b"x" * 200,
+                                                              b"{" + b"y" * 20000)), 4)))
+    add(Vector("bulk_body_of_messages", "from the second, two at most", lambda: bulk_body_of_messages(
+        docs, 1, 2, 1 << 20, action), (action + b'\n{"a":1}\n' + action + b"\n{" + b"x" * 200 + b"\n", 2)))
+    add(Vector("bulk_body_of_messages", "as many as max_bytes holds", lambda: bulk_body_of_messages(
+        docs, 0, 10, 2 * len(action) + 2 + 7 + 4, action), (action + b"\n{}\n" + action + b'\n{"a":1}\n', 2)))
+    add(Vector("bulk_body_of_messages", "one larger than max_bytes goes alone", lambda: bulk_body_of_messages(
+        docs, 3, 10, 10, action)[1], 1))
 
     one_shape = [message(payload=p) for p in ("a", "bb", "x" * 200, "y" * 20000)]
     add(Vector("cut_payloads", "one shape, every length of varint",

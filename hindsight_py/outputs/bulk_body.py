@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from hindsight_py import _accel
+from hindsight_py import _accel, peek
 
 try:
     import orjson
@@ -90,6 +90,52 @@ def one_line_objects(payloads: list[bytes]) -> bool:
     return not any(p[:1] != b"{" for p in payloads) and not any(b"\n" in p for p in payloads)
 
 
+def message_documents_size(raws: list[bytes]) -> int | None:
+    """The bytes of the messages' Payloads when every one can go into a bulk body as it is
+    (one_line_objects), else None."""
+    fast = _accel.speedups
+    if fast is not None:
+        size = fast.message_documents_size(raws)
+        return None if size < 0 else size
+    payloads = peek.payloads_and_stamps(raws)[0]  # (the walk of the C loop)
+    if None in payloads or not one_line_objects(payloads):  # type: ignore[arg-type]
+        return None
+    return sum(map(len, payloads))  # type: ignore[arg-type]
+
+
+def bulk_body_of_messages(raws: list[bytes], start: int, max_docs: int, max_bytes: int,
+                          action: bytes) -> tuple[bytes, int]:
+    """(body, documents): `action` before each Payload of the messages from `start` on, one line
+    each, for at most `max_docs` messages and `max_bytes` bytes (at least one message, however
+    large). Every message must have passed message_documents_size.
+
+    One copy of each Payload, straight from its message: no list of payloads in between."""
+    fast = _accel.speedups
+    if fast is not None:
+        return fast.bulk_body_of_messages(raws, start, max_docs, max_bytes, action)  # type: ignore[no-any-return]
+    payloads = peek.payloads_and_stamps(raws[start:start + max_docs] if start >= 0 and max_docs >= 1 else [])[0]
+    if not payloads:
+        raise ValueError("bulk_body_of_messages: no message to take")
+    size = 0
+    for n, payload in enumerate(payloads):
+        if payload is None or not one_line_objects([payload]):
+            raise ValueError("bulk_body_of_messages: a message whose Payload is no document")
+        more = len(action) + len(payload) + 2
+        if n and size + more > max_bytes:
+            payloads = payloads[:n]
+            break
+        size += more
+    lines = [action] * (2 * len(payloads)) + [b""]
+    lines[1::2] = payloads  # type: ignore[assignment]
+    return b"\n".join(lines), len(payloads)
+
+
+def bodies_from_messages_in_c() -> bool:
+    """Whether bulk_body_of_messages is the C loop: only then is keeping messages until their
+    body is made cheaper than cutting their payloads out when they arrive."""
+    return _accel.speedups is not None
+
+
 def bulk_body_count(body: bytes) -> int:
     """The number of documents (actions) in a bulk body.
 
@@ -106,5 +152,5 @@ def bulk_body_count(body: bytes) -> int:
     return len(split_bulk_body(body))
 
 
-__all__ = ["Document", "action_has_source", "bulk_body_count", "every_line_is_an_object", "one_line_objects",
-           "split_bulk_body"]
+__all__ = ["Document", "action_has_source", "bodies_from_messages_in_c", "bulk_body_count", "bulk_body_of_messages",
+           "every_line_is_an_object", "message_documents_size", "one_line_objects", "split_bulk_body"]
