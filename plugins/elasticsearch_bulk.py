@@ -390,10 +390,11 @@ def _take(raws: list[bytes]) -> None:
 
 def _payloads_of_messages() -> None:
     """The pending messages as pending payloads, which the other ways of taking messages add to
-    (only messages are pending then)."""
+    (only messages are pending then). Each one's Payload is a document as it is
+    (message_documents_size said so): the same documents, the same size, in one call."""
     if S.messages:
-        messages, S.messages, S.size = S.messages, [], 0
-        _take_slowly(messages, peek.payloads_of(messages))
+        S.payloads = peek.payloads_of(S.messages)  # type: ignore[assignment]
+        S.messages = []
 
 
 def _heads(secs: float) -> tuple[bytes, bytes]:
