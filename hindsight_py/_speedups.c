@@ -354,8 +354,14 @@ done:
     return out;
 }
 
-/* one_line_objects(payloads) -> bool: every item is bytes that starts with "{" and
- * holds no line feed, so it can go into a bulk body as it is. */
+/* Whether a payload can go into a bulk body as it is: it starts with "{" and holds no line feed. */
+static int
+is_one_line_object(const char *s, Py_ssize_t len)
+{
+    return len > 0 && s[0] == '{' && memchr(s, '\n', len) == NULL;
+}
+
+/* one_line_objects(payloads) -> bool: every item is bytes that is_one_line_object. */
 static PyObject *
 one_line_objects(PyObject *self, PyObject *arg)
 {
@@ -368,9 +374,7 @@ one_line_objects(PyObject *self, PyObject *arg)
         PyObject *p = PyList_GET_ITEM(arg, i);
         if (!PyBytes_Check(p))
             Py_RETURN_FALSE;
-        Py_ssize_t len = PyBytes_GET_SIZE(p);
-        const char *s = PyBytes_AS_STRING(p);
-        if (len == 0 || s[0] != '{' || memchr(s, '\n', len) != NULL)
+        if (!is_one_line_object(PyBytes_AS_STRING(p), PyBytes_GET_SIZE(p)))
             Py_RETURN_FALSE;
     }
     Py_RETURN_TRUE;
@@ -632,8 +636,8 @@ fail:
 
 /* -- bulk bodies straight from messages ------------------------------------------------------ */
 
-/* The Payload of a message when it can go into a bulk body as it is: the message walks, its
- * (last) Payload starts with "{" and holds no line feed (one_line_objects' test). */
+/* The Payload of a message when it can go into a bulk body as it is: the message walks, and its
+ * (last) Payload is_one_line_object. */
 static int
 document_of(PyObject *item, const char **doc, Py_ssize_t *len)
 {
@@ -643,8 +647,8 @@ document_of(PyObject *item, const char **doc, Py_ssize_t *len)
     Py_ssize_t start, n;
     unsigned long long stamp;
     int has_stamp;
-    if (!walk_message(r, PyBytes_GET_SIZE(item), 6, &start, &n, &stamp, &has_stamp) || start < 0 || n == 0 ||
-        r[start] != '{' || memchr(r + start, '\n', n) != NULL)
+    if (!walk_message(r, PyBytes_GET_SIZE(item), 6, &start, &n, &stamp, &has_stamp) || start < 0 ||
+        !is_one_line_object((const char *)r + start, n))
         return 0;
     *doc = (const char *)r + start;
     *len = n;
