@@ -557,7 +557,7 @@ def report(results: list[dict], lines: int, baselines: list[str]) -> None:
 
 
 def run_pass(ep: Endpoint, lines: int, names: list[str], *, baselines: bool, hs_prefix: Path | None,
-             max_in_flight: int | None, warm_up: bool = False) -> tuple[list[dict], list[str]]:
+             max_in_flight: int | None, warm_up: bool = False) -> list[dict]:
     """Every row of one table: the baselines, the real Hindsight and the pipelines on `lines` lines."""
     data = data_file(lines)
     results: list[dict] = []
@@ -581,7 +581,7 @@ def run_pass(ep: Endpoint, lines: int, names: list[str], *, baselines: bool, hs_
             continue
         results.append(run_pipeline(name, data, lines, ep, max_in_flight))
     report(results, lines, columns)
-    return results, columns
+    return results
 
 
 # -- issue 17's targets (--targets) ------------------------------------------------------------------
@@ -652,9 +652,9 @@ def run_targets(hs_prefix: Path, es_url: str | None, max_in_flight: int | None) 
     a real server against parallel_bulk (with --es), and the memory of each pipeline at 2M lines."""
     ep = Endpoint(None)
     try:
-        fake, _ = run_pass(ep, TARGET_LINES, TARGET_PIPELINES + ["native_pure", "s3tree_pure"], baselines=True,
+        fake = run_pass(ep, TARGET_LINES, TARGET_PIPELINES + ["native_pure", "s3tree_pure"], baselines=True,
                            hs_prefix=hs_prefix, max_in_flight=max_in_flight)
-        memory, _ = run_pass(ep, MEMORY_LINES, TARGET_PIPELINES, baselines=False, hs_prefix=None,
+        memory = run_pass(ep, MEMORY_LINES, TARGET_PIPELINES, baselines=False, hs_prefix=None,
                              max_in_flight=max_in_flight)
     finally:
         ep.close()
@@ -662,12 +662,11 @@ def run_targets(hs_prefix: Path, es_url: str | None, max_in_flight: int | None) 
     if es_url:
         server = Endpoint(es_url)
         try:
-            real, _ = run_pass(server, ES_TARGET_LINES, ["native", "lua", "upstream"], baselines=True,
+            real = run_pass(server, ES_TARGET_LINES, ["native", "lua", "upstream"], baselines=True,
                                hs_prefix=None, max_in_flight=max_in_flight, warm_up=True)
         finally:
             server.close()
     return 0 if check_targets(fake, real, memory) else 1
-
 
 
 def main() -> int:
