@@ -28,10 +28,11 @@ from hindsight_py.outputs.bulk_body import (
     bodies_from_messages_in_c,
     bulk_body_of_messages,
     message_documents_size,
+    one_line_objects,
 )
 from hindsight_py.outputs.bulk_lines import id_action_lines
 from hindsight_py.outputs.delivery import sender_from_config, urls_from_config
-from hindsight_py.outputs.elasticsearch import BulkSender, one_line_objects
+from hindsight_py.outputs.elasticsearch import BulkSender
 from hindsight_py.outputs.sigv4 import service_for, signer_from_config
 from hindsight_py.plugin import (
     dead_letter,
