@@ -688,9 +688,9 @@ def main() -> int:
                          f"fake endpoint with every row, {MEMORY_LINES:,} lines for memory, {ES_TARGET_LINES:,} on the "
                          "server; prints each target with its figure and exits 1 if one is not met")
     args = ap.parse_args()
-    if not args.no_baselines and importlib.util.find_spec("elasticsearch") is None:
+    if (args.targets or not args.no_baselines) and importlib.util.find_spec("elasticsearch") is None:
         ap.error("the elasticsearch-py baselines need the bench extra: pip install -e '.[bench]' "
-                 "(or --no-baselines)")
+                 "(or --no-baselines, without --targets: its rows include them)")
     if args.targets and not args.hindsight:
         ap.error("--targets compares with the real Hindsight: give --hindsight PATH "
                  "(python3 benchmarks/build_hindsight.py builds it)")
