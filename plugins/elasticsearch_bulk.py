@@ -8,8 +8,9 @@ key; the sample cfg is run/output/elasticsearch_bulk.cfg.off.
 
 The hot path (constant action line, the usual case) handles a whole batch of messages with a
 few C-level calls: one walk of the messages to check that each Payload is a document as it is,
-and, per request, one more that copies the Payloads from the messages into the body. Nothing is
-parsed as JSON unless a payload needs repair or `id_field` cannot be found by a plain search.
+and, per request, one call that walks them again (to size the body, then to copy the Payloads
+from the messages into it). Nothing is parsed as JSON unless a payload needs repair or
+`id_field` cannot be found by a plain search.
 """
 
 from __future__ import annotations
