@@ -51,6 +51,11 @@ DEFAULT_SHUTDOWN_TIMEOUT = 60.0
 SHUTDOWN_TIMEOUT_ENV = "HINDSIGHT_PY_SHUTDOWN_TIMEOUT"
 #: seconds the processes get to stop after being told to, before they are killed
 STOP_GRACE = 15.0
+#: seconds an output that has read its queues to their end waits for the other outputs before its
+#: shutdown timer_event (the outputs' barrier): long enough for one to finish writing what another
+#: reads, short enough that an output stuck retrying a dead server does not hold up the others'
+#: last batches
+OUTPUT_BARRIER_WAIT = 5.0
 #: exit status bit (hindsight-py): some messages could not be delivered and are in a dead-letter file
 STATUS_DEAD_LETTERS = 16
 STATUS_SYSTEM_ERROR = 1
@@ -64,6 +69,7 @@ class _Child:
     done: bool = False
     drain_sent: bool = False
     drained: bool = False  # an output that read its queues to their end, waiting for ("finish",)
+    drained_at: float = 0.0  # when it said so (time.monotonic())
     finish_sent: bool = False
     stop_sent: bool = False
     exited: set[str] = field(default_factory=set)  # its plugins that reported their end
@@ -307,7 +313,7 @@ class Supervisor:
                             self.checkpoints.pop(k, None)
                         self.cp_dirty = True
             elif kind == "drained":
-                child.drained = True
+                child.drained, child.drained_at = True, time.monotonic()
             elif kind == "done":
                 child.done = True
                 child.process.join(timeout=10)
@@ -353,8 +359,11 @@ class Supervisor:
         if self._kind_done("analysis"):
             self._send("output", "drain")
             # the outputs' shutdown barrier: their shutdown timer_events run once every output has
-            # read its queues to their end (or ended)
-            if all(c.done or c.drained for c in self.children if c.spec.kind == "output"):
+            # read its queues to their end (or ended), or once the first has waited OUTPUT_BARRIER_WAIT
+            outputs = [c for c in self.children if c.spec.kind == "output"]
+            waiting = [c.drained_at for c in outputs if c.drained and not c.done]
+            if all(c.done or c.drained for c in outputs) or (
+                    waiting and time.monotonic() - min(waiting) >= OUTPUT_BARRIER_WAIT):
                 self._send("output", "finish")
 
     def _send(self, kind: str | None, what: str) -> None:

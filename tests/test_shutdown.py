@@ -228,3 +228,52 @@ def test_outputs_run_their_shutdown_timer_event_once_every_output_has_drained(tm
                             timeout=120, stdin=subprocess.DEVNULL)
     assert result.returncode == 0, result.stderr[-4000:]
     assert (tmp_path / "written.txt").read_text() == "200\n"
+
+
+STUCK_WRITER = """
+require "io"
+require "os"
+function process_message()
+    if tonumber(read_message("Payload")) == 200 then -- stuck on its last message, as on a dead server
+        local t = os.time()
+        while os.time() - t < 9 do end
+        local fh = assert(io.open("writer_done.txt", "w"))
+        fh:write(os.time(), "\\n")
+        fh:close()
+    end
+    return 0
+end
+function timer_event() end
+"""
+
+STAMPING_READER = """
+require "io"
+require "os"
+function process_message() return 0 end
+function timer_event(ns, shutdown)
+    if not shutdown then return end
+    local fh = assert(io.open("reader_shutdown.txt", "w"))
+    fh:write(os.time(), "\\n")
+    fh:close()
+end
+"""
+
+
+def test_an_output_stuck_on_its_last_message_holds_up_the_others_shutdown_for_a_bounded_time(tmp_path: Path) -> None:
+    # the barrier waits OUTPUT_BARRIER_WAIT (5 s) for the stuck writer, not the 9 s it takes: the
+    # reader's shutdown timer_event (its last batch, for a bulk output) runs while the writer is stuck
+    d = DaemonDir(tmp_path)
+    d.put("run", "input", "source.lua", SOURCE)
+    d.put("run", "input", "source.cfg", cfg_text({"filename": "source.lua"}))
+    d.put("run", "output", "writer.lua", STUCK_WRITER)
+    d.put("run", "output", "writer.cfg", cfg_text({"filename": "writer.lua", "message_matcher": "TRUE",
+                                                  "instruction_limit": 0}))
+    d.put("run", "output", "reader.lua", STAMPING_READER)
+    d.put("run", "output", "reader.cfg", cfg_text({"filename": "reader.lua", "message_matcher": "FALSE",
+                                                  "ticker_interval": 60}))
+    result = subprocess.run([hindsight_cli(), "hindsight.cfg", "7"], cwd=tmp_path, capture_output=True, text=True,
+                            timeout=120, stdin=subprocess.DEVNULL)
+    assert result.returncode == 0, result.stderr[-4000:]
+    reader_shutdown = int((tmp_path / "reader_shutdown.txt").read_text())
+    writer_done = int((tmp_path / "writer_done.txt").read_text())
+    assert reader_shutdown <= writer_done - 2, (reader_shutdown, writer_done)
