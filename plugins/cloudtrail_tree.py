@@ -42,7 +42,6 @@ import json
 import os
 import re
 import time
-import zlib
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
@@ -57,6 +56,11 @@ from hindsight_py.plugin import (
     log,
     read_config,
 )
+
+try:  # ISA-L's inflate: the same bytes as zlib's, in about a third of the CPU time
+    from isal import isal_zlib as _zlib
+except ImportError:  # pragma: no cover - isal is optional
+    import zlib as _zlib
 
 try:  # several times faster; what it cannot read (an integer past 64 bits) goes to json
     from orjson import dumps as _fast_dumps
@@ -198,17 +202,46 @@ def scan(root: str) -> Iterator[tuple[str, int]]:
 # -- reading one file ----------------------------------------------------------------------------
 def _gunzip(data: bytes) -> tuple[bytes, str | None]:
     """What can be decompressed, and what went wrong (None: the whole file). Handles multi-member files."""
+    whole = _inflate_whole(data)
+    return (whole, None) if whole is not None else _inflate_in_steps(data)
+
+
+def _inflate_whole(data: bytes) -> bytes | None:
+    """The text of a sound gzip file in one call per member, None if anything is wrong with it.
+    A member's size (its last 4 bytes, mod 2**32) as max_length lets the inflater allocate its
+    output once instead of growing it; it is only a hint: a wrong one costs time, not bytes."""
     out: list[bytes] = []
     rest = data
     while rest:
-        d = zlib.decompressobj(47)  # gzip or zlib header
+        d = _zlib.decompressobj(47)  # gzip or zlib header
+        try:
+            out.append(d.decompress(rest, int.from_bytes(rest[-4:], "little") + 1))
+            if not d.eof:
+                out.append(d.decompress(d.unconsumed_tail))
+                out.append(d.flush())
+        except _zlib.error:
+            return None
+        if not d.eof:
+            return None
+        rest = d.unused_data
+        if not rest.strip(b"\0"):  # zero padding after the last member is harmless
+            break
+    return b"".join(out)  # one member: its bytes object itself, not a copy
+
+
+def _inflate_in_steps(data: bytes) -> tuple[bytes, str | None]:
+    """_gunzip of a damaged file: what precedes the damage, _CHUNK by _CHUNK, and what went wrong."""
+    out: list[bytes] = []
+    rest = data
+    while rest:
+        d = _zlib.decompressobj(47)
         pos = 0
         while pos < len(rest):
             chunk = rest[pos:pos + _CHUNK]
             pos += len(chunk)
             try:
                 out.append(d.decompress(chunk))
-            except zlib.error as e:
+            except _zlib.error as e:
                 return b"".join(out), f"corrupt gzip data: {e}"
             if d.eof:
                 break

@@ -8,11 +8,13 @@ Uuid, on the committed sample and odd records. Output: the action lines made per
 
 from __future__ import annotations
 
+import gzip
 import importlib.util
 import json
 import random
 import time
 import types
+import zlib
 from types import SimpleNamespace
 from typing import Any
 
@@ -57,6 +59,30 @@ def _same_but_uuid(fast: bytes, slow: bytes) -> None:
     a.uuid = b.uuid
     assert a == b
     assert hmsg.encode(a) == slow
+
+
+@pytest.mark.parametrize("inflater", ["isal", "zlib"])
+def test_a_file_inflated_whole_is_what_inflating_it_step_by_step_gives(tree_plugin, monkeypatch, inflater):
+    if inflater == "zlib":
+        monkeypatch.setattr(tree_plugin, "_zlib", zlib)
+    else:
+        assert tree_plugin._zlib.__name__ == "isal.isal_zlib"  # the tests run with the `fast` extra
+    rng = random.Random(5)
+    text = b'{"Records":[' + b",".join(texts(sample_records(), rng)) + b"]}"
+    one = gzip.compress(text)
+    big = gzip.compress(text * 40, 9)  # a size hint far too small for its first member
+    sound = {"one member": one, "members": one + gzip.compress(b"more") + big, "padded": one + bytes(100),
+             "empty text": gzip.compress(b""), "zlib header": zlib.compress(text)}
+    for name, data in sound.items():
+        assert tree_plugin._gunzip(data) == tree_plugin._inflate_in_steps(data) == (gzip.decompress(data)
+                                                                                  if name != "zlib header" else text,
+                                                                                  None), name
+    damaged = {"truncated": one[:len(one) // 2], "no trailer": one[:-3], "corrupt": one[:40] + bytes(30) + one[70:],
+               "trailing bytes": one + b"junk", "second truncated": one + big[:1000]}
+    for name, data in damaged.items():
+        assert tree_plugin._inflate_whole(data) is None, name
+        assert tree_plugin._gunzip(data) == tree_plugin._inflate_in_steps(data), name
+        assert tree_plugin._gunzip(data)[1] is not None, name
 
 
 @pytest.mark.usefixtures("impl")
