@@ -467,3 +467,33 @@ def test_a_body_from_messages_is_the_body_of_their_payloads(impl):
         if others:
             with pytest.raises(ValueError):
                 bulk_body_of_messages(others, 0, 3, 1 << 20, action)
+
+
+@needs_c
+def test_frame_json_records_reads_strings_and_keys_byte_by_byte_in_c_too(monkeypatch):
+    """The C scan steps over eight plain bytes at a time and compares keys word by word: every
+    special byte at every offset of a string, and keys that differ in any one byte, still give
+    what the Python twin gives."""
+    from hindsight_py.json_records import frame_json_records
+
+    specials = [b'"', b"\\", b"\\n", b"\\u0001", b"\\u0008", b"\\x", b"\x00", b"\x1f", b"\x7f", b"\xc3\xa9", b"\xff", b"\t"]
+    records = []
+    for special in specials:
+        for offset in range(18):
+            text = b"a" * offset + special + b"b" * (17 - offset)
+            records.append(b'{"eventTime":"2024-01-01T00:00:00Z","s":"' + text + b'","eventID":"' + text + b'"}')
+    for length in range(1, 20):
+        key = bytes(range(97, 97 + length))
+        for at in range(length):  # a key that differs from the first in one byte, and one the same
+            other = key[:at] + b"Z" + key[at + 1:]
+            records.append(b'{"eventTime":"2024-01-01T00:00:00Z","' + key + b'":1,"' + other + b'":2}')
+            records.append(b'{"eventTime":"2024-01-01T00:00:00Z","' + key + b'":1,"' + key + b'":2}')
+    uuids = hmsg.random_uuids(1)
+    taken = 0
+    for record in records:
+        data = b"[" + record + b"]"
+        c, py = _both(monkeypatch, functools.partial(frame_json_records, data, 1, 1, uuids, b"\x1a\x01t\x32", b"",
+                                                     [b"eventID"], b"@timestamp", 1 << 20))
+        assert c == py, record
+        taken += c[1]
+    assert 200 < taken < len(records)  # plain strings and distinct keys are taken, the rest refused
