@@ -15,6 +15,10 @@
 #include <Python.h>
 #include <stdint.h>
 #include <string.h>
+#if defined(__SSE2__) && (defined(__GNUC__) || defined(__clang__))
+#include <emmintrin.h>
+#define JR_SSE2 1
+#endif
 
 /* scan_quick(buf, pos, end, max_message_size, records, ends, base, max_records, max_bytes)
  *   -> (pos, count, nbytes)
@@ -809,17 +813,26 @@ static const unsigned char jr_plain[256] = {
     1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1,
 };
 
-/* Nonzero when one of the 8 bytes at s is not plain (jr_plain): '"', '\\' or below 0x20. Each
- * test is the "has a zero byte" word trick, exact about whether there is one (not about which). */
-static inline uint64_t
-jr_special8(const unsigned char *s)
+/* The first byte from p on that is not plain (jr_plain), or end: 16 bytes a step with SSE2
+ * (every x86-64), then (or else) one at a time. */
+static inline Py_ssize_t
+jr_plain_run(const unsigned char *b, Py_ssize_t p, Py_ssize_t end)
 {
-    const uint64_t ones = 0x0101010101010101ULL, high = 0x8080808080808080ULL;
-    uint64_t w, quote, backslash;
-    memcpy(&w, s, 8);
-    quote = w ^ (ones * '"');
-    backslash = w ^ (ones * '\\');
-    return (((quote - ones) & ~quote) | ((backslash - ones) & ~backslash) | ((w - ones * 0x20) & ~w)) & high;
+#ifdef JR_SSE2
+    const __m128i quote = _mm_set1_epi8('"'), backslash = _mm_set1_epi8('\\'), control = _mm_set1_epi8(0x1F);
+    while (end - p >= 16) {
+        __m128i v = _mm_loadu_si128((const __m128i *)(b + p));
+        __m128i special = _mm_or_si128(_mm_or_si128(_mm_cmpeq_epi8(v, quote), _mm_cmpeq_epi8(v, backslash)),
+                                       _mm_cmpeq_epi8(_mm_max_epu8(v, control), control)); /* v <= 0x1F */
+        int mask = _mm_movemask_epi8(special);
+        if (mask)
+            return p + __builtin_ctz((unsigned)mask);
+        p += 16;
+    }
+#endif
+    while (p < end && jr_plain[b[p]])
+        p++;
+    return p;
 }
 
 /* The len bytes at a and at b are the same (keys: short, often of equal length). */
@@ -845,10 +858,7 @@ jr_string(const unsigned char *b, Py_ssize_t p, Py_ssize_t end, int *escaped)
 {
     *escaped = 0;
     for (p++; p < end; p++) {
-        while (end - p >= 8 && !jr_special8(b + p)) /* the usual bytes, eight at a time */
-            p += 8;
-        while (p < end && jr_plain[b[p]]) /* then one at a time up to the one that ends the run */
-            p++;
+        p = jr_plain_run(b, p, end);
         if (p >= end)
             break;
         unsigned char c = b[p];
