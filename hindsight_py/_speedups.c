@@ -13,6 +13,7 @@
 #define PY_SSIZE_T_CLEAN
 #define _GNU_SOURCE /* memmem */
 #include <Python.h>
+#include <math.h>
 #include <stdint.h>
 #include <string.h>
 #if defined(__SSE2__) && (defined(__GNUC__) || defined(__clang__))
@@ -735,6 +736,66 @@ done:
 
 /* -- bulk action lines ---------------------------------------------------------------------- */
 
+/* The first place of the m-byte key in the n bytes at s, as memmem finds it. With SSE2, 16 places
+ * a step are tested on two of the key's bytes (for "<name>":" the name's first and last: rarer
+ * than its quotes), and only those that have both are compared whole. */
+static const char *
+find_key(const char *s, Py_ssize_t n, const char *k, Py_ssize_t m)
+{
+    Py_ssize_t p = 0;
+#ifdef JR_SSE2
+    if (m >= 2) {
+        Py_ssize_t i = m >= 5 ? 1 : 0, j = m >= 5 ? m - 4 : m - 1;
+        const __m128i first = _mm_set1_epi8(k[i]), last = _mm_set1_epi8(k[j]);
+        for (; p + j + 16 <= n; p += 16) {
+            __m128i x = _mm_cmpeq_epi8(_mm_loadu_si128((const __m128i *)(s + p + i)), first);
+            __m128i y = _mm_cmpeq_epi8(_mm_loadu_si128((const __m128i *)(s + p + j)), last);
+            unsigned mask = (unsigned)_mm_movemask_epi8(_mm_and_si128(x, y));
+            while (mask) {
+                Py_ssize_t at = p + __builtin_ctz(mask);
+                if (at + m <= n && memcmp(s + at, k, m) == 0)
+                    return s + at;
+                mask &= mask - 1;
+            }
+        }
+    }
+#endif
+    return p < n ? memmem(s + p, n - p, k, m) : NULL;
+}
+
+/* The `_id` value of a payload for id_action_lines: after the key's only occurrence, printable
+ * ASCII without '"' or '\\' up to a closing '"'. 1 and [*v, *e), or 0. */
+static int
+plain_id(const char *s, Py_ssize_t len, const Py_buffer *key, const char **v, const char **e)
+{
+    const char *at = len >= key->len ? find_key(s, len, key->buf, key->len) : NULL;
+    if (!at || find_key(at + 1, s + len - at - 1, key->buf, key->len))
+        return 0;
+    const char *start = at + key->len, *end = start;
+    while (end < s + len && *end >= 0x20 && *end < 0x7F && *end != '"' && *end != '\\')
+        end++;
+    if (end >= s + len || *end != '"' || end == start)
+        return 0;
+    *v = start;
+    *e = end;
+    return 1;
+}
+
+/* head + the id at [v, e) + tail, a new reference (NULL: no memory) */
+static PyObject *
+id_line(PyObject *head, const char *v, const char *e, const Py_buffer *tail)
+{
+    Py_ssize_t hl = PyBytes_GET_SIZE(head);
+    PyObject *line = PyBytes_FromStringAndSize(NULL, hl + (e - v) + tail->len);
+    if (line) {
+        char *o = PyBytes_AS_STRING(line);
+        memcpy(o, PyBytes_AS_STRING(head), hl);
+        memcpy(o + hl, v, e - v);
+        memcpy(o + hl + (e - v), tail->buf, tail->len);
+    }
+    return line;
+}
+
 /* id_action_lines(payloads, key, heads, tail) -> list of bytes or None
  *
  * For each payload holding `key` (b'"eventID":"') exactly once, followed by a value of
@@ -756,26 +817,12 @@ id_action_lines(PyObject *self, PyObject *args)
     out = PyList_New(n);
     for (Py_ssize_t i = 0; out && i < n; i++) {
         PyObject *p = PyList_GET_ITEM(payloads, i), *h = PyList_GET_ITEM(heads, i), *line = NULL;
-        if (PyBytes_Check(p) && PyBytes_Check(h)) {
-            const char *s = PyBytes_AS_STRING(p);
-            Py_ssize_t len = PyBytes_GET_SIZE(p);
-            const char *at = len >= key.len ? memmem(s, len, key.buf, key.len) : NULL;
-            if (at && !memmem(at + 1, s + len - at - 1, key.buf, key.len)) {
-                const char *v = at + key.len, *e = v;
-                while (e < s + len && *e >= 0x20 && *e < 0x7F && *e != '"' && *e != '\\')
-                    e++;
-                if (e < s + len && *e == '"' && e > v) {
-                    Py_ssize_t hl = PyBytes_GET_SIZE(h);
-                    line = PyBytes_FromStringAndSize(NULL, hl + (e - v) + tail.len);
-                    if (!line) {
-                        Py_CLEAR(out);
-                        break;
-                    }
-                    char *o = PyBytes_AS_STRING(line);
-                    memcpy(o, PyBytes_AS_STRING(h), hl);
-                    memcpy(o + hl, v, e - v);
-                    memcpy(o + hl + (e - v), tail.buf, tail.len);
-                }
+        const char *v, *e;
+        if (PyBytes_Check(p) && PyBytes_Check(h) && plain_id(PyBytes_AS_STRING(p), PyBytes_GET_SIZE(p), &key, &v, &e)) {
+            line = id_line(h, v, e, &tail);
+            if (!line) {
+                Py_CLEAR(out);
+                break;
             }
         }
         PyList_SET_ITEM(out, i, line ? line : Py_NewRef(Py_None));
@@ -784,6 +831,97 @@ done:
     PyBuffer_Release(&key);
     PyBuffer_Release(&tail);
     return out;
+}
+
+/* keyed_action_lines(raws, unit, from_stamp, heads, head_for, key, tail) -> (payloads, lines)
+ *
+ * payloads_and_stamps, then for each message with a Timestamp t the action line head of its
+ * time key (floor(t / 1e9) // unit when from_stamp, else 0): heads[key], or head_for(key) stored
+ * there when heads has none; then, with a key (b'"eventID":"'), id_action_lines of that head.
+ * A line is None where the message has no Timestamp (or, with a key, no plain id or no Payload).
+ * bulk_lines.keyed_action_lines is the twin. */
+static PyObject *
+keyed_action_lines(PyObject *self, PyObject *args)
+{
+    PyObject *raws, *heads, *head_for;
+    Py_ssize_t unit;
+    int from_stamp;
+    Py_buffer key, tail;
+    if (!PyArg_ParseTuple(args, "O!npO!Oy*y*", &PyList_Type, &raws, &unit, &from_stamp, &PyDict_Type, &heads,
+                          &head_for, &key, &tail))
+        return NULL;
+    PyObject *payloads = NULL, *lines = NULL, *last_head = NULL, *result = NULL;
+    long long last_key = 0;
+    if (unit < 1) {
+        PyErr_SetString(PyExc_ValueError, "keyed_action_lines: unit must be 1 or more");
+        goto done;
+    }
+    Py_ssize_t n = PyList_GET_SIZE(raws);
+    payloads = PyList_New(n);
+    lines = PyList_New(n);
+    if (!payloads || !lines)
+        goto done;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *item = PyList_GET_ITEM(raws, i), *p = NULL, *line = NULL;
+        Py_ssize_t start = -1, len = 0;
+        unsigned long long stamp = 0;
+        int has_stamp = 0;
+        int walked = PyBytes_Check(item) && walk_message((const unsigned char *)PyBytes_AS_STRING(item),
+                                                         PyBytes_GET_SIZE(item), 6, &start, &len, &stamp, &has_stamp);
+        if (walked && start >= 0 && !(p = PyBytes_FromStringAndSize(PyBytes_AS_STRING(item) + start, len)))
+            goto done;
+        if (walked && has_stamp) { /* (what the walk found of a message it cannot walk to the end is not used) */
+            long long k = 0;
+            if (from_stamp) { /* math.floor(t / 1e9) // unit, as Python computes it */
+                long long secs = (long long)floor((double)(long long)stamp / 1e9);
+                k = secs / unit - (secs % unit != 0 && secs < 0);
+            }
+            if (!last_head || k != last_key) {
+                PyObject *pk = PyLong_FromLongLong(k), *h;
+                if (!pk) {
+                    Py_XDECREF(p);
+                    goto done;
+                }
+                h = PyDict_GetItemWithError(heads, pk);
+                if (h) {
+                    Py_INCREF(h);
+                } else if (!PyErr_Occurred()) {
+                    h = PyObject_CallOneArg(head_for, pk);
+                    if (h && (!PyBytes_Check(h) || PyDict_SetItem(heads, pk, h) < 0)) {
+                        if (!PyErr_Occurred())
+                            PyErr_SetString(PyExc_TypeError, "keyed_action_lines: head_for must give bytes");
+                        Py_CLEAR(h);
+                    }
+                }
+                Py_DECREF(pk);
+                if (!h) {
+                    Py_XDECREF(p);
+                    goto done;
+                }
+                Py_XSETREF(last_head, h);
+                last_key = k;
+            }
+            const char *v, *e;
+            if (key.len == 0) {
+                line = Py_NewRef(last_head);
+            } else if (p && plain_id(PyBytes_AS_STRING(p), len, &key, &v, &e)) {
+                if (!(line = id_line(last_head, v, e, &tail))) {
+                    Py_DECREF(p);
+                    goto done;
+                }
+            }
+        }
+        PyList_SET_ITEM(payloads, i, p ? p : Py_NewRef(Py_None));
+        PyList_SET_ITEM(lines, i, line ? line : Py_NewRef(Py_None));
+    }
+    result = Py_BuildValue("OO", payloads, lines);
+done:
+    Py_XDECREF(payloads);
+    Py_XDECREF(lines);
+    Py_XDECREF(last_head);
+    PyBuffer_Release(&key);
+    PyBuffer_Release(&tail);
+    return result;
 }
 
 /* -- frame_json_records ------------------------------------------------------------------- */
@@ -1253,6 +1391,7 @@ static PyMethodDef methods[] = {
     {"id_action_lines", id_action_lines, METH_VARARGS, "Bulk action lines with an _id from the payload."},
     {"message_documents_size", message_documents_size, METH_O, "Bytes of the Payloads that are documents as they are."},
     {"bulk_body_of_messages", bulk_body_of_messages, METH_VARARGS, "A bulk body from messages' Payloads (see the C source)."},
+    {"keyed_action_lines", keyed_action_lines, METH_VARARGS, "Payloads and their time-keyed action lines."},
     {"frame_json_records", frame_json_records, METH_VARARGS, "CloudTrail-style records of a JSON array, framed."},
     {NULL, NULL, 0, NULL},
 };

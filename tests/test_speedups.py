@@ -393,6 +393,64 @@ def test_id_action_lines_give_the_same_in_c(monkeypatch):
 
 
 @needs_c
+def test_id_action_lines_find_the_key_at_any_offset_in_c(monkeypatch):
+    """The C search steps 16 places at a time on two of the key's bytes: the key, near misses and a
+    second occurrence at every offset of payloads long and short still give the Python result."""
+    from hindsight_py.outputs.bulk_lines import id_action_lines
+
+    key = b'"eventID":"'
+    decoys = [b"x", b"e", b"D", b'"', b'"eventI', b'"eventID"', b'eventID":"', b'"eventXD":"', b"\xc3\xa9"]
+    rng = random.Random(37)
+    payloads = []
+    for before in range(40):
+        for after in (0, 1, 17):
+            filler = b"".join(rng.choice(decoys) for _ in range(before))
+            payloads.append(b"{" + filler + key + b"id-" + bytes([65 + before % 26]) + b'"' + b"y" * after + b"}")
+            payloads.append(b"{" + key + b'a"' + filler + key + b'b"}')  # twice: no plain id
+            payloads.append(b"{" + filler + b"}")  # none
+            payloads.append(key[:before % len(key)])  # cut short
+    heads = [b'{"index":{"_id":"'] * len(payloads)
+    c, py = _both(monkeypatch, lambda: id_action_lines(payloads, key, heads, b'"}}'))
+    assert c == py
+    assert sum(line is not None for line in c) > 40  # the ids found once
+
+
+@needs_c
+def test_keyed_action_lines_give_the_same_in_c(monkeypatch):
+    from hindsight_py.outputs.bulk_lines import keyed_action_lines
+
+    day = 86400 * 10**9
+    stamps = [0, 1, -1, day - 1, day, -day, -day - 1, 1_700_000_000_000_000_000, 2**63 - 1, -(2**63),
+              1_704_067_199_999_999_999, 1_704_067_200_000_000_000]
+    made = []
+    for i, stamp in enumerate(stamps):
+        payload = b'{"eventID":"e-%d","n":1}' % i if i % 4 else b'{"n":1}'
+        made.append(hmsg.encode(hmsg.Message(bytes(16), stamp, payload=payload.decode())))
+    rng = random.Random(41)
+    for case, raws in enumerate(_walk_cases(rng)):
+        raws = raws + rng.sample(made, rng.randrange(len(made)))
+        rng.shuffle(raws)
+        unit = rng.choice([1, 3600, 86400, 7])
+        from_stamp = rng.random() < 0.8
+        key = rng.choice([b'"eventID":"', b""])
+        results = []
+        for fast in (True, False):
+            heads = {0: b"zero"} if case % 3 == 0 else {}
+            asked: list[int] = []
+
+            def head_for(time_key, asked=asked):
+                asked.append(time_key)
+                return b"head %d " % time_key
+
+            monkeypatch.setattr(_accel, "speedups", _speedups if fast else None)
+            results.append((keyed_action_lines(raws, unit, from_stamp, heads, head_for, key, b" tail"), heads, asked))
+        assert results[0][2] == results[1][2], (case, unit, from_stamp)
+        assert results[0] == results[1], case
+    with pytest.raises(TypeError):
+        keyed_action_lines(made, 1, True, {}, lambda k: "not bytes", b"", b"")
+
+
+@needs_c
 def test_frame_json_records_gives_the_same_in_c(monkeypatch):
     from fastpath_records import odd_records, sample_records, texts
 
