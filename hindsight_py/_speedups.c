@@ -973,6 +973,23 @@ jr_plain_run(const unsigned char *b, Py_ssize_t p, Py_ssize_t end)
     return p;
 }
 
+/* One of 64 bits for a key, a hash of its length and last 8 bytes (all of a shorter one): equal
+ * keys have the same, so a key whose bit is not yet set in its object is not a duplicate. */
+static inline uint64_t
+jr_key_bit(const unsigned char *k, Py_ssize_t len)
+{
+    uint64_t h = (uint64_t)len;
+    if (len >= 8) {
+        uint64_t w;
+        memcpy(&w, k + len - 8, 8);
+        h ^= w;
+    } else {
+        for (Py_ssize_t i = 0; i < len; i++)
+            h = (h << 8) ^ k[i];
+    }
+    return (uint64_t)1 << ((h * 0x9E3779B97F4A7C15ULL) >> 58);
+}
+
 /* The len bytes at a and at b are the same (keys: short, often of equal length). */
 static inline int
 jr_same(const unsigned char *a, const unsigned char *b, Py_ssize_t len)
@@ -1072,6 +1089,7 @@ jr_record_scan(const unsigned char *b, Py_ssize_t p, Py_ssize_t end, Py_ssize_t 
 {
     char kind[JR_MAX_DEPTH];                  /* '{' or '[' */
     int nkeys[JR_MAX_DEPTH];
+    uint64_t key_bits[JR_MAX_DEPTH]; /* per object: a bit per key seen, by jr_key_bit */
     Py_ssize_t key_at[JR_MAX_DEPTH][JR_MAX_KEYS], key_len[JR_MAX_DEPTH][JR_MAX_KEYS];
     int depth = 0, escaped;
     Py_ssize_t top_key = -1, top_key_len = 0;
@@ -1092,6 +1110,7 @@ jr_record_scan(const unsigned char *b, Py_ssize_t p, Py_ssize_t end, Py_ssize_t 
             if (depth == JR_MAX_DEPTH)
                 return 0;
             kind[depth] = (char)c;
+            key_bits[depth] = 0;
             nkeys[depth++] = 0;
             p++;
             if (p < end && b[p] == (c == '{' ? '}' : ']')) {
@@ -1181,9 +1200,12 @@ jr_record_scan(const unsigned char *b, Py_ssize_t p, Py_ssize_t end, Py_ssize_t 
             int d = depth - 1, n = nkeys[d];
             if (n == JR_MAX_KEYS)
                 return 0;
-            for (int k = 0; k < n; k++)
-                if (key_len[d][k] == klen && jr_same(b + key_at[d][k], b + kstart, klen))
-                    return 0; /* a duplicate key: json keeps the last */
+            uint64_t bit = jr_key_bit(b + kstart, klen);
+            if (key_bits[d] & bit) /* maybe seen: compared with each (a new key's bit is mostly new) */
+                for (int k = 0; k < n; k++)
+                    if (key_len[d][k] == klen && jr_same(b + key_at[d][k], b + kstart, klen))
+                        return 0; /* a duplicate key: json keeps the last */
+            key_bits[d] |= bit;
             key_at[d][n] = kstart;
             key_len[d][n] = klen;
             nkeys[d] = n + 1;

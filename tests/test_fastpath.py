@@ -19,6 +19,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from bulk_sink import BulkSink
 from conftest import REPO_ROOT
 from fastpath_records import odd_records, sample_records, texts
 from native_pipeline import FakeCluster, NativePipeline
@@ -194,6 +195,61 @@ def test_action_lines_made_per_batch_carry_the_id_and_daily_index_of_the_slow_ru
         if value is not None and not isinstance(value, dict | list):
             meta["_id"] = str(value)
         assert action == json.dumps({"index": meta}, separators=(",", ":")).encode(), i
+
+
+def _example_bulk_pairs(tmp_path, root, name: str, env: dict[str, str]) -> dict[bytes, tuple[bytes, bytes]]:
+    """examples/cloudtrail-tree over `root` into a recording sink: action and source line by _id."""
+    import os
+    import subprocess
+    import sys
+
+    from test_cloudtrail_tree import RUN_TIMEOUT, example_config
+
+    sink = BulkSink(record=True).start()
+    try:
+        work = example_config(tmp_path, root=root, url=sink.url, index="ct", name=name)
+        done = subprocess.run([sys.executable, "-m", "hindsight_py", "hindsight.cfg", "7"], cwd=work, timeout=RUN_TIMEOUT,
+                              capture_output=True, text=True, stdin=subprocess.DEVNULL, env={**os.environ, **env})
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        pairs = {}
+        for request in sink.requests:
+            lines = request.body.split(b"\n")
+            assert lines[-1] == b""
+            for action, source in zip(lines[0:-1:2], lines[1:-1:2], strict=True):
+                pairs[json.loads(action)["index"].get("_id", action)] = (action, source)
+    finally:
+        sink.close()
+    return pairs
+
+
+def test_the_example_sends_the_same_bulk_lines_with_and_without_the_c_loops(tmp_path):
+    """The whole S3-tree path (examples/cloudtrail-tree: _id = eventID, daily index, @timestamp),
+    with the C loops (bytes framed from the file, action lines keyed in C) and without them
+    (records parsed and built one by one, lines made per message): the same action line and
+    source for every record; the real records' as the configuration promises."""
+    from test_cloudtrail_tree import _object_path
+
+    rng = random.Random(13)
+    real = sample_records(600)
+    odd = [r for r in odd_records() if isinstance(r, dict) and r.get("eventID") not in (None, "", 12345)]
+    records = real + odd
+    for i, record in enumerate(records):
+        record["eventID"] = f"{record['eventID']}-{i}"  # one document per record: none replaces another
+    rng.shuffle(records)
+    for i in range(0, len(records), 97):  # as CloudTrail writes them (compact), now and then otherwise
+        path = _object_path(tmp_path / "tree", records[i:i + 97], rng)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(gzip.compress(b'{"Records":[' + b",".join(texts(records[i:i + 97], rng)) + b"]}"))
+    fast = _example_bulk_pairs(tmp_path, tmp_path / "tree", "fast", {})
+    pure = _example_bulk_pairs(tmp_path, tmp_path / "tree", "pure", {"HINDSIGHT_PY_PURE": "1"})
+    assert fast == pure
+    assert len(fast) == len(records)
+    for record in real:
+        action, source = fast[record["eventID"]]
+        day = record["eventTime"][:10].replace("-", ".")
+        assert json.loads(action) == {"index": {"_index": f"ct-{day}", "_id": record["eventID"]}}
+        assert source == json.dumps({**record, "@timestamp": record["eventTime"]}, separators=(",", ":"),
+                                    ensure_ascii=False).encode()
 
 
 @pytest.mark.parametrize("expression", ["Type == 'cloudtrail'", "Logger == 'input.file'", "Type != 't'",
