@@ -141,7 +141,8 @@ def test_the_batch_of_parsed_records_is_what_make_message_builds(tree_plugin, mo
     monkeypatch.setattr(tree_plugin, "inject_message", inject_message)
     monkeypatch.setattr(tree_plugin, "dead_letter", lambda reason, payload: sent.append(b"dead letter"))
     now = time.time_ns()
-    tree_plugin._send_batch("f.json.gz", json.loads(json.dumps(records)), 1, "cp")
+    position = SimpleNamespace(at=lambda number: f"cp {number}")  # the checkpoint after record `number`
+    tree_plugin._send_batch("f.json.gz", json.loads(json.dumps(records)), 1, position)
     expected = []
     for record in records:
         try:
@@ -272,3 +273,24 @@ def test_select_is_only_for_one_header_comparison():
                        "Type == NIL"):
         assert compile_matcher(expression).header_test is None
         assert compile_matcher(expression).select([]) is None
+
+
+def test_a_checkpoint_counts_only_ledger_lines_already_on_disk(tree_plugin, monkeypatch, tmp_path):
+    """plugins/cloudtrail_tree.py fsyncs its ledger in the background: until a finished file's
+    line is on disk, the checkpoint handed over stays the last one that counts only what is
+    (a restart reads a little more again, never less); before returning it hands over the latest."""
+    handed: list[str] = []
+    monkeypatch.setattr(tree_plugin, "inject_message", lambda message, checkpoint: handed.append(checkpoint))
+    ledger = tree_plugin.S.ledger = tree_plugin.Ledger(str(tmp_path / "ledger" / "input.ct.files"))
+    ledger.load(0)
+    started: list[int] = []
+    monkeypatch.setattr(ledger, "sync_in_background", lambda: started.append(ledger.size))  # a slow disk
+    in_a = tree_plugin._Position(ledger, "a.json.gz").at(5)
+    assert json.loads(in_a) == {"v": 1, "ledger": 0, "file": "a.json.gz", "records": 5}
+    ledger.add("a.json.gz", 10, "ok")
+    assert ledger.durable == 0 and started == [ledger.size]
+    assert tree_plugin._Position(ledger, "b.json.gz").at(3) == in_a  # b's would count a's line
+    tree_plugin._settle()
+    assert ledger.durable == ledger.size == len((tmp_path / "ledger" / "input.ct.files").read_bytes())
+    assert [json.loads(c) for c in handed] == [{"v": 1, "ledger": ledger.size, "file": "b.json.gz", "records": 3}]
+    assert tree_plugin._Position(ledger, "b.json.gz").at(4) != in_a  # on disk: counted at once
