@@ -13,7 +13,13 @@
 #define PY_SSIZE_T_CLEAN
 #define _GNU_SOURCE /* memmem */
 #include <Python.h>
+#include <math.h>
+#include <stdint.h>
 #include <string.h>
+#if defined(__SSE2__) && (defined(__GNUC__) || defined(__clang__))
+#include <emmintrin.h>
+#define JR_SSE2 1
+#endif
 
 /* scan_quick(buf, pos, end, max_message_size, records, ends, base, max_records, max_bytes)
  *   -> (pos, count, nbytes)
@@ -730,6 +736,66 @@ done:
 
 /* -- bulk action lines ---------------------------------------------------------------------- */
 
+/* The first place of the m-byte key in the n bytes at s, as memmem finds it. With SSE2, 16 places
+ * a step are tested on two of the key's bytes (for "<name>":" the name's first and last: rarer
+ * than its quotes), and only those that have both are compared whole. */
+static const char *
+find_key(const char *s, Py_ssize_t n, const char *k, Py_ssize_t m)
+{
+    Py_ssize_t p = 0;
+#ifdef JR_SSE2
+    if (m >= 2) {
+        Py_ssize_t i = m >= 5 ? 1 : 0, j = m >= 5 ? m - 4 : m - 1;
+        const __m128i first = _mm_set1_epi8(k[i]), last = _mm_set1_epi8(k[j]);
+        for (; p + j + 16 <= n; p += 16) {
+            __m128i x = _mm_cmpeq_epi8(_mm_loadu_si128((const __m128i *)(s + p + i)), first);
+            __m128i y = _mm_cmpeq_epi8(_mm_loadu_si128((const __m128i *)(s + p + j)), last);
+            unsigned mask = (unsigned)_mm_movemask_epi8(_mm_and_si128(x, y));
+            while (mask) {
+                Py_ssize_t at = p + __builtin_ctz(mask);
+                if (at + m <= n && memcmp(s + at, k, m) == 0)
+                    return s + at;
+                mask &= mask - 1;
+            }
+        }
+    }
+#endif
+    return p < n ? memmem(s + p, n - p, k, m) : NULL;
+}
+
+/* The `_id` value of a payload for id_action_lines: after the key's only occurrence, printable
+ * ASCII without '"' or '\\' up to a closing '"'. 1 and [*v, *e), or 0. */
+static int
+plain_id(const char *s, Py_ssize_t len, const Py_buffer *key, const char **v, const char **e)
+{
+    const char *at = len >= key->len ? find_key(s, len, key->buf, key->len) : NULL;
+    if (!at || find_key(at + 1, s + len - at - 1, key->buf, key->len))
+        return 0;
+    const char *start = at + key->len, *end = start;
+    while (end < s + len && *end >= 0x20 && *end < 0x7F && *end != '"' && *end != '\\')
+        end++;
+    if (end >= s + len || *end != '"' || end == start)
+        return 0;
+    *v = start;
+    *e = end;
+    return 1;
+}
+
+/* head + the id at [v, e) + tail, a new reference (NULL: no memory) */
+static PyObject *
+id_line(PyObject *head, const char *v, const char *e, const Py_buffer *tail)
+{
+    Py_ssize_t hl = PyBytes_GET_SIZE(head);
+    PyObject *line = PyBytes_FromStringAndSize(NULL, hl + (e - v) + tail->len);
+    if (line) {
+        char *o = PyBytes_AS_STRING(line);
+        memcpy(o, PyBytes_AS_STRING(head), hl);
+        memcpy(o + hl, v, e - v);
+        memcpy(o + hl + (e - v), tail->buf, tail->len);
+    }
+    return line;
+}
+
 /* id_action_lines(payloads, key, heads, tail) -> list of bytes or None
  *
  * For each payload holding `key` (b'"eventID":"') exactly once, followed by a value of
@@ -751,26 +817,12 @@ id_action_lines(PyObject *self, PyObject *args)
     out = PyList_New(n);
     for (Py_ssize_t i = 0; out && i < n; i++) {
         PyObject *p = PyList_GET_ITEM(payloads, i), *h = PyList_GET_ITEM(heads, i), *line = NULL;
-        if (PyBytes_Check(p) && PyBytes_Check(h)) {
-            const char *s = PyBytes_AS_STRING(p);
-            Py_ssize_t len = PyBytes_GET_SIZE(p);
-            const char *at = len >= key.len ? memmem(s, len, key.buf, key.len) : NULL;
-            if (at && !memmem(at + 1, s + len - at - 1, key.buf, key.len)) {
-                const char *v = at + key.len, *e = v;
-                while (e < s + len && *e >= 0x20 && *e < 0x7F && *e != '"' && *e != '\\')
-                    e++;
-                if (e < s + len && *e == '"' && e > v) {
-                    Py_ssize_t hl = PyBytes_GET_SIZE(h);
-                    line = PyBytes_FromStringAndSize(NULL, hl + (e - v) + tail.len);
-                    if (!line) {
-                        Py_CLEAR(out);
-                        break;
-                    }
-                    char *o = PyBytes_AS_STRING(line);
-                    memcpy(o, PyBytes_AS_STRING(h), hl);
-                    memcpy(o + hl, v, e - v);
-                    memcpy(o + hl + (e - v), tail.buf, tail.len);
-                }
+        const char *v, *e;
+        if (PyBytes_Check(p) && PyBytes_Check(h) && plain_id(PyBytes_AS_STRING(p), PyBytes_GET_SIZE(p), &key, &v, &e)) {
+            line = id_line(h, v, e, &tail);
+            if (!line) {
+                Py_CLEAR(out);
+                break;
             }
         }
         PyList_SET_ITEM(out, i, line ? line : Py_NewRef(Py_None));
@@ -779,6 +831,97 @@ done:
     PyBuffer_Release(&key);
     PyBuffer_Release(&tail);
     return out;
+}
+
+/* keyed_action_lines(raws, unit, from_stamp, heads, head_for, key, tail) -> (payloads, lines)
+ *
+ * payloads_and_stamps, then for each message with a Timestamp t the action line head of its
+ * time key (floor(t / 1e9) // unit when from_stamp, else 0): heads[key], or head_for(key) stored
+ * there when heads has none; then, with a key (b'"eventID":"'), id_action_lines of that head.
+ * A line is None where the message has no Timestamp (or, with a key, no plain id or no Payload).
+ * bulk_lines.keyed_action_lines is the twin. */
+static PyObject *
+keyed_action_lines(PyObject *self, PyObject *args)
+{
+    PyObject *raws, *heads, *head_for;
+    Py_ssize_t unit;
+    int from_stamp;
+    Py_buffer key, tail;
+    if (!PyArg_ParseTuple(args, "O!npO!Oy*y*", &PyList_Type, &raws, &unit, &from_stamp, &PyDict_Type, &heads,
+                          &head_for, &key, &tail))
+        return NULL;
+    PyObject *payloads = NULL, *lines = NULL, *last_head = NULL, *result = NULL;
+    long long last_key = 0;
+    if (unit < 1) {
+        PyErr_SetString(PyExc_ValueError, "keyed_action_lines: unit must be 1 or more");
+        goto done;
+    }
+    Py_ssize_t n = PyList_GET_SIZE(raws);
+    payloads = PyList_New(n);
+    lines = PyList_New(n);
+    if (!payloads || !lines)
+        goto done;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *item = PyList_GET_ITEM(raws, i), *p = NULL, *line = NULL;
+        Py_ssize_t start = -1, len = 0;
+        unsigned long long stamp = 0;
+        int has_stamp = 0;
+        int walked = PyBytes_Check(item) && walk_message((const unsigned char *)PyBytes_AS_STRING(item),
+                                                         PyBytes_GET_SIZE(item), 6, &start, &len, &stamp, &has_stamp);
+        if (walked && start >= 0 && !(p = PyBytes_FromStringAndSize(PyBytes_AS_STRING(item) + start, len)))
+            goto done;
+        if (walked && has_stamp) { /* (what the walk found of a message it cannot walk to the end is not used) */
+            long long k = 0;
+            if (from_stamp) { /* math.floor(t / 1e9) // unit, as Python computes it */
+                long long secs = (long long)floor((double)(long long)stamp / 1e9);
+                k = secs / unit - (secs % unit != 0 && secs < 0);
+            }
+            if (!last_head || k != last_key) {
+                PyObject *pk = PyLong_FromLongLong(k), *h;
+                if (!pk) {
+                    Py_XDECREF(p);
+                    goto done;
+                }
+                h = PyDict_GetItemWithError(heads, pk);
+                if (h) {
+                    Py_INCREF(h);
+                } else if (!PyErr_Occurred()) {
+                    h = PyObject_CallOneArg(head_for, pk);
+                    if (h && (!PyBytes_Check(h) || PyDict_SetItem(heads, pk, h) < 0)) {
+                        if (!PyErr_Occurred())
+                            PyErr_SetString(PyExc_TypeError, "keyed_action_lines: head_for must give bytes");
+                        Py_CLEAR(h);
+                    }
+                }
+                Py_DECREF(pk);
+                if (!h) {
+                    Py_XDECREF(p);
+                    goto done;
+                }
+                Py_XSETREF(last_head, h);
+                last_key = k;
+            }
+            const char *v, *e;
+            if (key.len == 0) {
+                line = Py_NewRef(last_head);
+            } else if (p && plain_id(PyBytes_AS_STRING(p), len, &key, &v, &e)) {
+                if (!(line = id_line(last_head, v, e, &tail))) {
+                    Py_DECREF(p);
+                    goto done;
+                }
+            }
+        }
+        PyList_SET_ITEM(payloads, i, p ? p : Py_NewRef(Py_None));
+        PyList_SET_ITEM(lines, i, line ? line : Py_NewRef(Py_None));
+    }
+    result = Py_BuildValue("OO", payloads, lines);
+done:
+    Py_XDECREF(payloads);
+    Py_XDECREF(lines);
+    Py_XDECREF(last_head);
+    PyBuffer_Release(&key);
+    PyBuffer_Release(&tail);
+    return result;
 }
 
 /* -- frame_json_records ------------------------------------------------------------------- */
@@ -808,6 +951,61 @@ static const unsigned char jr_plain[256] = {
     1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1,
 };
 
+/* The first byte from p on that is not plain (jr_plain), or end: 16 bytes a step with SSE2
+ * (every x86-64), then (or else) one at a time. */
+static inline Py_ssize_t
+jr_plain_run(const unsigned char *b, Py_ssize_t p, Py_ssize_t end)
+{
+#ifdef JR_SSE2
+    const __m128i quote = _mm_set1_epi8('"'), backslash = _mm_set1_epi8('\\'), control = _mm_set1_epi8(0x1F);
+    while (end - p >= 16) {
+        __m128i v = _mm_loadu_si128((const __m128i *)(b + p));
+        __m128i special = _mm_or_si128(_mm_or_si128(_mm_cmpeq_epi8(v, quote), _mm_cmpeq_epi8(v, backslash)),
+                                       _mm_cmpeq_epi8(_mm_max_epu8(v, control), control)); /* v <= 0x1F */
+        int mask = _mm_movemask_epi8(special);
+        if (mask)
+            return p + __builtin_ctz((unsigned)mask);
+        p += 16;
+    }
+#endif
+    while (p < end && jr_plain[b[p]])
+        p++;
+    return p;
+}
+
+/* One of 64 bits for a key, a hash of its length and last 8 bytes (all of a shorter one): equal
+ * keys have the same, so a key whose bit is not yet set in its object is not a duplicate. */
+static inline uint64_t
+jr_key_bit(const unsigned char *k, Py_ssize_t len)
+{
+    uint64_t h = (uint64_t)len;
+    if (len >= 8) {
+        uint64_t w;
+        memcpy(&w, k + len - 8, 8);
+        h ^= w;
+    } else {
+        for (Py_ssize_t i = 0; i < len; i++)
+            h = (h << 8) ^ k[i];
+    }
+    return (uint64_t)1 << ((h * 0x9E3779B97F4A7C15ULL) >> 58);
+}
+
+/* The len bytes at a and at b are the same (keys: short, often of equal length). */
+static inline int
+jr_same(const unsigned char *a, const unsigned char *b, Py_ssize_t len)
+{
+    uint64_t x, y;
+    if (len < 8) {
+        for (Py_ssize_t i = 0; i < len; i++)
+            if (a[i] != b[i])
+                return 0;
+        return 1;
+    }
+    memcpy(&x, a + len - 8, 8); /* the last 8 bytes first: "eventName" and "eventTime" differ there */
+    memcpy(&y, b + len - 8, 8);
+    return x == y && memcmp(a, b, len - 8) == 0;
+}
+
 /* A string as json.dumps(ensure_ascii=False) writes it, from the '"' at p: the index after its
  * closing quote, or -1. *escaped: it holds an escape. */
 static Py_ssize_t
@@ -815,8 +1013,7 @@ jr_string(const unsigned char *b, Py_ssize_t p, Py_ssize_t end, int *escaped)
 {
     *escaped = 0;
     for (p++; p < end; p++) {
-        while (p < end && jr_plain[b[p]]) /* the usual bytes, at a table look-up each */
-            p++;
+        p = jr_plain_run(b, p, end);
         if (p >= end)
             break;
         unsigned char c = b[p];
@@ -892,6 +1089,7 @@ jr_record_scan(const unsigned char *b, Py_ssize_t p, Py_ssize_t end, Py_ssize_t 
 {
     char kind[JR_MAX_DEPTH];                  /* '{' or '[' */
     int nkeys[JR_MAX_DEPTH];
+    uint64_t key_bits[JR_MAX_DEPTH]; /* per object: a bit per key seen, by jr_key_bit */
     Py_ssize_t key_at[JR_MAX_DEPTH][JR_MAX_KEYS], key_len[JR_MAX_DEPTH][JR_MAX_KEYS];
     int depth = 0, escaped;
     Py_ssize_t top_key = -1, top_key_len = 0;
@@ -912,6 +1110,7 @@ jr_record_scan(const unsigned char *b, Py_ssize_t p, Py_ssize_t end, Py_ssize_t 
             if (depth == JR_MAX_DEPTH)
                 return 0;
             kind[depth] = (char)c;
+            key_bits[depth] = 0;
             nkeys[depth++] = 0;
             p++;
             if (p < end && b[p] == (c == '{' ? '}' : ']')) {
@@ -1001,9 +1200,12 @@ jr_record_scan(const unsigned char *b, Py_ssize_t p, Py_ssize_t end, Py_ssize_t 
             int d = depth - 1, n = nkeys[d];
             if (n == JR_MAX_KEYS)
                 return 0;
-            for (int k = 0; k < n; k++)
-                if (key_len[d][k] == klen && memcmp(b + key_at[d][k], b + kstart, klen) == 0)
-                    return 0; /* a duplicate key: json keeps the last */
+            uint64_t bit = jr_key_bit(b + kstart, klen);
+            if (key_bits[d] & bit) /* maybe seen: compared with each (a new key's bit is mostly new) */
+                for (int k = 0; k < n; k++)
+                    if (key_len[d][k] == klen && jr_same(b + key_at[d][k], b + kstart, klen))
+                        return 0; /* a duplicate key: json keeps the last */
+            key_bits[d] |= bit;
             key_at[d][n] = kstart;
             key_len[d][n] = klen;
             nkeys[d] = n + 1;
@@ -1211,6 +1413,7 @@ static PyMethodDef methods[] = {
     {"id_action_lines", id_action_lines, METH_VARARGS, "Bulk action lines with an _id from the payload."},
     {"message_documents_size", message_documents_size, METH_O, "Bytes of the Payloads that are documents as they are."},
     {"bulk_body_of_messages", bulk_body_of_messages, METH_VARARGS, "A bulk body from messages' Payloads (see the C source)."},
+    {"keyed_action_lines", keyed_action_lines, METH_VARARGS, "Payloads and their time-keyed action lines."},
     {"frame_json_records", frame_json_records, METH_VARARGS, "CloudTrail-style records of a JSON array, framed."},
     {NULL, NULL, 0, NULL},
 };

@@ -17,7 +17,7 @@ in its place, and a file the byte scan cannot follow is parsed whole. The messag
 
 Where it stands is kept in two places (docs/cloudtrail.md):
 - a ledger under output_path (`cloudtrail_tree/<plugin>.files`): one line per finished file,
-  appended and fsynced before any checkpoint counts it;
+  appended and fsynced (in the background) before any checkpoint handed over counts it;
 - the checkpoint, one compact JSON string `{"v":1,"ledger":<bytes of the ledger>,"file":<path>,
   "records":<n>}`: how much of the ledger is true, and how far into the file in progress it got.
 At start the ledger is cut back to the checkpoint's length, so after a kill -9 the files and
@@ -41,8 +41,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import threading
 import time
-import zlib
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
@@ -57,6 +57,11 @@ from hindsight_py.plugin import (
     log,
     read_config,
 )
+
+try:  # ISA-L's inflate: the same bytes as zlib's, in about a third of the CPU time
+    from isal import isal_zlib as _zlib
+except ImportError:  # pragma: no cover - isal is optional
+    import zlib as _zlib
 
 try:  # several times faster; what it cannot read (an integer past 64 bits) goes to json
     from orjson import dumps as _fast_dumps
@@ -95,12 +100,20 @@ LEDGER_PATH = os.path.join(str(read_config("output_path")), "cloudtrail_tree", f
 
 # -- the ledger of finished files ----------------------------------------------------------------
 class Ledger:
-    """Finished files, one JSON line each: [relative path, size, "ok" | "damaged"]."""
+    """Finished files, one JSON line each: [relative path, size, "ok" | "damaged"].
+
+    A line is appended at once and fsync()ed in the background (one fsync covers every line
+    appended before it starts, so they group up); `durable` is how many bytes are on disk. A
+    checkpoint may count only those (_give): reading goes on meanwhile, instead of waiting about
+    5 ms per file for the disk."""
 
     def __init__(self, path: str) -> None:
         self.path = path
         self.size = 0
+        self.durable = 0
         self.files: dict[str, int] = {}
+        self._fd = -1
+        self._syncing: threading.Thread | None = None
 
     def load(self, trusted: int) -> None:
         """Read the first `trusted` bytes (what the checkpoint vouches for); cut the rest away."""
@@ -121,21 +134,43 @@ class Ledger:
             except (ValueError, TypeError):
                 continue
             self.files[rel] = size
-        with open(self.path, "ab") as fh:
-            fh.truncate(end)
-            os.fsync(fh.fileno())
-        self.size = end
+        self.wait()
+        if self._fd >= 0:
+            os.close(self._fd)
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        os.ftruncate(self._fd, end)
+        os.fsync(self._fd)
+        self.size = self.durable = end
 
     def add(self, rel: str, size: int, status: str) -> int:
-        """Append a finished file, durably; returns the ledger's new length for the checkpoint."""
+        """Append a finished file (on disk soon: sync_in_background); returns the ledger's new length."""
         line = (json.dumps([rel, size, status], ensure_ascii=False) + "\n").encode("utf-8", "surrogateescape")
-        with open(self.path, "ab") as fh:
-            fh.write(line)
-            fh.flush()
-            os.fsync(fh.fileno())
+        view = memoryview(line)
+        while view:
+            view = view[os.write(self._fd, view):]
         self.size += len(line)
         self.files[rel] = size
+        self.sync_in_background()
         return self.size
+
+    def sync_in_background(self) -> None:
+        """Start an fsync() of what is appended so far, unless one runs or all is on disk."""
+        if self.durable < self.size and (self._syncing is None or not self._syncing.is_alive()):
+            self._syncing = threading.Thread(target=self._sync, args=(self.size,), daemon=True,
+                                             name="cloudtrail-ledger-fsync")
+            self._syncing.start()
+
+    def _sync(self, upto: int) -> None:
+        os.fsync(self._fd)
+        self.durable = max(self.durable, upto)
+
+    def wait(self) -> None:
+        """Until everything appended is on disk."""
+        if self._syncing is not None:
+            self._syncing.join()
+        if self.durable < self.size:
+            os.fsync(self._fd)
+            self.durable = self.size
 
 
 def checkpoint_text(ledger_size: int, rel: str | None = None, records: int = 0) -> str:
@@ -198,17 +233,46 @@ def scan(root: str) -> Iterator[tuple[str, int]]:
 # -- reading one file ----------------------------------------------------------------------------
 def _gunzip(data: bytes) -> tuple[bytes, str | None]:
     """What can be decompressed, and what went wrong (None: the whole file). Handles multi-member files."""
+    whole = _inflate_whole(data)
+    return (whole, None) if whole is not None else _inflate_in_steps(data)
+
+
+def _inflate_whole(data: bytes) -> bytes | None:
+    """The text of a sound gzip file in one call per member, None if anything is wrong with it.
+    A member's size (its last 4 bytes, mod 2**32) as max_length lets the inflater allocate its
+    output once instead of growing it; it is only a hint: a wrong one costs time, not bytes."""
     out: list[bytes] = []
     rest = data
     while rest:
-        d = zlib.decompressobj(47)  # gzip or zlib header
+        d = _zlib.decompressobj(47)  # gzip or zlib header
+        try:
+            out.append(d.decompress(rest, int.from_bytes(rest[-4:], "little") + 1))
+            if not d.eof:
+                out.append(d.decompress(d.unconsumed_tail))
+                out.append(d.flush())
+        except _zlib.error:
+            return None
+        if not d.eof:
+            return None
+        rest = d.unused_data
+        if not rest.strip(b"\0"):  # zero padding after the last member is harmless
+            break
+    return b"".join(out)  # one member: its bytes object itself, not a copy
+
+
+def _inflate_in_steps(data: bytes) -> tuple[bytes, str | None]:
+    """_gunzip of a damaged file: what precedes the damage, _CHUNK by _CHUNK, and what went wrong."""
+    out: list[bytes] = []
+    rest = data
+    while rest:
+        d = _zlib.decompressobj(47)
         pos = 0
         while pos < len(rest):
             chunk = rest[pos:pos + _CHUNK]
             pos += len(chunk)
             try:
                 out.append(d.decompress(chunk))
-            except zlib.error as e:
+            except _zlib.error as e:
                 return b"".join(out), f"corrupt gzip data: {e}"
             if d.eof:
                 break
@@ -341,7 +405,7 @@ def _fast_payload(record: dict[str, Any], limit: int) -> bytes | None:
     return payload if 2 * len(payload) + 1024 <= limit else None
 
 
-def _send_batch(rel: str, records: list[Any], first: int, prefix: str) -> None:
+def _send_batch(rel: str, records: list[Any], first: int, position: _Position) -> None:
     """make_message() of each record, sent as one batch of messages (inject_records): the records of
     one file as orjson read them. Odd ones (not an object, too large) go one by one, in order."""
     payloads: list[bytes] = []
@@ -352,7 +416,7 @@ def _send_batch(rel: str, records: list[Any], first: int, prefix: str) -> None:
     def flush(last: int) -> None:
         if plain:
             fields = {k: [v if type(v := r.get(k)) is str else None for r in plain] for k in _FIELDS}
-            inject_records(payloads, stamps, fields, f"{prefix}{last}}}", type="cloudtrail")
+            inject_records(payloads, stamps, fields, position.at(last), type="cloudtrail")
             payloads.clear()
             stamps.clear()
             plain.clear()
@@ -370,7 +434,7 @@ def _send_batch(rel: str, records: list[Any], first: int, prefix: str) -> None:
                 del record[TIMESTAMP_FIELD]  # make_message adds it again
         if payload is None:
             flush(number - 1)
-            _send_one(rel, number, record, f"{prefix}{number}}}")
+            _send_one(rel, number, record, position.at(number))
             continue
         payloads.append(payload)
         stamps.append(now if ns is None else ns)
@@ -391,7 +455,7 @@ def _loads_one(text: bytes) -> Any:
         return json.loads(text.decode("utf-8", "surrogateescape"))
 
 
-def _send_array(rel: str, data: bytes, prefix: str) -> int | None:
+def _send_array(rel: str, data: bytes, position: _Position) -> int | None:
     """The records of a `{"Records": [...]}` text, framed straight from its bytes (inject_json_records):
     -1 when they were all sent, None when a stop was requested, else how many were sent before
     something the scan does not vouch for (the caller parses the file and goes on from there)."""
@@ -407,7 +471,7 @@ def _send_array(rel: str, data: bytes, prefix: str) -> int | None:
         count, pos, status, odd_end = done
         number += count
         if count:
-            inject_message(None, f"{prefix}{number}}}")
+            inject_message(None, position.at(number))
         if status == 1:  # the array's "]": the last one, as checked above?
             return -1 if _ARRAY_END(data, pos) is not None else number
         if status == 2 and odd_end > pos:  # a record to build the slow way, in its place
@@ -419,7 +483,7 @@ def _send_array(rel: str, data: bytes, prefix: str) -> int | None:
             if after is None:
                 return number
             number += 1
-            _send_one(rel, number, record, f"{prefix}{number}}}")
+            _send_one(rel, number, record, position.at(number))
             pos = after.end()
         elif status != 0:
             return number
@@ -433,9 +497,46 @@ class _State:
     resume_file: str | None = None
     resume_records = 0
     damaged_files = 0
+    given: str | None = None  # the last checkpoint handed over
+    wanted: tuple[str, int] | None = None  # the latest one, and the ledger bytes it counts
 
 
 S = _State()
+
+
+def _give(text: str, counts: int) -> str:
+    """The checkpoint to hand over now: `text`, which counts `counts` bytes of the ledger, once
+    they are on disk; until then the last one handed over, which counts less (a restart then reads
+    a little more again, never less: nothing is skipped)."""
+    S.wanted = (text, counts)
+    assert S.ledger is not None
+    if S.ledger.durable >= counts or S.given is None:
+        if S.ledger.durable < counts:
+            S.ledger.wait()  # (nothing handed over yet to fall back on)
+        S.given = text
+    else:
+        S.ledger.sync_in_background()
+    return S.given
+
+
+def _settle() -> None:
+    """Hand over the latest checkpoint, its ledger on disk: before returning to the host."""
+    if S.ledger is not None and S.wanted is not None and S.given != S.wanted[0]:
+        S.ledger.wait()
+        S.given = S.wanted[0]
+        inject_message(None, S.given)
+
+
+class _Position:
+    """The checkpoints of the records of the file in progress, `at(n)` after its record n: a
+    prefix, n, "}" (what checkpoint_text gives, built once), handed over as _give allows."""
+
+    def __init__(self, ledger: Ledger, rel: str) -> None:
+        self.counts = ledger.size
+        self.prefix = checkpoint_text(ledger.size, rel, 0)[:-2]
+
+    def at(self, number: int) -> str:
+        return _give(f"{self.prefix}{number}}}", self.counts)
 
 
 def _start(checkpoint: Any) -> Ledger:
@@ -456,15 +557,15 @@ def _read_file(ledger: Ledger, rel: str, size: int) -> bool:
     except FileNotFoundError:
         log(LOG_WARNING, f"{rel} went away before it could be read")
         return True
-    # the checkpoint of record n is this prefix, n, "}" (what checkpoint_text gives, built once)
-    prefix = checkpoint_text(ledger.size, rel, 0)[:-2]
+    position = _Position(ledger, rel)
     # framed from the bytes with the C loop; without it (HINDSIGHT_PY_PURE) parsing is the faster way
     if problem is None and skip == 0 and _fast_dumps is not None and _accel.speedups is not None:
-        sent = _send_array(rel, data, prefix)
+        sent = _send_array(rel, data, position)
         if sent is None:
             return False  # a stop was requested
         if sent < 0:
-            inject_message(None, checkpoint_text(ledger.add(rel, size, "ok")))
+            ledger.add(rel, size, "ok")
+            inject_message(None, _give(checkpoint_text(ledger.size), ledger.size))
             return True
         skip = sent  # the rest as parsed: what stopped the scan is odd, or damage
     records, problem, fast = _parse(data, problem)
@@ -472,10 +573,10 @@ def _read_file(ledger: Ledger, rel: str, size: int) -> bool:
     for start in range(skip, len(records), _STOP_CHECK_EVERY):
         batch = records[start:start + _STOP_CHECK_EVERY]
         if fast:
-            _send_batch(rel, batch, start + 1, prefix)
+            _send_batch(rel, batch, start + 1, position)
         else:
             for number, record in enumerate(batch, start=start + 1):
-                _send_one(rel, number, record, f"{prefix}{number}}}")
+                _send_one(rel, number, record, position.at(number))
         if not is_running():
             return False
     status = "ok"
@@ -486,7 +587,8 @@ def _read_file(ledger: Ledger, rel: str, size: int) -> bool:
         dead_letter(reason, json.dumps({"file": path, "size": size, "records_sent": len(records)},
                                        ensure_ascii=False))
         log(LOG_WARNING, f"damaged file: {reason} (in the dead-letter file; {S.damaged_files} so far)")
-    inject_message(None, checkpoint_text(ledger.add(rel, size, status)))
+    ledger.add(rel, size, status)
+    inject_message(None, _give(checkpoint_text(ledger.size), ledger.size))
     return True
 
 
@@ -505,8 +607,10 @@ def process_message(checkpoint: Any = None) -> tuple[int, str]:
         if rel in ledger.files:
             log(LOG_INFO, f"{rel} changed size since it was read ({ledger.files[rel]} -> {size}): reading it again")
         if not _read_file(ledger, rel, size):
+            _settle()
             return 0, f"stopped after {done} files"
         done += 1
         if not is_running():
             break
+    _settle()
     return 0, f"read {done} files ({S.damaged_files} damaged so far)"

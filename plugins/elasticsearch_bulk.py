@@ -16,7 +16,6 @@ from the messages into it). Nothing is parsed as JSON unless a payload needs rep
 from __future__ import annotations
 
 import json
-import math
 import re
 import time
 from collections.abc import Iterator
@@ -31,7 +30,7 @@ from hindsight_py.outputs.bulk_body import (
     message_documents_size,
     one_line_objects,
 )
-from hindsight_py.outputs.bulk_lines import id_action_lines
+from hindsight_py.outputs.bulk_lines import keyed_action_lines
 from hindsight_py.outputs.delivery import sender_from_config, urls_from_config
 from hindsight_py.outputs.elasticsearch import BulkSender
 from hindsight_py.outputs.sigv4 import service_for, signer_from_config
@@ -416,33 +415,20 @@ def _heads(secs: float) -> tuple[bytes, bytes]:
 
 def _take_keyed(raws: list[bytes]) -> None:
     """The batch with action lines that depend only on each message's Timestamp (the daily index)
-    and on the `_id` its payload holds: Payloads and Timestamps cut out in C, one line head per
-    second of data time, the ids put in in C. A message the fast way cannot vouch for (no
-    Timestamp, an id that is missing, repeated, escaped or not plain ASCII, a payload that is not
-    one line of JSON object) goes the slow way, in its place."""
-    payloads, stamps = peek.payloads_and_stamps(raws)
+    and on the `_id` its payload holds: Payloads and Timestamps cut out, one line head per unit of
+    data time, the ids put in, all in one C loop (keyed_action_lines). A message the fast way
+    cannot vouch for (no Timestamp, an id that is missing, repeated, escaped or not plain ASCII, a
+    payload that is not one line of JSON object) goes the slow way, in its place."""
     cache = S.head_cache
     if len(cache) > 100_000:  # bounded: one entry per day (or hour, second) of data time
         cache.clear()
-    # the second _action_line would format, in units the templates can tell apart
-    unit, floor = _time_unit, math.floor
-    if index_from_timestamp:
-        keys = [None if t is None else floor(t / 1e9) // unit for t in stamps]
-    else:
-        keys = [None if t is None else 0 for t in stamps]
-    heads: list[bytes | None] = list(map(cache.get, keys))
-    if None in heads:
-        for i, key in enumerate(keys):
-            if heads[i] is None and key is not None:
-                pair = cache.get(key)
-                if pair is None:
-                    pair = cache[key] = _heads(key * unit)[0]
-                heads[i] = pair
-    if id_field:
-        lines = id_action_lines(payloads, b'"' + id_field.encode() + b'":"', heads, _heads(0.0)[1])
-    else:
-        lines = heads
-    if None not in lines and None not in payloads and one_line_objects(payloads):  # type: ignore[arg-type]
+    # the heads per unit of data time the templates can tell apart (the second _action_line
+    # would format, cut down to that unit), made once per unit
+    key = b'"' + id_field.encode() + b'":"' if id_field else b""
+    payloads, lines = keyed_action_lines(raws, _time_unit, index_from_timestamp, cache,
+                                         lambda time_key: _heads(time_key * _time_unit)[0], key, _heads(0.0)[1])
+    # (with an id_field, a message without Payload has no line either)
+    if None not in lines and (id_field or None not in payloads) and one_line_objects(payloads):  # type: ignore[arg-type]
         S.payloads += payloads  # type: ignore[arg-type]
         S.actions += lines  # type: ignore[arg-type]
         S.size += sum(map(len, payloads)) + sum(map(len, lines)) + 2 * len(lines)  # type: ignore[arg-type]

@@ -187,13 +187,13 @@ def test_the_package_declares_every_import_it_makes_and_nothing_else() -> None:
 def test_the_check_fails_on_undeclared_unguarded_and_unused(tmp_path: Path) -> None:
     (tmp_path / "mod.py").write_text(
         "import json\nimport lupa.luajit21\nfrom urllib3 import Timeout\nimport some_undeclared_lib\n"
-        "try:\n    import orjson\nexcept ImportError:\n    orjson = None\nimport botocore.session\n"
+        "try:\n    import orjson\n    from isal import isal_zlib\nexcept ImportError:\n    orjson = None\nimport botocore.session\n"
         "importlib.import_module(f'requests.{x}')\nimport yaml\n"
     )
     imports = third_party_imports([tmp_path])
     assert {(i.module, i.optional) for i in imports} == {
-        ("lupa", False), ("urllib3", False), ("some_undeclared_lib", False), ("orjson", True), ("botocore", False),
-        ("requests", False), ("yaml", False)}
+        ("lupa", False), ("urllib3", False), ("some_undeclared_lib", False), ("orjson", True), ("isal", True),
+        ("botocore", False), ("requests", False), ("yaml", False)}
     # the extras this module exercises (the others, e.g. libinjection, it leaves unimported on purpose)
     groups = {name: dists for name, dists in declared().items() if name in ("", "aws", "fast")}
     groups[""].add("elasticsearch")

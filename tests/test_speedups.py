@@ -393,6 +393,64 @@ def test_id_action_lines_give_the_same_in_c(monkeypatch):
 
 
 @needs_c
+def test_id_action_lines_find_the_key_at_any_offset_in_c(monkeypatch):
+    """The C search steps 16 places at a time on two of the key's bytes: the key, near misses and a
+    second occurrence at every offset of payloads long and short still give the Python result."""
+    from hindsight_py.outputs.bulk_lines import id_action_lines
+
+    key = b'"eventID":"'
+    decoys = [b"x", b"e", b"D", b'"', b'"eventI', b'"eventID"', b'eventID":"', b'"eventXD":"', b"\xc3\xa9"]
+    rng = random.Random(37)
+    payloads = []
+    for before in range(40):
+        for after in (0, 1, 17):
+            filler = b"".join(rng.choice(decoys) for _ in range(before))
+            payloads.append(b"{" + filler + key + b"id-" + bytes([65 + before % 26]) + b'"' + b"y" * after + b"}")
+            payloads.append(b"{" + key + b'a"' + filler + key + b'b"}')  # twice: no plain id
+            payloads.append(b"{" + filler + b"}")  # none
+            payloads.append(key[:before % len(key)])  # cut short
+    heads = [b'{"index":{"_id":"'] * len(payloads)
+    c, py = _both(monkeypatch, lambda: id_action_lines(payloads, key, heads, b'"}}'))
+    assert c == py
+    assert sum(line is not None for line in c) > 40  # the ids found once
+
+
+@needs_c
+def test_keyed_action_lines_give_the_same_in_c(monkeypatch):
+    from hindsight_py.outputs.bulk_lines import keyed_action_lines
+
+    day = 86400 * 10**9
+    stamps = [0, 1, -1, day - 1, day, -day, -day - 1, 1_700_000_000_000_000_000, 2**63 - 1, -(2**63),
+              1_704_067_199_999_999_999, 1_704_067_200_000_000_000]
+    made = []
+    for i, stamp in enumerate(stamps):
+        payload = b'{"eventID":"e-%d","n":1}' % i if i % 4 else b'{"n":1}'
+        made.append(hmsg.encode(hmsg.Message(bytes(16), stamp, payload=payload.decode())))
+    rng = random.Random(41)
+    for case, raws in enumerate(_walk_cases(rng)):
+        raws = raws + rng.sample(made, rng.randrange(len(made)))
+        rng.shuffle(raws)
+        unit = rng.choice([1, 3600, 86400, 7])
+        from_stamp = rng.random() < 0.8
+        key = rng.choice([b'"eventID":"', b""])
+        results = []
+        for fast in (True, False):
+            heads = {0: b"zero"} if case % 3 == 0 else {}
+            asked: list[int] = []
+
+            def head_for(time_key, asked=asked):
+                asked.append(time_key)
+                return b"head %d " % time_key
+
+            monkeypatch.setattr(_accel, "speedups", _speedups if fast else None)
+            results.append((keyed_action_lines(raws, unit, from_stamp, heads, head_for, key, b" tail"), heads, asked))
+        assert results[0][2] == results[1][2], (case, unit, from_stamp)
+        assert results[0] == results[1], case
+    with pytest.raises(TypeError):
+        keyed_action_lines(made, 1, True, {}, lambda k: "not bytes", b"", b"")
+
+
+@needs_c
 def test_frame_json_records_gives_the_same_in_c(monkeypatch):
     from fastpath_records import odd_records, sample_records, texts
 
@@ -467,3 +525,33 @@ def test_a_body_from_messages_is_the_body_of_their_payloads(impl):
         if others:
             with pytest.raises(ValueError):
                 bulk_body_of_messages(others, 0, 3, 1 << 20, action)
+
+
+@needs_c
+def test_frame_json_records_reads_strings_and_keys_byte_by_byte_in_c_too(monkeypatch):
+    """The C scan steps over eight plain bytes at a time and compares keys word by word: every
+    special byte at every offset of a string, and keys that differ in any one byte, still give
+    what the Python twin gives."""
+    from hindsight_py.json_records import frame_json_records
+
+    specials = [b'"', b"\\", b"\\n", b"\\u0001", b"\\u0008", b"\\x", b"\x00", b"\x1f", b"\x7f", b"\xc3\xa9", b"\xff", b"\t"]
+    records = []
+    for special in specials:
+        for offset in range(18):
+            text = b"a" * offset + special + b"b" * (17 - offset)
+            records.append(b'{"eventTime":"2024-01-01T00:00:00Z","s":"' + text + b'","eventID":"' + text + b'"}')
+    for length in range(1, 20):
+        key = bytes(range(97, 97 + length))
+        for at in range(length):  # a key that differs from the first in one byte, and one the same
+            other = key[:at] + b"Z" + key[at + 1:]
+            records.append(b'{"eventTime":"2024-01-01T00:00:00Z","' + key + b'":1,"' + other + b'":2}')
+            records.append(b'{"eventTime":"2024-01-01T00:00:00Z","' + key + b'":1,"' + key + b'":2}')
+    uuids = hmsg.random_uuids(1)
+    taken = 0
+    for record in records:
+        data = b"[" + record + b"]"
+        c, py = _both(monkeypatch, functools.partial(frame_json_records, data, 1, 1, uuids, b"\x1a\x01t\x32", b"",
+                                                     [b"eventID"], b"@timestamp", 1 << 20))
+        assert c == py, record
+        taken += c[1]
+    assert 200 < taken < len(records)  # plain strings and distinct keys are taken, the rest refused

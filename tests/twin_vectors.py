@@ -22,7 +22,7 @@ from hindsight_py.outputs.bulk_body import (
     message_documents_size,
     one_line_objects,
 )
-from hindsight_py.outputs.bulk_lines import id_action_lines
+from hindsight_py.outputs.bulk_lines import id_action_lines, keyed_action_lines
 
 UUID = bytes(range(16))
 STAMP = 1_700_000_000_000_000_000  # a Timestamp of nine varint bytes, as every time since 1972
@@ -124,6 +124,34 @@ def _vectors() -> list[Vector]:
                [None]))
     add(Vector("id_action_lines", "no payload, no head", lambda: id_action_lines(
         [None, b"{" + KEY + b'a"}'], KEY, [HEAD, None], TAIL), [None, None]))
+
+    def keyed(raws: list[bytes], unit: int = 86400, from_stamp: bool = True, key: bytes = KEY) -> Any:
+        heads: dict[int, bytes] = {19_000: b"cached "}
+        payloads, lines = keyed_action_lines(raws, unit, from_stamp, heads, lambda k: b"head %d " % k, key, TAIL)
+        return lines, sorted(heads)
+
+    day = 86400 * 10**9
+    doc = '{"k":1,' + KEY.decode() + 'e-1"}'
+    for name, raws, unit, from_stamp, key, answer in (
+        ("a day's head, made once", [message(payload=doc, timestamp=20_000 * day + 5)] * 2, 86400, True, KEY,
+         ([b"head 20000 e-1" + TAIL] * 2, [19_000, 20_000])),
+        ("a head kept", [message(payload=doc, timestamp=19_000 * day)], 86400, True, KEY,
+         ([b"cached e-1" + TAIL], [19_000])),
+        # t / 1e9 of the last ns of 2023-12-31 rounds up to 2024-01-01 (day 19723), as the slow way's does
+        ("a day's last ns, before 1970", [message(payload=doc, timestamp=19_723 * day - 1), message(payload=doc,
+         timestamp=day - 10**9), message(payload=doc, timestamp=-1)], 86400, True, KEY,
+         ([b"head 19723 e-1" + TAIL, b"head 0 e-1" + TAIL, b"head -1 e-1" + TAIL], [-1, 0, 19_000, 19_723])),
+        ("hours", [message(payload=doc, timestamp=3 * 3600 * 10**9)], 3600, True, KEY,
+         ([b"head 3 e-1" + TAIL], [3, 19_000])),
+        ("not from the Timestamp", [message(payload=doc, timestamp=5 * day)], 86400, False, KEY,
+         ([b"head 0 e-1" + TAIL], [0, 19_000])),
+        ("no key: the head itself", [message(payload="{}", timestamp=0)], 86400, True, b"", ([b"head 0 "], [0, 19_000])),
+        ("no Timestamp, no id, no Payload", [message(payload=doc, timestamp=None), message(payload="{}"),
+                                             message()], 86400, True, KEY, ([None, None, None], [19_000, 19_675])),
+        ("a message it cannot walk", [message(payload=doc, extra=b"\x0b")], 86400, True, KEY, ([None], [19_000])),
+    ):
+        add(Vector("keyed_action_lines", name, lambda r=raws, u=unit, f=from_stamp, k=key: keyed(r, u, f, k),
+                   answer))
 
     t, u = message(type="t"), message(type="u")
     for name, raws, verdicts in (

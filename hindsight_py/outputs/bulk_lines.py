@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from hindsight_py import _accel
+import math
+from collections.abc import Callable
+
+from hindsight_py import _accel, peek
 
 
 def _plain_id(payload: bytes, key: bytes) -> bytes | None:
@@ -33,3 +36,35 @@ def id_action_lines(payloads: list[bytes | None], key: bytes, heads: list[bytes 
         value = _plain_id(payload, key) if type(payload) is bytes and type(head) is bytes else None
         out.append(None if value is None else head + value + tail)  # type: ignore[operator]
     return out
+
+
+def keyed_action_lines(raws: list[bytes], unit: int, from_stamp: bool, heads: dict[int, bytes],
+                       head_for: Callable[[int], bytes], key: bytes,
+                       tail: bytes) -> tuple[list[bytes | None], list[bytes | None]]:
+    """(payloads, lines): each message's Payload (peek.payloads_and_stamps) and its action line,
+    for lines that depend only on the message's time and on the `_id` its payload holds. The
+    time key of a message with Timestamp t is floor(t / 1e9) // unit (0 when not from_stamp); its
+    line head is heads[key], made by head_for(key) and kept in heads the first time. With a key,
+    the line is id_action_lines' of that head; without, the head itself. A line is None where
+    the message has no Timestamp (with a key: also no Payload or no plain id): the caller makes
+    those the long way. (_speedups.keyed_action_lines is this loop in C.)"""
+    fast = _accel.speedups
+    if fast is not None:
+        return fast.keyed_action_lines(raws, unit, from_stamp, heads, head_for, key, tail)
+    if unit < 1:
+        raise ValueError("keyed_action_lines: unit must be 1 or more")
+    payloads, stamps = peek.payloads_and_stamps(raws)
+    line_heads: list[bytes | None] = []
+    for stamp in stamps:
+        if stamp is None:
+            line_heads.append(None)
+            continue
+        time_key = math.floor(stamp / 1e9) // unit if from_stamp else 0
+        head = heads.get(time_key)
+        if head is None:
+            head = head_for(time_key)
+            if type(head) is not bytes:
+                raise TypeError("keyed_action_lines: head_for must give bytes")
+            heads[time_key] = head
+        line_heads.append(head)
+    return payloads, id_action_lines(payloads, key, line_heads, tail) if key else line_heads
