@@ -32,7 +32,23 @@ def main(argv: list[str] | None = None, *, daemon: bool = False) -> int:
     else:
         from hindsight_py.daemon import run_once as run
 
-    return run(args[0], _log_level(args[1]) if len(args) == 2 else 6)
+    status = run(args[0], _log_level(args[1]) if len(args) == 2 else 6)
+    if argv is None:  # the command itself (sys.argv): the process ends here
+        _end_process(status)
+    return status
+
+
+def _end_process(status: int) -> None:
+    """Exit with `status` without the interpreter's teardown. By now every plugin process has ended,
+    hindsight.cp is written and fsync()ed and the metrics thread is closed; what the teardown would
+    still do is free every module, Lua state and object one by one, 10-40 ms of CPU at the end of
+    each run for nothing the operating system does not do at exit anyway."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(status)
 
 
 def main_daemon(argv: list[str] | None = None) -> int:
@@ -72,7 +88,7 @@ def main_py(argv: list[str] | None = None) -> int:
             "HINDSIGHT_PY_SHUTDOWN_TIMEOUT=<seconds>  how long the drain may take (default 60)\n"
         )
         return 0
-    return main(args)
+    return main(argv)
 
 
 def _entry() -> None:

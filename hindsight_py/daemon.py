@@ -220,6 +220,7 @@ class Daemon(Supervisor):
     def _retire(self, label: str) -> None:
         """Forget the finished processes of `label`, keeping their plugins' final counters."""
         for c in [c for c in self.children if c.spec.label == label]:
+            c.process.join(timeout=10)  # done: it exits right after saying so
             self.children.remove(c)
             for p in c.spec.plugins:
                 stats = self.summary.stats.pop(p.name, None) or self.live_stats.get(p.name) or {}

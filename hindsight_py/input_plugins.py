@@ -40,11 +40,10 @@ def run_input(r: PluginProcess) -> None:
             log(6, f"detaching received: {rc} msg: {msg or ''}")
             break
         deadline = time.monotonic() + plugin.ticker_interval
-        while time.monotonic() < deadline:
-            r.channel.poll()
-            if r.channel.stop:
-                break
-            time.sleep(min(0.1, max(0.0, deadline - time.monotonic())))
+        r.channel.poll()
+        while not r.channel.stop and time.monotonic() < deadline:
+            # woken at once by a stop; every 0.1 s at least, for the coalesced checkpoints and stats
+            r.channel.wait(min(0.1, max(0.0, deadline - time.monotonic())))
         if r.channel.stop:
             break
     host.settle_refused(None)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 # (metric, stats key, help) of the per-plugin counters
@@ -75,6 +74,10 @@ class MetricsServer:
     """GET /metrics on `address`, serving whatever `source()` returns at the time of the request."""
 
     def __init__(self, address: str, source: Callable[[], dict[str, Any] | None]) -> None:
+        # imported here, where an endpoint is asked for: http.server (with http.client, email and ssl)
+        # costs every hindsight_cli start about 20 ms, and most configurations serve no metrics
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
         host, port = parse_address(address)
 
         class Handler(BaseHTTPRequestHandler):

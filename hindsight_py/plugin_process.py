@@ -110,6 +110,13 @@ class Channel:
             if not (self.finish or self.stop):
                 self._conn.poll(CP_SEND_INTERVAL)  # returns as soon as the supervisor answers
 
+    def wait(self, timeout: float) -> None:
+        """poll(), after up to `timeout` seconds of waiting for the supervisor to say something: an
+        idle process hears "drain" or "stop" as soon as it is sent, not at the end of a sleep."""
+        if timeout > 0:
+            self._conn.poll(timeout)
+        self.poll()
+
     def send(self, *msg: Any) -> None:
         self._conn.send(msg)
 

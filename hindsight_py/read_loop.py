@@ -40,6 +40,7 @@ class Control(Protocol):
 
     def poll(self) -> None: ...
     def outputs_drained(self) -> None: ...  # an output after its drain: wait for the others (or a stop)
+    def wait(self, timeout: float) -> None: ...  # poll() after up to `timeout` s, sooner on a request
     def checkpoint(self, key: str, value: Any) -> None: ...
     def send_checkpoints(self) -> None: ...
 
@@ -177,7 +178,7 @@ class ReadLoop:
                         self.control.outputs_drained()
                     break
                 self.fire_timers(False)
-                time.sleep(self._idle_sleep)
+                self.control.wait(self._idle_sleep)  # new queue data, or the supervisor's drain/stop
                 continue
             assert cursor is not None
             fed = self._hand_over(cursor, batch)

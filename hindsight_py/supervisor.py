@@ -72,6 +72,7 @@ class _Child:
     drained_at: float = 0.0  # when it said so (time.monotonic())
     finish_sent: bool = False
     stop_sent: bool = False
+    reaped: bool = False  # joined after its "done"
     exited: set[str] = field(default_factory=set)  # its plugins that reported their end
 
 
@@ -218,6 +219,12 @@ class Supervisor:
         handled_signals = 0
         while True:
             self.tick()
+            # Before the wait, not after it: the end of a stage is received in one turn and the
+            # daemon's tick() may only act on it in the next (RunOnce decides there that the inputs
+            # have ended), and the next stage must not wait for whatever message wakes the
+            # supervisor next (up to 0.2 s of idle at the end of every run).
+            self._advance_stages()
+            self._reap()
             live = [c for c in self.children if not c.done]
             if not live and self.finished():
                 return
@@ -253,7 +260,6 @@ class Supervisor:
             for child in live:
                 if not child.done and child.process.exitcode is not None and not child.conn.poll():
                     self._child_died(child)
-            self._advance_stages()
             now = time.monotonic()
             if now - last_cp >= CHECKPOINT_INTERVAL:
                 self._write_checkpoints()
@@ -315,8 +321,14 @@ class Supervisor:
             elif kind == "drained":
                 child.drained, child.drained_at = True, time.monotonic()
             elif kind == "done":
-                child.done = True
-                child.process.join(timeout=10)
+                child.done = True  # joined by _reap(), once the next stage has been told
+
+    def _reap(self) -> None:
+        """Wait for the processes that said "done" to be gone (they exit right after saying it)."""
+        for c in self.children:
+            if c.done and not c.reaped:
+                c.process.join(timeout=10)
+                c.reaped = True
 
     def _child_died(self, child: _Child) -> None:
         if child.done:

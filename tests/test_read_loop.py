@@ -32,6 +32,9 @@ class Control:
     def outputs_drained(self) -> None:
         pass  # the only output: nothing to wait for
 
+    def wait(self, timeout: float) -> None:
+        pass  # the loop polls again at the top of its next turn
+
     def checkpoint(self, key: str, value: Any) -> None:
         self.sent.append((key, value))
 
