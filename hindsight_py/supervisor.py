@@ -40,6 +40,7 @@ from hindsight_py.live_stats import LiveStats
 from hindsight_py.log import Logger
 from hindsight_py.queue import list_ids, queue_head
 from hindsight_py.runner import STATUS_BITS, ProcessSpec, run_process
+from hindsight_py.sandbox import preload as preload_sandboxes
 
 #: seconds between writes of hindsight.cp; what a kill -9 can make the next run send again is about
 #: this much input (the input's checkpoint lags its queue by up to this, plus the children's 0.25 s)
@@ -182,6 +183,7 @@ class Supervisor:
             self.start_process(s)
 
     def start_process(self, spec: ProcessSpec) -> None:
+        preload_sandboxes(spec.plugins)  # once here, not once per process
         ctx = multiprocessing.get_context("fork")
         parent, child = ctx.Pipe()
         proc = ctx.Process(target=run_process, args=(spec, child), name=spec.label, daemon=False)

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from hindsight_py.sandbox.base import BatchResult, PluginError
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Iterable, Sequence
 
     from hindsight_py.config import HindsightConfig, PluginConfig
 
@@ -24,6 +24,19 @@ class Sandbox(Protocol):
     def take_acks(self) -> list[int]: ...
     def seq_counter(self) -> int: ...
     def save_state(self) -> None: ...
+
+
+def preload(plugins: Iterable[PluginConfig]) -> None:
+    """Load the sandbox code these plugins need into this process. The supervisor calls it before it
+    forks their processes: each then inherits it instead of importing and reading it again (a Lua
+    configuration's input, analysis and output processes all build Lua sandboxes)."""
+    languages = {p.language for p in plugins}
+    if "python" in languages:
+        import hindsight_py.sandbox.python  # noqa: F401
+    if "lua" in languages:
+        from hindsight_py.sandbox.lua import preload as preload_lua
+
+        preload_lua()
 
 
 def create_sandbox(plugin: PluginConfig, hs: HindsightConfig, host: Any, *, log_level: int, pid: int) -> Sandbox:
@@ -63,4 +76,4 @@ def create_sandbox(plugin: PluginConfig, hs: HindsightConfig, host: Any, *, log_
     )
 
 
-__all__ = ["BatchResult", "PluginError", "Sandbox", "create_sandbox"]
+__all__ = ["BatchResult", "PluginError", "Sandbox", "create_sandbox", "preload"]

@@ -41,6 +41,12 @@ def _host_sources() -> dict[bytes, bytes]:
     return {f.name.encode(): f.read_bytes() for f in files if f.name.endswith(".lua")}
 
 
+def preload() -> None:
+    """Read what every Lua sandbox reads first (3-6 ms), for the processes forked afterwards to
+    inherit (sandbox.preload)."""
+    _host_sources()
+
+
 class SandboxHost(Protocol):
     """What a sandbox needs from the runner that hosts it."""
 
