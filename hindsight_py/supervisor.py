@@ -207,6 +207,7 @@ class Supervisor:
             for s, h in old.items():
                 signal.signal(s, h)
             self._write_checkpoints(force=True)
+            self._reap()
             if self.status_line is not None:
                 # the final figures, even for a run shorter than one status interval
                 self.status_line.show(self._totals(), time.monotonic())
@@ -226,10 +227,10 @@ class Supervisor:
             # have ended), and the next stage must not wait for whatever message wakes the
             # supervisor next (up to 0.2 s of idle at the end of every run).
             self._advance_stages()
-            self._reap()
             live = [c for c in self.children if not c.done]
             if not live and self.finished():
-                return
+                return  # the last ones are reaped after the final checkpoints, which need not wait for them
+            self._reap()
             if self._signals != handled_signals:
                 handled_signals = self._signals
                 if handled_signals == 1:
@@ -263,7 +264,10 @@ class Supervisor:
                 if not child.done and child.process.exitcode is not None and not child.conn.poll():
                     self._child_died(child)
             now = time.monotonic()
-            if now - last_cp >= CHECKPOINT_INTERVAL:
+            # (not when the run ends with this turn: run() writes them once more, and each write is a
+            # few fsync()s the exit would wait for twice)
+            ending = self.finished() and all(c.done for c in self.children)
+            if now - last_cp >= CHECKPOINT_INTERVAL and not ending:
                 self._write_checkpoints()
                 last_cp = time.monotonic()
             if now - last_stats >= 1.0:
