@@ -84,10 +84,16 @@ def _seq_of(raw: bytes) -> int:
 
 
 def _record_ending_at(directory: Path, position: tuple[int, int]) -> bytes | None:
-    """The queue record that ends exactly at `position` (None at the start of a file)."""
+    """The queue record that ends exactly at `position` (None at the start of the queue).
+
+    The start of a file other than the first is the end of the file before it: a writer rolls to a
+    new file right after an append, so a kill can leave the head at (n, 0)."""
     file_id, offset = position
     if offset == 0:
-        return None
+        previous = directory / f"{file_id - 1}.log"
+        if not previous.exists():
+            return None
+        file_id, offset = file_id - 1, previous.stat().st_size
     start = max(0, offset - (1 << 20))
     with (directory / f"{file_id}.log").open("rb") as fh:
         fh.seek(start)
@@ -125,7 +131,8 @@ def _check_invariants(wd: Workdir, lines: LineFile, indexes: dict[str, Index]) -
     last = _record_ending_at(queue, head) if head is not None else None
     last_seq = _seq_of(last) if last is not None else -1
     assert covered == 0 or last_seq >= covered - 1, (
-        f"hindsight.cp says the input handled {covered} lines but the queue ends at line {last_seq}")
+        f"hindsight.cp says the input handled {covered} lines but the queue ends at line {last_seq} "
+        f"(head {head}, files {sorted((f.name, f.stat().st_size) for f in queue.iterdir())}, hindsight.cp {cp})")
     seen = {"input_lines": covered, "reread": last_seq + 1 - covered}
     # an output's checkpoint covers only documents the server accepted
     for label, index in indexes.items():
