@@ -26,11 +26,13 @@ def run(tmp_path: Path, kind: str, code: str, **kw: Any) -> Any:
     return sb
 
 
-def test_standins_cost_the_plugin_no_instructions(tmp_path: Path) -> None:
+# Plugins whose stand-in calls would take far more instructions than their limit if they were
+# counted: (plugin source, instruction_limit)
+UNCOUNTED = {
     # 3000 adds hash ~20000 times: millions of VM instructions in Lua, none in upstream's C. The
     # plugin's own loop and calls (a few instructions each, as upstream counts a C call) stay well
     # within the limit, and so does the whole call.
-    sb = run(tmp_path, "analysis", """
+    "filters": ("""
         require "bloom_filter"
         require "cuckoo_filter"
         bf = bloom_filter.new(5000, 0.01)
@@ -40,14 +42,10 @@ def test_standins_cost_the_plugin_no_instructions(tmp_path: Path) -> None:
             return 0
         end
         function timer_event() end
-    """, instruction_limit=200_000)
-    assert sb.process_message_direct(None)[:2] == (True, 0)
-
-
-def test_what_standins_write_into_a_payload_costs_no_instructions(tmp_path: Path) -> None:
+    """, 200_000),
     # a circular buffer's cbuf text (6,000 cells formatted in Lua), a hyperloglog's bytes and a sax
     # word, through inject_payload and tostring: upstream's C output functions count nothing
-    sb = run(tmp_path, "analysis", """
+    "payload_outputs": ("""
         require "circular_buffer"
         require "hyperloglog"
         require "sax"
@@ -64,14 +62,10 @@ def test_what_standins_write_into_a_payload_costs_no_instructions(tmp_path: Path
             return 0
         end
         function timer_event() end
-    """, instruction_limit=100_000)
-    assert sb.process_message_direct(None)[:2] == (True, 0)
-
-
-def test_streaming_algorithms_tostring_costs_no_instructions(tmp_path: Path) -> None:
+    """, 100_000),
     # tostring() of each streaming_algorithms object writes its C struct's bytes from Lua here,
     # thousands of cells each: upstream's C __tostring counts nothing against the limit
-    sb = run(tmp_path, "analysis", """
+    "streaming_algorithms_tostring": ("""
         require "streaming_algorithms.cm_sketch"
         require "streaming_algorithms.matrix"
         require "streaming_algorithms.p2"
@@ -88,7 +82,14 @@ def test_streaming_algorithms_tostring_costs_no_instructions(tmp_path: Path) -> 
             return 0
         end
         function timer_event() end
-    """, instruction_limit=20_000)
+    """, 20_000),
+}
+
+
+@pytest.mark.parametrize("case", list(UNCOUNTED))
+def test_standins_cost_the_plugin_no_instructions(case: str, tmp_path: Path) -> None:
+    code, limit = UNCOUNTED[case]
+    sb = run(tmp_path, "analysis", code, instruction_limit=limit)
     assert sb.process_message_direct(None)[:2] == (True, 0)
 
 

@@ -212,21 +212,27 @@ end
 """
 
 
-def test_outputs_run_their_shutdown_timer_event_once_every_output_has_drained(tmp_path: Path) -> None:
-    # the reader matches nothing and drains at once; its shutdown timer_event reads the file the
-    # writer is still writing: it runs only after the writer has processed its last message
+def _run_writer_and_reader(tmp_path: Path, writer: str, reader: str) -> None:
+    """200 messages to two outputs: `writer` takes them all; `reader` matches none, so it drains at
+    once and waits at the barrier for its shutdown timer_event. The run must exit 0."""
     d = DaemonDir(tmp_path)
     d.put("run", "input", "source.lua", SOURCE)
     d.put("run", "input", "source.cfg", cfg_text({"filename": "source.lua"}))
-    d.put("run", "output", "writer.lua", WRITER)
+    d.put("run", "output", "writer.lua", writer)
     d.put("run", "output", "writer.cfg", cfg_text({"filename": "writer.lua", "message_matcher": "TRUE",
                                                   "instruction_limit": 0}))
-    d.put("run", "output", "reader.lua", READER)
+    d.put("run", "output", "reader.lua", reader)
     d.put("run", "output", "reader.cfg", cfg_text({"filename": "reader.lua", "message_matcher": "FALSE",
                                                   "ticker_interval": 60}))
     result = subprocess.run([hindsight_cli(), "hindsight.cfg", "7"], cwd=tmp_path, capture_output=True, text=True,
                             timeout=120, stdin=subprocess.DEVNULL)
     assert result.returncode == 0, result.stderr[-4000:]
+
+
+def test_outputs_run_their_shutdown_timer_event_once_every_output_has_drained(tmp_path: Path) -> None:
+    # the reader matches nothing and drains at once; its shutdown timer_event reads the file the
+    # writer is still writing: it runs only after the writer has processed its last message
+    _run_writer_and_reader(tmp_path, WRITER, READER)
     assert (tmp_path / "written.txt").read_text() == "200\n"
 
 
@@ -262,18 +268,7 @@ end
 def test_an_output_stuck_on_its_last_message_holds_up_the_others_shutdown_for_a_bounded_time(tmp_path: Path) -> None:
     # the barrier waits OUTPUT_BARRIER_WAIT (5 s) for the stuck writer, not the 9 s it takes: the
     # reader's shutdown timer_event (its last batch, for a bulk output) runs while the writer is stuck
-    d = DaemonDir(tmp_path)
-    d.put("run", "input", "source.lua", SOURCE)
-    d.put("run", "input", "source.cfg", cfg_text({"filename": "source.lua"}))
-    d.put("run", "output", "writer.lua", STUCK_WRITER)
-    d.put("run", "output", "writer.cfg", cfg_text({"filename": "writer.lua", "message_matcher": "TRUE",
-                                                  "instruction_limit": 0}))
-    d.put("run", "output", "reader.lua", STAMPING_READER)
-    d.put("run", "output", "reader.cfg", cfg_text({"filename": "reader.lua", "message_matcher": "FALSE",
-                                                  "ticker_interval": 60}))
-    result = subprocess.run([hindsight_cli(), "hindsight.cfg", "7"], cwd=tmp_path, capture_output=True, text=True,
-                            timeout=120, stdin=subprocess.DEVNULL)
-    assert result.returncode == 0, result.stderr[-4000:]
+    _run_writer_and_reader(tmp_path, STUCK_WRITER, STAMPING_READER)
     reader_shutdown = int((tmp_path / "reader_shutdown.txt").read_text())
     writer_done = int((tmp_path / "writer_done.txt").read_text())
     assert reader_shutdown <= writer_done - 2, (reader_shutdown, writer_done)
