@@ -26,6 +26,16 @@ def run(tmp_path: Path, kind: str, code: str, **kw: Any) -> Any:
     return sb
 
 
+def saved_state(tmp_path: Path, code: str, state: Path) -> bytes:
+    """What preserve_data writes to `state` for an analysis plugin after one process_message."""
+    sb = run(tmp_path, "analysis", code, preserve_data=True, state_path=state)
+    sb.process_message_direct(None)
+    text, err = sb._control.serialize_state()
+    assert err is None
+    state.write_bytes(text)
+    return text
+
+
 # Plugins whose stand-in calls would take far more instructions than their limit if they were
 # counted: (plugin source, instruction_limit)
 UNCOUNTED = {
@@ -241,11 +251,7 @@ def test_filters_are_preserved_and_restored_as_upstream_writes_them(tmp_path: Pa
         function timer_event() end
     """
     state = tmp_path / "state.data"
-    sb = run(tmp_path, "analysis", code, preserve_data=True, state_path=state)
-    sb.process_message_direct(None)
-    text, err = sb._control.serialize_state()
-    assert err is None
-    state.write_bytes(text)
+    text = saved_state(tmp_path, code, state)
     lines = text.decode("latin-1").splitlines()
     # cf and same are one filter: written once under the name walked first, aliased under the other
     assert any(re.fullmatch(r'if _G\["(cf|same)"\] == nil then _G\["\1"\] = cuckoo_filter.new\(64\) end', line)
@@ -417,11 +423,7 @@ def test_sax_objects_are_preserved_as_upstream_writes_them(tmp_path: Path) -> No
         function timer_event() end
     """
     state = tmp_path / "state.data"
-    sb = run(tmp_path, "analysis", code, preserve_data=True, state_path=state)
-    sb.process_message_direct(None)
-    text, err = sb._control.serialize_state()
-    assert err is None
-    state.write_bytes(text)
+    text = saved_state(tmp_path, code, state)
     lines = text.decode().splitlines()
     at = lines.index('if _G["win"] == nil then _G["win"] = sax.window.new(4, 2, 4) end')
     assert lines[at + 1:at + 3] == ['_G["win"]:clear()', '_G["win"]:add({2,0/0,1/0,10.5})']
