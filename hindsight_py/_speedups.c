@@ -598,6 +598,24 @@ header_selection(PyObject *self, PyObject *args)
     return out;
 }
 
+/* One message's (last) Payload as new bytes in *payload (NULL when it has none) and its Timestamp:
+ * 1 when the message walks to its end, 0 when it does not (then nothing is set), -1 on a Python
+ * error. The per-message step of payloads_and_stamps and keyed_action_lines. */
+static int
+payload_and_stamp(PyObject *item, PyObject **payload, unsigned long long *stamp, int *has_stamp)
+{
+    Py_ssize_t start = -1, len = 0;
+    *payload = NULL;
+    if (!PyBytes_Check(item) || !walk_message((const unsigned char *)PyBytes_AS_STRING(item),
+                                              PyBytes_GET_SIZE(item), 6, &start, &len, stamp, has_stamp)) {
+        *has_stamp = 0; /* what the walk found of a message it cannot walk to the end is not used */
+        return 0;
+    }
+    if (start >= 0 && !(*payload = PyBytes_FromStringAndSize(PyBytes_AS_STRING(item) + start, len)))
+        return -1;
+    return 1;
+}
+
 /* payloads_and_stamps(raws) -> (payloads, stamps)
  *
  * For each message: its last Payload, and its last Timestamp as a signed 64-bit int (None when
@@ -614,21 +632,14 @@ payloads_and_stamps(PyObject *self, PyObject *arg)
     if (!payloads || !stamps)
         goto fail;
     for (Py_ssize_t i = 0; i < n; i++) {
-        PyObject *item = PyList_GET_ITEM(arg, i), *p = NULL, *t = NULL;
-        Py_ssize_t start = -1, len = 0;
+        PyObject *p, *t = NULL;
         unsigned long long stamp = 0;
         int has_stamp = 0;
-        if (PyBytes_Check(item) && walk_message((const unsigned char *)PyBytes_AS_STRING(item),
-                                                PyBytes_GET_SIZE(item), 6, &start, &len, &stamp, &has_stamp)) {
-            if (start >= 0)
-                p = PyBytes_FromStringAndSize(PyBytes_AS_STRING(item) + start, len);
-            if (has_stamp)
-                t = PyLong_FromLongLong((long long)stamp);
-            if ((start >= 0 && !p) || (has_stamp && !t)) {
-                Py_XDECREF(p);
-                Py_XDECREF(t);
-                goto fail;
-            }
+        if (payload_and_stamp(PyList_GET_ITEM(arg, i), &p, &stamp, &has_stamp) < 0)
+            goto fail;
+        if (has_stamp && !(t = PyLong_FromLongLong((long long)stamp))) {
+            Py_XDECREF(p);
+            goto fail;
         }
         PyList_SET_ITEM(payloads, i, p ? p : Py_NewRef(Py_None));
         PyList_SET_ITEM(stamps, i, t ? t : Py_NewRef(Py_None));
@@ -862,15 +873,12 @@ keyed_action_lines(PyObject *self, PyObject *args)
     if (!payloads || !lines)
         goto done;
     for (Py_ssize_t i = 0; i < n; i++) {
-        PyObject *item = PyList_GET_ITEM(raws, i), *p = NULL, *line = NULL;
-        Py_ssize_t start = -1, len = 0;
+        PyObject *p, *line = NULL;
         unsigned long long stamp = 0;
         int has_stamp = 0;
-        int walked = PyBytes_Check(item) && walk_message((const unsigned char *)PyBytes_AS_STRING(item),
-                                                         PyBytes_GET_SIZE(item), 6, &start, &len, &stamp, &has_stamp);
-        if (walked && start >= 0 && !(p = PyBytes_FromStringAndSize(PyBytes_AS_STRING(item) + start, len)))
+        if (payload_and_stamp(PyList_GET_ITEM(raws, i), &p, &stamp, &has_stamp) < 0)
             goto done;
-        if (walked && has_stamp) { /* (what the walk found of a message it cannot walk to the end is not used) */
+        if (has_stamp) {
             long long k = 0;
             if (from_stamp) { /* math.floor(t / 1e9) // unit, as Python computes it */
                 long long secs = (long long)floor((double)(long long)stamp / 1e9);
@@ -904,7 +912,7 @@ keyed_action_lines(PyObject *self, PyObject *args)
             const char *v, *e;
             if (key.len == 0) {
                 line = Py_NewRef(last_head);
-            } else if (p && plain_id(PyBytes_AS_STRING(p), len, &key, &v, &e)) {
+            } else if (p && plain_id(PyBytes_AS_STRING(p), PyBytes_GET_SIZE(p), &key, &v, &e)) {
                 if (!(line = id_line(last_head, v, e, &tail))) {
                     Py_DECREF(p);
                     goto done;
